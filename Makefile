@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates the virtual
+# environment in .venv/ and installs the project into it first (once; again when the
+# packaging files change).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modloc-installed
+EXTRAS := train,dev
+# The CPU build of PyTorch, installed explicitly first: left to the resolver, an unpinned
+# torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard native/*) $(wildcard proto/*/*.proto)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/modloc demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine training export benchmarks tests
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Python modules generated from ``proto/`` at build time (see CMakeLists.txt)."""

@@ -1,0 +1,131 @@
+"""The ``modloc`` command line: JSON contracts, errors, help, and the demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.baselines import oracle_rankings, random_rankings, video_segment_ids
+from engine.cli import main
+from engine.io import read_videos
+from engine.submission import write_submission
+
+INSPECT_KEYS = {"records", "videos", "frames", "labels", "rated_segments", "positive_segments",
+                "corrupt_records"}
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_json_contract(capsys, tiny_dataset):
+    summary = run_json(capsys, ["inspect", "--json", str(tiny_dataset / "validate" / "*.tfrecord")])
+    assert INSPECT_KEYS <= summary.keys()
+    manifest = json.loads((tiny_dataset / "synth.json").read_text())["splits"]["validate"]
+    assert summary["videos"] == summary["records"] == manifest["videos"]
+    assert summary["frames"] == manifest["frames"]
+    assert summary["rated_segments"] == manifest["rated_segments"]
+    assert summary["positive_segments"] == manifest["positive_segments"]
+    assert summary["corrupt_records"] == 0
+
+
+def test_inspect_counts_corrupt_records(capsys, tiny_dataset, tmp_path):
+    source = sorted((tiny_dataset / "train").glob("*.tfrecord"))[0]
+    damaged = tmp_path / "damaged.tfrecord"
+    raw = bytearray(source.read_bytes())
+    raw[100] ^= 0xFF  # inside record 0's data
+    damaged.write_bytes(bytes(raw))
+    summary = run_json(capsys, ["inspect", "--json", str(damaged)])
+    assert summary["corrupt_records"] == 1
+    assert summary["videos"] == summary["records"] == 15
+    assert "record 0 at byte offset 0: data CRC mismatch" in summary["errors"][0]
+    assert main(["inspect", "--strict", str(damaged)]) == 1
+    assert "data CRC mismatch" in capsys.readouterr().err
+
+
+def test_eval_perfect_and_random_submissions(capsys, tiny_dataset, tmp_path):
+    truth_glob = str(tiny_dataset / "test_truth" / "*.tfrecord")
+    perfect = tmp_path / "perfect.csv"
+    write_submission(perfect, oracle_rankings(read_videos(truth_glob)))
+    result = run_json(capsys, ["eval", "--json", "--submission", str(perfect), "--labels", truth_glob])
+    assert {"map", "classes"} <= result.keys()
+    assert result["map"] == 1.0 and result["classes"] > 0
+
+    segments = video_segment_ids(read_videos(str(tiny_dataset / "test" / "*.tfrecord")))
+    classes = json.loads((tiny_dataset / "synth.json").read_text())["segment_class_ids"]
+    shuffled = tmp_path / "random.csv"
+    write_submission(shuffled, random_rankings(segments, classes))
+    result = run_json(capsys, ["eval", "--json", "--submission", str(shuffled), "--labels", truth_glob])
+    assert 0.0 < result["map"] < 1.0
+    # Only k entries of a row count: with k=1 a random row rarely starts with a rated positive.
+    short = run_json(capsys, ["eval", "--json", "--submission", str(shuffled), "--labels", truth_glob,
+                              "--k", "1"])
+    assert short["map"] < result["map"]
+
+
+def test_eval_video_predictions(capsys, tiny_dataset, tmp_path):
+    from engine.submission import write_video_predictions
+
+    videos = list(read_videos(str(tiny_dataset / "validate" / "*.tfrecord")))
+    predictions = tmp_path / "pred.csv"
+    write_video_predictions(predictions, {v.id: [(int(c), 1.0) for c in v.labels] for v in videos})
+    result = run_json(capsys, ["eval", "--json", "--predictions", str(predictions), "--labels",
+                               str(tiny_dataset / "validate" / "*.tfrecord")])
+    assert result["gap"] == 1.0 and result["hit_at_one"] == 1.0 and result["perr"] == 1.0
+    assert result["videos"] == len([v for v in videos if len(v.labels)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "/nonexistent/*.tfrecord"], "no TFRecord file matches '/nonexistent/*.tfrecord'"),
+    (["eval", "--submission", "/nonexistent.csv", "--labels", "/nonexistent/x"], "/nonexistent.csv"),
+    (["synth", "--out", "/tmp/x", "--preset", "tiny", "--min-frames", "50", "--max-frames", "10"],
+     "min_frames"),
+])
+def test_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"modloc {argv[0]}: error: ") and message in err[0]
+
+
+def test_bad_submission_is_refused_with_its_line(capsys, tiny_dataset, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Class,Segments\n3,abc:7\n")
+    assert main(["eval", "--submission", str(bad), "--labels",
+                 str(tiny_dataset / "test_truth" / "*.tfrecord")]) == 1
+    assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["synth", "inspect", "eval", "demo"])
+def test_every_verb_has_help(capsys, verb):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: modloc " + verb in capsys.readouterr().out
+
+
+def test_console_script_synth_and_inspect(tmp_path):
+    modloc = shutil.which("modloc", path=str(Path(sys.executable).parent))
+    assert modloc, "the modloc console script is installed beside the interpreter"
+    out = tmp_path / "data"
+    subprocess.run([modloc, "synth", "--out", str(out), "--preset", "tiny", "--splits", "validate",
+                    "--validate-videos", "5"], check=True, capture_output=True)
+    done = subprocess.run([modloc, "inspect", "--json", str(out / "validate" / "*.tfrecord")],
+                          check=True, capture_output=True, text=True)
+    assert json.loads(done.stdout)["videos"] == 5
+
+
+def test_demo_writes_report(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--preset", "tiny", "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert {"data", "inspect", "systems", "stages"} <= report.keys()
+    assert report["systems"]["perfect"]["map"] == 1.0
+    assert 0.0 < report["systems"]["random"]["map"] < 1.0
+    assert report["inspect"]["test"]["videos"] == report["data"]["splits"]["test"]["videos"]
+    assert report["inspect"]["test_truth"]["frames"] == 0
+    assert Path(report["systems"]["random"]["submission"]).is_file()

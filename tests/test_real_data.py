@@ -1,0 +1,61 @@
+"""The readers on real YouTube-8M bytes (see ../shared/data/yt8m/SOURCES.md for the counts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.inspection import inspect
+from engine.io import read_video_level, read_videos
+
+# file → (records, labels, sum of label ids, float64 sum of mean_rgb, of mean_audio, first id)
+VIDEO_LEVEL = {
+    "video_level_v2_2018/validate0000.tfrecord": (284, 920, 290311, 137.713257, 174.133990, "02aa"),
+    "video_level_v2_2018/validate0001.tfrecord": (305, 929, 299790, 235.153067, 192.642295, "vsab"),
+    "video_level_v1_2017/validatea0.tfrecord": (368, 1280, 370106, 734.076990, 45.625159, "a0OhZbhxhvk"),
+    "video_level_v1_2017/testa0.tfrecord": (163, 0, 0, 256.885387, -98.843328, "100273987"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VIDEO_LEVEL))
+def test_video_level_shards(real_data, name):
+    records_expected, labels, label_sum, rgb_sum, audio_sum, first_id = VIDEO_LEVEL[name]
+    records = list(read_video_level(real_data / name))
+    assert len(records) == records_expected
+    assert records[0].id == first_id
+    assert sum(len(r.labels) for r in records) == labels
+    assert sum(int(r.labels.sum()) for r in records) == label_sum
+    assert sum(r.mean_rgb.astype(np.float64).sum() for r in records) == pytest.approx(rgb_sum, abs=5e-6)
+    assert sum(r.mean_audio.astype(np.float64).sum() for r in records) == pytest.approx(audio_sum, abs=5e-6)
+    # The 2017 test shard has no `labels` key at all; the others always have one.
+    assert all(r.has_labels for r in records) == ("testa0" not in name)
+
+
+def test_first_2018_record_values(real_data):
+    first = next(read_video_level(real_data / "video_level_v2_2018/validate0000.tfrecord"))
+    assert first.labels.tolist() == [3, 4, 9, 34]
+    np.testing.assert_allclose(first.mean_rgb[:4], [-0.781625, 0.104963, 1.563943, -0.00275], atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])
+def test_frame_level_records_from_googles_extractor(real_data, decoder):
+    videos = list(read_videos(sorted((real_data / "frame_level_extractor").glob("*.tfrecord")),
+                              decoder=decoder))
+    assert [v.id for v in videos] == ["D:/codeFile/pyFile/ve/test_data/v1.mp4",
+                                      "D:/codeFile/pyFile/ve/test_data/v2.mp4"]
+    assert [v.num_frames for v in videos] == [184, 141]
+    assert [v.labels.tolist() for v in videos] == [[1, 2], [2]]
+    assert all(v.rgb_frames == v.audio_frames == v.num_frames for v in videos)
+    assert all(not v.audio.any() for v in videos)  # the extractor wrote silent audio
+    assert videos[0].rgb[0, :4].tolist() == [117, 115, 167, 135]
+
+
+def test_inspect_counts_real_files(real_data):
+    report = inspect([str(real_data / "video_level_v2_2018" / "*.tfrecord"),
+                      str(real_data / "frame_level_extractor" / "*.tfrecord")])
+    assert report.files == 4
+    assert report.records == 284 + 305 + 2
+    assert report.video_level_records == 589 and report.videos == 2
+    assert report.frames == 184 + 141
+    assert report.labels == 920 + 929 + 3
+    assert report.corrupt_records == 0
