@@ -14,11 +14,7 @@ import numpy as np
 
 from engine.features import SEGMENT_FRAMES
 from engine.io.examples import Video
-
-
-def segment_id(video_id: str, start: int) -> str:
-    """``"<video id>:<start second>"``, the Kaggle segment id."""
-    return f"{video_id}:{int(start)}"
+from engine.metrics.segment import segment_id
 
 
 def video_segment_ids(videos: Iterable[Video], include_partial: bool = False) -> list[str]:

@@ -205,7 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_synth, _add_inspect, _add_eval, _add_demo):
         add(subparsers)
+    _add_training_commands(subparsers)
     return parser
+
+
+def _add_training_commands(subparsers) -> None:
+    """Verbs of the ``training`` package (models, train, finetune), when it is installed.
+
+    Imported here, not at module level: a serving install runs without training code, and
+    ``training.cli`` itself imports torch only inside its handlers.
+    """
+    try:
+        from training.cli import add_commands
+    except ModuleNotFoundError as error:
+        if error.name in ("training", "training.cli"):
+            return
+        raise
+    add_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.features import SEGMENT_FRAMES, quantize
-from engine.io.examples import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE, Video, encode_truth, encode_video
+from engine.io.examples import FEATURE_SIZE, RGB_SIZE, Video, encode_truth, encode_video
 from engine.io.tfrecord import TFRecordWriter
 from engine.vocab import NUM_VIDEO_CLASSES, default_segment_class_ids
 

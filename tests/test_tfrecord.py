@@ -202,3 +202,17 @@ def test_buffer_reader_matches_file_reader(tmp_path):
 
 def test_encode_record_is_the_framing():
     assert encode_record(b"abc") == reference_frame(b"abc")
+
+
+def test_oversized_length_is_refused_before_reading(tmp_path):
+    from engine.io.tfrecord import MAX_RECORD_BYTES
+
+    length = struct.pack("<Q", MAX_RECORD_BYTES + 1)
+    path = tmp_path / "huge.tfrecord"
+    path.write_bytes(length + struct.pack("<I", reference_mask(reference_crc32c(length))) + b"x" * 8)
+    with pytest.raises(CorruptRecordError, match="exceeds"):
+        list(iter_records(path))
+    at_limit = struct.pack("<Q", MAX_RECORD_BYTES)
+    path.write_bytes(at_limit + struct.pack("<I", reference_mask(reference_crc32c(at_limit))) + b"x" * 8)
+    with pytest.raises(CorruptRecordError, match="truncated record"):
+        list(iter_records(path))

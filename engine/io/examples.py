@@ -149,7 +149,9 @@ class VideoLevelRecord:
 
 
 def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    # NaN ratings are legal float bytes: two decodes of the same NaN are the same video.
+    equal_nan = np.issubdtype(a.dtype, np.floating)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=equal_nan)
 
 
 # --- decoding -------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from typing import TypeVar
 
 from engine.io.examples import (
     RecordFormatError,
-    is_frame_level,
     Video,
     VideoLevelRecord,
     decode_video,
     decode_video_level,
+    is_frame_level,
 )
 from engine.io.tfrecord import CorruptRecordError, ReadStats, Record, expand_paths, iter_records
 

@@ -30,6 +30,9 @@ import google_crc32c
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
+# A serialized protobuf cannot exceed 2 GiB; a larger length (even with a matching CRC) is
+# refused before any allocation.
+MAX_RECORD_BYTES = (1 << 31) - 1
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -131,6 +134,23 @@ def write_records(path: str | os.PathLike, payloads: Iterable[bytes]) -> int:
     return writer.records
 
 
+def _stream_size(handle: BinaryIO) -> int | None:
+    """Size in bytes of a regular file read from its start, None for other streams."""
+    try:
+        if handle.tell() == 0:
+            return os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    return None
+
+
+def _truncated(source: str, index: int, offset: int, available: int, length: int) -> CorruptRecordError:
+    return CorruptRecordError(
+        source, index, offset,
+        f"truncated record: {available} of {length + _FOOTER.size} bytes after the header",
+    )
+
+
 def iter_stream_records(
     handle: BinaryIO,
     source: str,
@@ -143,6 +163,7 @@ def iter_stream_records(
     files and ``io.BytesIO`` do.
     """
     stats = stats if stats is not None else ReadStats()
+    size = _stream_size(handle)
     index = 0
     offset = 0
     while True:
@@ -157,25 +178,32 @@ def iter_stream_records(
             length, length_crc = _HEADER.unpack(header)
             if masked_crc32c(header[:8]) != length_crc:
                 raise CorruptRecordError(source, index, offset, "length CRC mismatch")
-            body = handle.read(length + _FOOTER.size)
-            if len(body) < length + _FOOTER.size:
+            if length > MAX_RECORD_BYTES:
                 raise CorruptRecordError(
-                    source,
-                    index,
-                    offset,
-                    f"truncated record: {len(body)} of {length + _FOOTER.size} bytes after the header",
+                    source, index, offset, f"record length {length} exceeds {MAX_RECORD_BYTES} bytes"
                 )
+            # A file too short for the declared length is refused before the read, which
+            # would otherwise allocate the whole declared length.
+            available = None if size is None else size - offset - _HEADER.size
+            if available is not None and available < length + _FOOTER.size:
+                raise _truncated(source, index, offset, available, length)
+            # Payload and footer are read separately: slicing one read would copy the
+            # payload a second time.
+            payload = handle.read(length)
+            footer = handle.read(_FOOTER.size)
+            if len(payload) < length or len(footer) < _FOOTER.size:
+                raise _truncated(source, index, offset, len(payload) + len(footer), length)
         except CorruptRecordError as error:
             if not skip_corrupt:
                 raise
             stats.add_corrupt(error)
             return  # framing of the rest of the stream is unknown
-        payload = body[:length]
-        (data_crc,) = _FOOTER.unpack(body[length:])
+        (data_crc,) = _FOOTER.unpack(footer)
         record_offset = offset
-        offset += _HEADER.size + len(body)
+        record_size = _HEADER.size + length + _FOOTER.size
+        offset += record_size
         index += 1
-        stats.bytes += _HEADER.size + len(body)
+        stats.bytes += record_size
         if masked_crc32c(payload) != data_crc:
             error = CorruptRecordError(source, index - 1, record_offset, "data CRC mismatch")
             if not skip_corrupt:

@@ -1,0 +1,1 @@
+"""modloc training: models, losses, torch data loading and the training loop (needs torch)."""
