@@ -59,7 +59,6 @@ def inspect(
     report = InspectReport()
     stats = ReadStats()
     classes: set[int] = set()
-    frame_counts: list[int] = []
     for path in expand_paths(patterns):
         report.files += 1
         for record in read_any(path, skip_corrupt=skip_corrupt, stats=stats, decoder=decoder):
@@ -70,7 +69,10 @@ def inspect(
                 report.video_level_records += 1
                 continue
             report.videos += 1
-            frame_counts.append(record.num_frames)
+            frames = record.num_frames
+            report.frames += frames
+            report.min_frames = frames if report.videos == 1 else min(report.min_frames, frames)
+            report.max_frames = max(report.max_frames, frames)
             report.rated_segments += len(record.segment_labels)
             report.positive_segments += int(np.count_nonzero(record.segment_scores > 0.5))
             report.unique_rated_segments += record.num_rated_segments
@@ -81,9 +83,6 @@ def inspect(
     report.records = stats.records
     report.corrupt_records = stats.corrupt_records
     report.errors = stats.errors
-    report.frames = int(sum(frame_counts))
-    if frame_counts:
-        report.min_frames, report.max_frames = min(frame_counts), max(frame_counts)
     report.distinct_classes = len(classes)
     report.out_of_vocabulary_classes = sum(1 for c in classes if not 0 <= c < NUM_VIDEO_CLASSES)
     return report
