@@ -9,6 +9,7 @@ verb prints one line, ``modloc VERB: error: …``, and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -205,23 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_synth, _add_inspect, _add_eval, _add_demo):
         add(subparsers)
-    _add_training_commands(subparsers)
+    for package in ("training", "export"):
+        _add_package_commands(subparsers, package)
     return parser
 
 
-def _add_training_commands(subparsers) -> None:
-    """Verbs of the ``training`` package (models, train, finetune), when it is installed.
+def _add_package_commands(subparsers, package: str) -> None:
+    """Verbs of the ``training`` (models, train, finetune, …) and ``export`` (export, build)
+    packages, when they are installed.
 
-    Imported here, not at module level: a serving install runs without training code, and
-    ``training.cli`` itself imports torch only inside its handlers.
+    Imported here, not at module level: a serving install runs without them, and their
+    ``cli`` modules import torch only inside their handlers.
     """
     try:
-        from training.cli import add_commands
+        module = importlib.import_module(f"{package}.cli")
     except ModuleNotFoundError as error:
-        if error.name in ("training", "training.cli"):
+        if error.name in (package, f"{package}.cli"):
             return
         raise
-    add_commands(subparsers)
+    module.add_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,3 +129,11 @@ def test_demo_writes_report(capsys, tmp_path):
     assert report["inspect"]["test"]["videos"] == report["data"]["splits"]["test"]["videos"]
     assert report["inspect"]["test_truth"]["frames"] == 0
     assert Path(report["systems"]["random"]["submission"]).is_file()
+    assert {"pretrain", "finetune", "evaluate"} <= report.keys() & report["stages"].keys()
+    for phase in ("pretrain", "finetune"):
+        assert report[phase]["steps"] > 0 and report[phase]["final_loss"] < report[phase]["first_loss"]
+        assert (Path(report[phase]["checkpoint"]) / "model.safetensors").is_file()
+    assert report["finetune"]["temperatures"] == [20.0] and report["finetune"]["final_terms"]["kl"] > 0
+    for system in ("mod", "dummy"):
+        assert 0.0 < report["systems"][system]["map"] <= 1.0
+        assert Path(report["systems"][system]["submission"]).is_file()

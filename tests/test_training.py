@@ -1,0 +1,436 @@
+"""Training: config and recipes, checkpoints, the loop (pre-training, fine-tuning, exact
+resume), logging, fusion, checkpoint evaluation and the training verbs of the CLI.
+
+Every run is a tiny tree (branching (2, 2), K=4, G=2, λ=2, H=16) on the ``tiny`` synthetic
+dataset, a few steps long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.cli import main
+from engine.datasets import ClassSpace
+from engine.fusion import (
+    FusionConfig,
+    SegmentRanker,
+    dummy_pairs,
+    fuse,
+    fused_pairs,
+    top_candidates,
+)
+from engine.metrics import SegmentTruth, rank_segments, segment_map
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_config_from_dict,
+    read_checkpoint_config,
+)
+from training.config import OptimizerConfig, load_config
+from training.models import build_model
+from training.trainer import NonFiniteLossError, Trainer, clip_by_norm_, train
+
+TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
+              "hidden_size": 16, "gating_reduction": 4}
+
+
+def split(dataset: Path, name: str) -> str:
+    return str(dataset / name / "*.tfrecord")
+
+
+def manifest(dataset: Path) -> dict:
+    return json.loads((dataset / "synth.json").read_text())
+
+
+def pretrain_settings(dataset: Path, out: Path, **overrides) -> dict:
+    """A few steps of video-level training on the tiny train split, over its 18 classes."""
+    classes = manifest(dataset)
+    return {
+        "model.overrides": TINY_MODEL,
+        "data.train": [split(dataset, "train")],
+        "data.eval": [split(dataset, "validate")],
+        "data.classes": classes["segment_class_ids"] + classes["extra_class_ids"],
+        "data.pad_to": "longest",  # the tiny videos hold 8..40 frames, not 300
+        "batch_size": 8,
+        "optimizer.learning_rate": 1e-3,
+        # lr × 0.8 every 5 steps: the staircase is visible within the run
+        "optimizer.decay_examples": 40,
+        "max_steps": 10,
+        "log_every": 1,
+        "eval_every": 5,
+        "checkpoint_every": 5,
+        "progress": False,
+        "out": str(out),
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine the threads'
+    synchronization costs more than the arithmetic (tenfold, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_dataset, tmp_path_factory):
+    """An uninterrupted 10-step pre-training run (6 batches an epoch: it crosses epoch 0)."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    config = load_config("pretrain", None, pretrain_settings(tiny_dataset, out))
+    return config, train(config)
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+def test_recipes_are_the_reference_settings():
+    pretrain = load_config("pretrain")
+    assert (pretrain.batch_size, pretrain.dropout, pretrain.data.mode) == (80, 0.5, "video")
+    assert pretrain.optimizer == OptimizerConfig(2e-4, 0.9, 0.999, 1e-8, 0.8, 2_500_000, 1.0)
+    assert (pretrain.loss.l2_penalty, pretrain.loss.temperatures, pretrain.loss.lambdas) == (
+        1e-5, (1.0,), (1.0,))
+    assert (pretrain.epochs, pretrain.max_steps, pretrain.model.name) == (15, 1_000_000, "mod_4x3")
+
+    finetune = load_config("finetune", None, {"init_from": "ckpt"})
+    assert (finetune.batch_size, finetune.dropout, finetune.data.mode) == (512, 0.75, "segment")
+    assert (finetune.optimizer.learning_rate, finetune.optimizer.decay_examples) == (2e-4, 1_000_000)
+    assert (finetune.loss.l2_penalty, finetune.loss.temperatures, finetune.loss.lambdas) == (
+        1e-4, (20.0,), (400.0,))
+    assert (finetune.epochs, finetune.model, finetune.data.classes) == (10, None, None)
+
+
+def test_config_file_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('batch_size = 16\n[optimizer]\nlearning_rate = 1e-3\n[loss]\ntemperatures = [3.0]\n')
+    config = load_config("pretrain", toml, {"batch_size": 4})
+    assert (config.batch_size, config.optimizer.learning_rate) == (4, 1e-3)
+    assert config.optimizer.decay_rate == 0.8 and config.loss.temperatures == (3.0,)
+
+    (tmp_path / "bad.json").write_text('{"optimizer": {"lr": 1}}')
+    with pytest.raises(ValueError, match=r"optimizer: unknown key\(s\) \['lr'\]"):
+        load_config("pretrain", tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="batch_size: expected int"):
+        load_config("pretrain", None, {"batch_size": "many"})
+    with pytest.raises(ValueError, match="set init_from"):
+        load_config("finetune")
+
+
+def test_staircase_learning_rate_at_the_boundaries():
+    pretrain = load_config("pretrain").optimizer  # 0.8 every 2.5M examples, batch 80
+    assert pretrain.learning_rate_at(0, 80) == 2e-4
+    assert pretrain.learning_rate_at(31_249, 80) == 2e-4  # 2,499,920 examples
+    assert pretrain.learning_rate_at(31_250, 80) == pytest.approx(2e-4 * 0.8, rel=1e-12)
+    assert pretrain.learning_rate_at(62_500, 80) == pytest.approx(2e-4 * 0.8**2, rel=1e-12)
+    assert pretrain.learning_rate_at(583_262, 80) == pytest.approx(2e-4 * 0.8**18, rel=1e-12)
+    finetune = load_config("finetune", None, {"init_from": "x"}).optimizer  # per 1M, batch 512
+    assert finetune.learning_rate_at(1953, 512) == 2e-4  # 999,936 examples
+    assert finetune.learning_rate_at(1954, 512) == pytest.approx(1.6e-4, rel=1e-12)
+
+
+def test_clipping_is_per_variable():
+    big, small, other = (torch.nn.Parameter(torch.zeros(n)) for n in (4, 3, 2))
+    big.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
+    small.grad = torch.tensor([0.1, -0.2, 0.3])  # norm 0.37: untouched
+    other.grad = torch.tensor([0.0, -2.0])  # norm 2
+    untouched = small.grad.clone()
+    clip_by_norm_([big, small, other], 1.0)
+    assert torch.allclose(big.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    assert torch.equal(small.grad, untouched)
+    assert torch.allclose(other.grad, torch.tensor([0.0, -1.0]))  # not scaled by the global norm
+
+
+# --- pre-training, logging, checkpoints -----------------------------------------------
+
+
+def test_pretraining_learns_and_logs(pretrained):
+    config, result = pretrained
+    assert (result.start_step, result.steps, result.epoch, result.examples) == (0, 10, 1, 80)
+    assert all(math.isfinite(loss) for loss in result.losses) and len(result.losses) == 10
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    run = Path(result.run_dir)
+    assert result.checkpoint == str(run / "step-00000010")
+    assert [e["step"] for e in result.evaluations] == [5, 10]
+    assert 0 <= result.evaluations[-1]["gap"] <= 1 and result.evaluations[-1]["loss"] > 0
+
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [row for row in history if "terms" in row]
+    assert [row["step"] for row in steps] == list(range(1, 11))
+    # the lr of update k (after k - 1 steps of 8 examples): base · 0.8^floor((k - 1) · 8 / 40)
+    assert [row["lr"] for row in steps] == [
+        config.optimizer.learning_rate_at(step - 1, 8) for step in range(1, 11)]
+    assert steps[4]["lr"] == 1e-3 and steps[5]["lr"] == pytest.approx(8e-4)
+    terms = steps[-1]["terms"]
+    assert {"bce/root", "bce/0", "bce/1.1", "kl/root>0", "kl/1>1.0", "l2/0", "l2/1"} <= terms.keys()
+    assert math.isclose(sum(terms.values()), steps[-1]["loss"], rel_tol=1e-5)
+
+    assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/total", "train/lr", "train/examples_per_second", "eval/gap"} <= scalars
+    assert {f"loss/{name}" for name in terms} <= scalars
+    assert len(events.Scalars("loss/kl/root>1")) == 10
+
+
+def test_checkpoint_round_trip_and_mismatch_errors(pretrained, tmp_path):
+    _, result = pretrained
+    directory = Path(result.checkpoint)
+    checkpoint = load_checkpoint(directory)
+    saved = load_file(directory / "model.safetensors")
+    loaded = checkpoint.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name]) for name in saved)
+
+    # config.json alone describes the model
+    config = read_checkpoint_config(directory)
+    assert config["model"]["preset"] == "mod_4x3" and len(config["classes"]) == 18
+    assert config["training"]["state"] == {"phase": "pretrain", "step": 10, "epoch": 1,
+                                           "batch_in_epoch": 4, "examples": 80,
+                                           "loss": result.final_loss}
+    rebuilt = build_model(model_config_from_dict(config["model"]["config"]))
+    rebuilt.load_state_dict(saved)
+    rebuilt.eval()
+    features = torch.randint(0, 256, (3, 7, 1152), dtype=torch.uint8)
+    frames = torch.tensor([7, 4, 1])
+    assert torch.equal(rebuilt(features, frames).root, checkpoint.model(features, frames).root)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(directory, corrupt)
+    raw = bytearray((corrupt / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (corrupt / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(corrupt)
+
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(directory, reshaped)
+    edited = read_checkpoint_config(reshaped)
+    edited["model"]["config"]["leaf"]["hidden_size"] = 32
+    (reshaped / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match=r"shape differs: \['root.branches.0.branches.0"):
+        load_checkpoint(reshaped)
+    with pytest.raises(CheckpointError, match=r"classes \[5\] are not among"):
+        load_checkpoint(directory, class_ids=[3, 5])
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(pretrained, tiny_dataset, tmp_path):
+    _, uninterrupted = pretrained
+    out = tmp_path / "run"
+    first = train(load_config("pretrain", None, pretrain_settings(tiny_dataset, out, max_steps=5)))
+    assert first.steps == 5  # stopped inside epoch 0 (6 batches)
+
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(load_config("pretrain", None, pretrain_settings(tiny_dataset, out)))
+    with pytest.raises(ValueError, match="differs in optimizer.learning_rate"):
+        Trainer(load_config("pretrain", None, pretrain_settings(
+            tiny_dataset, out, resume=True, **{"optimizer.learning_rate": 2e-3})))
+
+    rest = train(load_config("pretrain", None, pretrain_settings(tiny_dataset, out, resume=True)))
+    assert rest.start_step == 5 and rest.steps == 10
+    assert first.losses + rest.losses == uninterrupted.losses  # bitwise
+    assert [e["gap"] for e in rest.evaluations] == [e["gap"] for e in uninterrupted.evaluations[1:]]
+    resumed = load_file(Path(rest.checkpoint) / "model.safetensors")
+    reference = load_file(Path(uninterrupted.checkpoint) / "model.safetensors")
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+    history = (out / "history.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in history if "terms" in row] == list(range(1, 11))
+
+
+def test_finetuning_restores_weights_and_adam_state(pretrained, tiny_dataset, tmp_path):
+    _, result = pretrained
+    segment_ids = manifest(tiny_dataset)["segment_class_ids"]
+    config = load_config("finetune", None, {
+        "init_from": result.checkpoint, "data.train": [split(tiny_dataset, "validate")],
+        "data.classes": ",".join(map(str, segment_ids)),  # narrowed from the 18 pre-trained classes
+        "batch_size": 8, "max_steps": 4, "epochs": None, "log_every": 1, "eval_every": None,
+        "progress": False, "out": str(tmp_path / "finetune")})
+    trainer = Trainer(config)
+    assert trainer.state.step == 0 and trainer.class_ids == tuple(segment_ids)
+    assert trainer.model.config.leaf.mode == "segment" and trainer.model.config.leaf.drop_rate == 0.75
+
+    name = "root.branches.1.branches.0.classifier.weight"
+    pretrained_weights = load_file(Path(result.checkpoint) / "model.safetensors")
+    slots = load_file(Path(result.checkpoint) / "state.safetensors")
+    rows = torch.tensor(range(len(segment_ids)))  # the segment classes lead the pre-trained list
+    parameter = dict(trainer.model.named_parameters())[name]
+    assert torch.equal(parameter.detach(), pretrained_weights[name][rows])
+    adam = trainer.optimizer.state[parameter]
+    assert torch.equal(adam["exp_avg_sq"], slots[f"optimizer/{name}/exp_avg_sq"][rows])
+    assert float(adam["step"]) == 10  # the bias correction continues from pre-training
+    hidden = "root.branches.0.branches.1.hidden.weight"
+    assert torch.equal(dict(trainer.model.named_parameters())[hidden].detach(), pretrained_weights[hidden])
+
+    finetuned = trainer.run()
+    assert (finetuned.start_step, finetuned.steps) == (0, 4)
+    assert all(math.isfinite(loss) for loss in finetuned.losses)
+    history = [json.loads(row) for row in (tmp_path / "finetune" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["lr"] == 2e-4  # the global step restarted at 0: the schedule too
+    assert history[0]["terms"]["kl/root>0"] > 0  # T = 20, λ = 400 distillation is on
+
+    fresh = Trainer(load_config("finetune", None, {
+        "init_from": result.checkpoint, "data.train": [split(tiny_dataset, "validate")],
+        "restore_optimizer": False, "max_steps": 1, "out": str(tmp_path / "fresh")}))
+    assert not fresh.optimizer.state
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("nextvlad", {k: v for k, v in TINY_MODEL.items() if k != "branching"}),
+    ("dbof", {"cluster_size": 8, "hidden_size": 16, "num_experts": 2}),
+])
+def test_single_models_train_and_reload(tiny_dataset, tmp_path, preset, overrides):
+    result = train(load_config("pretrain", None, pretrain_settings(
+        tiny_dataset, tmp_path, max_steps=2, eval_every=None,
+        **{"model.name": preset, "model.overrides": overrides})))
+    assert set(result.final_terms) == {"bce", "l2"}
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint.preset == preset and type(checkpoint.model).__name__ in ("NeXtVLADModel", "DBoFModel")
+    saved = load_file(Path(result.checkpoint) / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in checkpoint.model.state_dict().items())
+
+
+def test_non_finite_loss_stops_with_the_step_and_the_terms(tiny_dataset, tmp_path):
+    config = load_config("pretrain", None, pretrain_settings(
+        tiny_dataset, tmp_path / "run", **{"loss.l2_penalty": float("inf")}))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss inf at step 1; non-finite terms: "
+                                                 r"l2/0=inf, l2/1=inf"):
+        train(config)
+
+
+def test_bf16_needs_cuda(tiny_dataset, tmp_path):
+    config = load_config("pretrain", None, pretrain_settings(tiny_dataset, tmp_path, bf16=True,
+                                                             device="cpu"))
+    with pytest.raises(ValueError, match="bf16 autocast is for CUDA"):
+        Trainer(config)
+
+
+# --- fusion ---------------------------------------------------------------------------
+
+
+def test_top_candidates_break_ties_by_column():
+    ids, scores = top_candidates([[0.1, 0.9, 0.5, 0.9], [0.3, 0.2, 0.1, 0.0]], [10, 11, 12, 13], 2)
+    assert ids.tolist() == [[11, 13], [10, 11]]
+    assert scores.tolist() == [[0.9, 0.9], [0.3, 0.2]]
+
+
+def test_fused_pairs_exponents_candidates_and_partial_windows():
+    # windows at 0 and 5 are full, the one at 10 partial; class 99 has no segment score
+    space = ClassSpace([11, 12])
+    segment_scores = np.array([[0.2, 0.9], [0.7, 0.1], [0.5, 0.5]])
+    starts, classes, values = fused_pairs([0, 5, 10], [False, False, True], [12, 99, 11],
+                                          [0.8, 0.6, 0.4], segment_scores, space)
+    assert starts.tolist() == [0, 0, 5, 5] and classes.tolist() == [12, 11, 12, 11]
+    # 0.8^0.05 · 0.9^0.95, 0.4^0.05 · 0.2^0.95, 0.8^0.05 · 0.1^0.95, 0.4^0.05 · 0.7^0.95
+    np.testing.assert_allclose(values, [0.8947153, 0.2070530, 0.1109569, 0.6806849], rtol=1e-6)
+
+    starts, _, values = fused_pairs([0, 5, 10], [False, False, True], [12, 99, 11], [0.8, 0.6, 0.4],
+                                    segment_scores, space, FusionConfig(include_partial=True))
+    assert starts.tolist() == [0, 0, 5, 5, 10, 10]
+    np.testing.assert_allclose(values[4:], [0.8**0.05 * 0.5**0.95, 0.4**0.05 * 0.5**0.95])
+    assert fuse([0.5], [[0.25]], video_exponent=1, segment_exponent=0).tolist() == [[0.5]]
+    assert fuse([0.5], [[0.25]], video_exponent=0, segment_exponent=1).tolist() == [[0.25]]
+    assert fuse([0.5], [[0.25]], 0.5, 0.5).tolist() == [[math.sqrt(0.125)]]
+
+
+def test_dummy_prediction_gives_full_windows_the_video_score():
+    starts, classes, values = dummy_pairs(17, [3, 8], [0.9, 0.4])
+    assert starts.tolist() == [0, 0, 5, 5, 10, 10]  # 15..16 is partial
+    assert classes.tolist() == [3, 8] * 3 and values.tolist() == [0.9, 0.4] * 3
+    assert dummy_pairs(17, [3], [0.9], include_partial=True)[0].tolist() == [0, 5, 10, 15]
+
+    ranker = SegmentRanker([3, 8], k=4)
+    ranker.add("b", *dummy_pairs(10, [3], [0.5]))
+    ranker.add("a", *dummy_pairs(12, [3, 8], [0.9, 0.0]))  # a 0.0 score is not ranked
+    ranker.add("c", *dummy_pairs(5, [3, 4], [0.5, 1.0]))  # 4 is not a ranked class
+    # ties keep the video order (b before c), then the window order
+    assert ranker.rankings() == {3: ["a:0", "a:5", "b:0", "b:5"], 8: []}
+    truth = SegmentTruth(["a", "b", "b", "c"], [5, 0, 5, 0], [3, 3, 3, 3], [1, 0, 1, 1])
+    # relevant ranks (rated only): a:5 ✓, b:0 ✗, b:5 ✓ → (1/1 + 2/3) / 3 positives
+    assert segment_map(ranker.rankings(), truth).map == pytest.approx((1 + 2 / 3) / 3)
+
+
+def test_ranker_matches_rank_segments_and_bounds_memory():
+    rng = np.random.default_rng(0)
+    videos = [f"v{i}" for i in range(30)]
+    scores = rng.random((30 * 4, 3)).round(2)  # rounded: plenty of ties
+    ids = [f"{video}:{5 * window}" for video in videos for window in range(4)]
+    expected = rank_segments(ids, scores, [7, 8, 9], k=25)
+    for compact_every in (1, 1 << 22):
+        ranker = SegmentRanker([7, 8, 9], k=25, compact_every=compact_every)
+        for index, video in enumerate(videos):
+            own = scores[4 * index : 4 * index + 4]
+            ranker.add(video, np.repeat([0, 5, 10, 15], 3), np.tile([7, 8, 9], 4), own.ravel())
+        assert ranker.rankings() == expected
+
+
+# --- evaluation and the CLI -----------------------------------------------------------
+
+
+def test_models_json_lists_every_preset_with_the_reference_counts(capsys):
+    assert main(["models", "--json"]) == 0
+    counts = {m["name"]: m["parameters"] for m in json.loads(capsys.readouterr().out)["models"]}
+    assert counts.keys() == {"nextvlad", "nextvlad_large", "dbof", "mix_nextvlad",
+                             "mix_nextvlad_large", "mod_4x3", "mod_2x2x3"}
+    # REFERENCE §3: VLAD 4,425,484 + hidden FC 75,497,472 + its BN 4,096 + gating 1,049,088
+    # + logistic 7,913,238
+    assert counts["nextvlad"] == 88_889_378
+    assert main(["models", "--json", "--classes", "1000"]) == 0
+    paper = {m["name"]: m["parameters"] for m in json.loads(capsys.readouterr().out)["models"]}
+    for name, millions in {"nextvlad": 83, "nextvlad_large": 320, "dbof": 16, "mix_nextvlad": 250,
+                           "mix_nextvlad_large": 1280, "mod_4x3": 1000}.items():
+        assert paper[name] / 1e6 == pytest.approx(millions, rel=0.02), name
+
+
+@pytest.mark.parametrize("verb", ["models", "train", "finetune", "evaluate"])
+def test_training_verbs_have_help(capsys, verb):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: modloc {verb}" in capsys.readouterr().out
+
+
+def test_cli_train_finetune_evaluate_end_to_end(capsys, tiny_dataset, tmp_path):
+    classes = manifest(tiny_dataset)
+    settings = tmp_path / "tiny.json"
+    settings.write_text(json.dumps({"model": {"name": "mod_4x3", "overrides": TINY_MODEL},
+                                    "data": {"classes": classes["segment_class_ids"]},
+                                    "batch_size": 8, "optimizer": {"learning_rate": 1e-3}}))
+    assert main(["train", "--config", str(settings), "--data", split(tiny_dataset, "train"),
+                 "--max-steps", "3", "--out", str(tmp_path / "pre"), "--no-progress", "--json"]) == 0
+    pretrained = json.loads(capsys.readouterr().out)
+    assert pretrained["steps"] == 3 and pretrained["phase"] == "pretrain"
+
+    assert main(["finetune", "--from", pretrained["checkpoint"], "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["loss"]["temperatures"] == [20.0] and shown["batch_size"] == 512
+
+    assert main(["finetune", "--from", pretrained["checkpoint"], "--data",
+                 split(tiny_dataset, "validate"), "--batch-size", "8", "--max-steps", "2",
+                 "--out", str(tmp_path / "fine"), "--no-progress", "--json"]) == 0
+    finetuned = json.loads(capsys.readouterr().out)
+    assert finetuned["steps"] == 2 and finetuned["phase"] == "finetune"
+
+    assert main(["evaluate", "--checkpoint", pretrained["checkpoint"], "--segment-checkpoint",
+                 finetuned["checkpoint"], "--labels", split(tiny_dataset, "validate"),
+                 "--test", split(tiny_dataset, "test"), "--truth", split(tiny_dataset, "test_truth"),
+                 "--classes", str(tiny_dataset / "synth.json"), "--submissions",
+                 str(tmp_path / "submissions"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["video"]["gap"] <= 1 and result["video"]["videos"] > 0
+    segments = result["segments"]
+    assert segments["videos"] == 24 and segments["k"] == 100_000
+    for system in ("fused", "dummy"):
+        assert 0 < segments[system]["map"] <= 1 and segments[system]["classes"] > 0
+        assert Path(segments[system]["submission"]).read_text().startswith("Class,Segments\n")

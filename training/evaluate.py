@@ -1,0 +1,282 @@
+"""Evaluating checkpoints: video-level metrics, segment MAP@K of the fused system and the dummy.
+
+- :func:`evaluate_videos`: GAP@20, Hit@1, PERR and MAP (:class:`engine.metrics.VideoMetrics`)
+  of a checkpoint on labelled videos, over its class space.
+- :func:`evaluate_segments`: the inference pipeline of REFERENCE §7 on a test split. A
+  video-level checkpoint scores each video (its top-N classes are the candidates); a
+  segment-level checkpoint scores the video's non-overlapping 5-frame windows
+  (:func:`engine.datasets.pack_segment_windows`, no mask, as in segment mode); the two are
+  fused (:mod:`engine.fusion`) and ranked per class; and the same candidates give the dummy
+  prediction. Both rankings are scored with the Kaggle MAP@K against the truth files. One
+  checkpoint may serve as both models.
+- :func:`evaluate_batches`: metrics (and the loss) of a model on batches, the trainer's
+  periodic evaluation; in segment mode predictions are first multiplied by the label
+  weights, as G's ``eval.py`` does (REFERENCE §8.4), so only rated classes count.
+
+Every model runs in eval mode under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.datasets import ClassSpace, VideoLevelDataset, pack_segment_windows
+from engine.fusion import FusionConfig, SegmentRanker, dummy_pairs, fused_pairs, top_candidates
+from engine.io.examples import Video
+from engine.io.readers import Patterns, read_videos
+from engine.metrics import SegmentTruth, VideoMetrics, segment_map
+from engine.submission import write_submission
+from engine.vocab import default_segment_class_ids
+from training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
+from training.data import TorchBatch, make_loader
+from training.models import DBoFModel, TreeOutput
+
+LossFunction = Callable[[object, TorchBatch], torch.Tensor]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def forward(model: nn.Module, features: torch.Tensor, num_frames: torch.Tensor,
+            use_mask: bool | None = None):
+    """The model's output on a uint8 batch: a :class:`TreeOutput` for trees, else logits.
+
+    ``use_mask`` None keeps the model's mode; DBoF always masks (it pools valid frames).
+    """
+    if isinstance(model, DBoFModel):
+        return model(features, num_frames)
+    return model(features, num_frames, use_mask=use_mask)
+
+
+def root_logits(output) -> torch.Tensor:
+    """``(B, C)`` logits of the whole model (a tree's root)."""
+    return output.root if isinstance(output, TreeOutput) else output
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, features: torch.Tensor, num_frames: torch.Tensor,
+            use_mask: bool | None = None, batch_size: int | None = None) -> np.ndarray:
+    """``(N, M, 1152)`` uint8 + ``(N,)`` frames → ``(N, C)`` float32 probabilities.
+
+    The model's device is used; ``batch_size`` splits large inputs into chunks.
+    """
+    device = next(model.parameters()).device
+    chunk = batch_size or max(1, len(features))
+    outputs = []
+    for begin in range(0, len(features), chunk):
+        logits = root_logits(forward(model, features[begin:begin + chunk].to(device),
+                                     num_frames[begin:begin + chunk].to(device), use_mask))
+        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+    if not outputs:
+        return np.zeros((0, num_classes_of(model.config)), np.float32)
+    return np.concatenate(outputs)
+
+
+@torch.inference_mode()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[TorchBatch],
+    num_classes: int,
+    loss_function: LossFunction | None = None,
+    top_k: int = 20,
+) -> dict:
+    """Video metrics (and the mean loss) of ``model`` on ``batches``, in eval mode.
+
+    Rows without a positive label are left out of the metrics (a segment-mode row always
+    has its rated classes; a video-mode row may have no label in the class space). The
+    model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    metrics = VideoMetrics(num_classes, top_k=top_k)
+    loss_sum = 0.0
+    examples = rows = 0
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            output = forward(model, batch.features, batch.num_frames)
+            if loss_function is not None:
+                loss_sum += float(loss_function(output, batch)) * len(batch)
+            probabilities = torch.sigmoid(root_logits(output).float())
+            if batch.label_weights is not None:
+                probabilities = probabilities * batch.label_weights
+            labelled = batch.labels.sum(dim=1) > 0
+            examples += len(batch)
+            if labelled.any():
+                rows += int(labelled.sum())
+                metrics.accumulate(probabilities[labelled].cpu().numpy(),
+                                   batch.labels[labelled].cpu().numpy())
+    finally:
+        model.train(was_training)
+    result: dict = {"examples": examples, "labelled": rows}
+    if loss_function is not None and examples:
+        result["loss"] = loss_sum / examples
+    if rows:
+        scores = metrics.get()
+        result.update(gap=scores.gap, hit_at_one=scores.hit_at_one, perr=scores.perr, map=scores.map)
+    return result
+
+
+def evaluate_videos(
+    checkpoint: Checkpoint,
+    labels: Patterns,
+    batch_size: int = 64,
+    top_k: int = 20,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> dict:
+    """GAP@top_k, Hit@1, PERR and MAP of a checkpoint on the labelled videos of ``labels``."""
+    dataset = VideoLevelDataset(labels, class_ids=checkpoint.class_ids, shuffle=False)
+    loader = make_loader(dataset, batch_size, num_workers=workers)
+    with tqdm(loader, desc="evaluate videos", unit="batch", disable=_disable(progress),
+              file=sys.stderr) as bar:
+        result = evaluate_batches(checkpoint.model, bar, len(checkpoint.class_ids), top_k=top_k)
+    videos = result.pop("labelled")
+    if not videos:
+        raise ValueError(f"no video in {labels} has a label among the checkpoint's classes")
+    return {**result, "videos": videos, "top_k": top_k}
+
+
+def evaluate_segments(
+    video: Checkpoint,
+    segment: Checkpoint,
+    test: Patterns,
+    truth: Patterns,
+    class_ids: Sequence[int] | None = None,
+    fusion: FusionConfig | None = None,
+    batch_size: int = 32,
+    window_batch_size: int = 1024,
+    workers: int = 0,
+    submissions: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Segment MAP@K of the fused system and of the dummy prediction on a test split.
+
+    Args:
+        video: the video-level checkpoint (candidates, and the dummy's scores).
+        segment: the segment-level checkpoint (window scores); may be ``video`` itself.
+        test: test TFRecords (frames); truth: their segment ratings (e.g. ``test_truth/``).
+        class_ids: the classes to rank (submission rows); default the 1000 segment classes.
+        fusion: candidates, exponents, partial windows and ``k`` (default: the reference's).
+        batch_size: videos per video-model batch; window_batch_size: windows per
+            segment-model batch.
+        submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
+
+    Returns:
+        ``{"fused": {...}, "dummy": {...}, "videos", "windows", "seconds", "k"}``; each
+        system holds ``map``, ``classes`` (scored), ``ranked_segments`` and, with
+        ``submissions``, its ``submission`` path.
+    """
+    started = time.perf_counter()
+    fusion = fusion or FusionConfig()
+    targets = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
+    segment_space = ClassSpace(segment.class_ids)
+    # videos capped at 300 frames, as the reference's reader: the video model sees them
+    # whole, and their windows are the segments ranked (whatever the training cap was)
+    dataset = VideoLevelDataset(test, class_ids=video.class_ids, shuffle=False)
+    rankers = {"fused": SegmentRanker(targets, fusion.k), "dummy": SegmentRanker(targets, fusion.k)}
+    videos = windows = 0
+    loader = make_loader(dataset, batch_size, num_workers=workers)
+    with tqdm(loader, desc="evaluate segments", unit="batch", disable=_disable(progress),
+              file=sys.stderr) as bar:
+        for batch in bar:
+            video_scores = predict(video.model, batch.features, batch.num_frames)
+            candidate_ids, candidate_scores = top_candidates(video_scores, video.class_ids, fusion.top_n)
+            frames = batch.num_frames.numpy()
+            packed = pack_segment_windows([Video(vid, batch.features[row, : frames[row]].numpy())
+                                           for row, vid in enumerate(batch.video_ids)])
+            # segment mode runs without a mask (REFERENCE §3 step 2): a partial window's
+            # padding enters the model as padding frames
+            window_scores = predict(segment.model, torch.from_numpy(packed.features),
+                                    torch.from_numpy(packed.num_frames), use_mask=False,
+                                    batch_size=window_batch_size)
+            for row, video_id in enumerate(batch.video_ids):
+                own = packed.windows(row)
+                scores = window_scores[packed.offsets[row] : packed.offsets[row + 1]]
+                rankers["fused"].add(video_id, *fused_pairs(
+                    own.starts, own.partial, candidate_ids[row], candidate_scores[row], scores,
+                    segment_space, fusion))
+                rankers["dummy"].add(video_id, *dummy_pairs(
+                    int(frames[row]), candidate_ids[row], candidate_scores[row], fusion.include_partial))
+            videos += len(batch)
+            windows += len(packed)
+            bar.set_postfix(videos=videos, windows=windows)
+    if not videos:
+        raise ValueError(f"no test video in {test}")
+    ratings = SegmentTruth.from_videos(read_videos(truth))
+    result: dict = {"videos": videos, "windows": windows, "k": fusion.k}
+    for name, ranker in rankers.items():
+        rankings = ranker.rankings()
+        scores = segment_map(rankings, ratings, k=fusion.k)
+        result[name] = {"map": scores.map, "classes": scores.classes,
+                        "ranked_segments": sum(map(len, rankings.values()))}
+        if submissions is not None:
+            path = Path(submissions) / f"{name}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_submission(path, rankings, class_ids=targets, max_segments=fusion.k)
+            result[name]["submission"] = str(path)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    segment_checkpoint: str | os.PathLike | None = None,
+    labels: Patterns | None = None,
+    test: Patterns | None = None,
+    truth: Patterns | None = None,
+    class_ids: Sequence[int] | None = None,
+    fusion: FusionConfig | None = None,
+    batch_size: int = 32,
+    window_batch_size: int = 1024,
+    workers: int = 0,
+    device: str = "auto",
+    submissions: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Evaluate checkpoints (``modloc evaluate``): video metrics on ``labels`` and/or
+    segment MAP@K on ``test`` + ``truth``.
+
+    ``checkpoint`` is the video-level model; ``segment_checkpoint`` (default: the same)
+    scores the windows. Returns ``{"video": {...}}`` and/or ``{"segments": {...}}``.
+    """
+    if labels is None and test is None:
+        raise ValueError("nothing to evaluate: give labelled videos, or a test split and its truth")
+    if (test is None) != (truth is None):
+        raise ValueError("segment evaluation needs both the test split and its truth files")
+    target = resolve_device(device)
+    video = load_checkpoint(checkpoint, target)
+    result: dict = {"checkpoint": str(checkpoint)}
+    if labels is not None:
+        result["video"] = evaluate_videos(video, labels, batch_size, workers=workers, progress=progress)
+    if test is not None:
+        segment = (video if segment_checkpoint is None
+                   else load_checkpoint(segment_checkpoint, target))
+        result["segment_checkpoint"] = str(segment.path)
+        result["segments"] = evaluate_segments(
+            video, segment, test, truth, class_ids, fusion, batch_size, window_batch_size,
+            workers, submissions, progress)
+    return result
+
+
+def _disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None shows the bar only on a terminal."""
+    return None if progress is None else not progress
+
+
+__all__ = ["evaluate", "evaluate_batches", "evaluate_segments", "evaluate_videos", "forward",
+           "predict", "resolve_device", "root_logits"]

@@ -1,0 +1,37 @@
+"""Models of the MOD system: NeXtVLAD, the DBoF baseline and mixture trees (MixNeXtVLAD, MOD).
+
+Every model's ``forward(features, num_frames)`` takes the uint8 batch and returns logits
+(a :class:`TreeOutput` of per-node logits for trees); ``forward_input`` takes the float
+model input and mask. Presets: :func:`create_model`, :func:`list_models`.
+"""
+
+from training.models.dbof import DBoFConfig, DBoFModel, MoEClassifier
+from training.models.inputs import FeatureInput
+from training.models.mod_tree import (
+    MixtureGate,
+    MixtureNode,
+    MODTree,
+    MODTreeConfig,
+    TreeOutput,
+    internal_paths,
+    leaf_paths,
+    node_name,
+    tower_paths,
+)
+from training.models.nextvlad import NeXtVLAD
+from training.models.nextvlad_model import ContextGating, NeXtVLADConfig, NeXtVLADModel
+from training.models.registry import (
+    ModelInfo,
+    build_model,
+    count_parameters,
+    create_model,
+    list_models,
+    model_config,
+)
+
+__all__ = [
+    "ContextGating", "DBoFConfig", "DBoFModel", "FeatureInput", "MODTree", "MODTreeConfig",
+    "MixtureGate", "MixtureNode", "MoEClassifier", "ModelInfo", "NeXtVLAD", "NeXtVLADConfig",
+    "NeXtVLADModel", "TreeOutput", "build_model", "count_parameters", "create_model",
+    "internal_paths", "leaf_paths", "list_models", "model_config", "node_name", "tower_paths",
+]
