@@ -321,9 +321,9 @@ class Trainer:
 
     def _make_optimizer(self, config: TrainConfig, model: nn.Module | None = None) -> torch.optim.Adam:
         """Adam over ``model`` (default: the one that trains)."""
-        o = config.optimizer
+        o, model = config.optimizer, self.model if model is None else model
         # torch's Adam adds ε to sqrt(v̂), TF1's to sqrt(v) (an ε·sqrt(1-β2^t) difference)
-        return torch.optim.Adam((model or self.model).parameters(), lr=o.learning_rate,
+        return torch.optim.Adam(model.parameters(), lr=o.learning_rate,
                                 betas=(o.beta1, o.beta2), eps=o.epsilon)
 
     def _parallelize(self, config: TrainConfig) -> None:
@@ -392,10 +392,10 @@ class Trainer:
         writer = (SummaryWriter(str(self.run_dir / TENSORBOARD_DIR),
                                 purge_step=state.step + 1 if self.resumed_from else None)
                   if self.writes else _NoWriter())
-        progress = None if config.progress is None else config.progress
         try:
             with tqdm(total=config.max_steps, initial=state.step, unit="step", desc=config.phase,
-                      disable=not self.writes or (None if progress is None else not progress),
+                      disable=not self.writes or (None if config.progress is None
+                                                  else not config.progress),
                       file=sys.stderr, dynamic_ncols=True) as bar:
                 rate = _Rate(state.examples)
                 while not self._finished():
