@@ -22,10 +22,7 @@ machine and versions to ``benchmarks/results/bench_io.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,6 +32,7 @@ from pathlib import Path
 
 import google.protobuf
 import numpy as np
+from _common import RESULTS, provenance
 from google.protobuf.internal import api_implementation
 
 from engine.io.examples import FEATURE_SIZE, Video, encode_video
@@ -42,7 +40,7 @@ from engine.io.native import read_frame_batches
 from engine.io.readers import iter_all_records, read_videos
 from engine.io.tfrecord import write_records
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_io.md"
+RESULTS_FILE = RESULTS / "bench_io.md"
 
 
 def synthetic_payloads(count: int, seed: int) -> Iterator[bytes]:
@@ -81,17 +79,6 @@ PATHS: dict[str, Callable[[str], int]] = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_path(read: Callable[[str], int], path: str, repeats: int, videos: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
@@ -114,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path,
                         help="where to write the synthetic file, kept afterwards (default: a "
                              "temporary file, removed)")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE,
                         help="results file (default benchmarks/results/bench_io.md)")
     args = parser.parse_args(argv)
     if args.videos < 1 or args.repeats < 1:
@@ -142,13 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
 
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     report = f"""# Frame-level reading throughput
 
-- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-- machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}
+{provenance()}
 - Python {platform.python_version()}, numpy {np.__version__}, protobuf {google.protobuf.__version__} ({api_implementation.Type()} runtime)
-- command: `python {command}`
 - file: {args.videos} synthetic videos of 60-300 frames, {size / 1e6:.1f} MB; read from the page cache
 - one process, one thread; median of {args.repeats} reads of the whole file per path, CRC checks included
 

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
 import platform
-import re
-import shlex
 import statistics
 import sys
 import time
@@ -38,29 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import RESULTS, cpu_model, provenance, write_section
 
 from training.losses import LossConfig, mod_loss, model_loss
 from training.models import MODTree, count_parameters, create_model
 from training.models.grouped import use_grouped_leaves
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.md"
+RESULTS_FILE = RESULTS / "bench_train.md"
 HEADER = """# Training-step throughput
 
 Examples/s of one training step (forward + loss + backward + Adam) on a synthetic batch, by
 `benchmarks/bench_train.py`; one section per device. `plain loop` evaluates a tree's sibling
 leaves one after another, `grouped leaves` as grouped matmuls (`training.models.grouped`).
 """
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_label(device: torch.device) -> str:
@@ -139,7 +125,6 @@ def render_section(rows: list[tuple], args, device: torch.device) -> str:
         lines.append(f"| {name} | {leaves} | {variant} | {params / 1e6:,.1f}M | "
                      f"{median * 1e3:,.1f} | {rate:,.1f} | {rate / plain[name]:.2f}x |")
     table = "\n".join(lines)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     precision = "bf16 autocast, fused Adam" if device.type == "cuda" else "fp32, foreach Adam"
     hidden = "preset" if args.hidden_size is None else str(args.hidden_size)
     versions = f"Python {platform.python_version()}, torch {torch.__version__}"
@@ -147,10 +132,8 @@ def render_section(rows: list[tuple], args, device: torch.device) -> str:
         versions += f", CUDA {torch.version.cuda}"
     return f"""## {device_label(device)}
 
-- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-- machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}
+{provenance()}
 - {versions}
-- command: `python {command}`
 - batch {args.batch}, {args.frames} frames (video mode, masked), {args.classes} classes, \
 hidden size {hidden}; {precision}
 - median of {args.steps} steps after {args.warmup} warm-up steps; one step = forward + loss + \
@@ -158,16 +141,6 @@ backward + Adam
 
 {table}
 """
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the section of ``section``'s heading in ``path`` (or append it)."""
-    heading = section.splitlines()[0]
-    text = path.read_text() if path.exists() else HEADER
-    sections = re.split(r"(?m)^(?=## )", text)
-    kept = [s for s in sections if s.splitlines()[0] != heading]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(s.rstrip("\n") + "\n" for s in [*kept, section]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU intra-op threads (default: torch's). On shared cores 1 avoids "
                              "threaded kernels stalling while a core is busy elsewhere")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE,
                         help="results file (default benchmarks/results/bench_train.md)")
     args = parser.parse_args(argv)
     if min(args.batch, args.frames, args.steps, args.classes) < 1 or args.warmup < 0:
@@ -204,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     section = render_section(rows, args, device)
     print(section)
-    write_section(args.out, section)
+    write_section(args.out, section, HEADER)
     print(f"wrote {args.out}")
     return 0
 
