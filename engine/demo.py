@@ -15,9 +15,13 @@ failed run still shows how far it got):
 - ``evaluate``: run the inference pipeline on ``test/`` (the pre-trained model's top-20
   candidates, the fine-tuned model's window scores, ``P_vid^0.05 · P_seg^0.95``) and score
   it, and the dummy prediction, with the Kaggle MAP@K: ``systems.mod`` and
-  ``systems.dummy`` beside ``random`` and ``perfect``.
+  ``systems.dummy`` beside ``random`` and ``perfect``;
+- ``export``: export both checkpoints to ONNX artifacts (distill leaf and ensemble, fp32
+  and INT8) and score the test split through ONNX Runtime, which must give PyTorch's MAP@K
+  to 1e-4 (:func:`export.demo.run_export_stage`).
 
-The training stages need the ``training`` package (torch); it is imported inside them.
+The training and export stages need the ``training`` and ``export`` packages (torch, onnx);
+they are imported inside them.
 """
 
 from __future__ import annotations
@@ -137,6 +141,17 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
         report["evaluate"] = _evaluate_stage(report, split_globs, manifest["segment_class_ids"],
                                              submissions, k)
         stage_done("evaluate", started)
+
+        from export.demo import run_export_stage
+
+        started = time.perf_counter()
+        report["export"] = run_export_stage(
+            out, report["pretrain"]["checkpoint"], report["finetune"]["checkpoint"],
+            validation=split_globs["validate"], test=split_globs["test"],
+            truth=split_globs["test_truth"], class_ids=manifest["segment_class_ids"], k=k,
+            pytorch={"fused": report["systems"]["mod"]["map"],
+                     "dummy": report["systems"]["dummy"]["map"]})
+        stage_done("export", started)
     return report
 
 

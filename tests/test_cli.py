@@ -137,3 +137,10 @@ def test_demo_writes_report(capsys, tmp_path):
     for system in ("mod", "dummy"):
         assert 0.0 < report["systems"][system]["map"] <= 1.0
         assert Path(report["systems"][system]["submission"]).is_file()
+    # The export stage: ONNX Runtime scores the test split exactly as PyTorch did.
+    export = report["export"]
+    assert "export" in report["stages"] and export["max_difference"] <= 1e-4
+    assert {(a["kind"], a["graph"], a["precision"]) for a in export["artifacts"]} == {
+        (kind, graph, precision) for kind in ("video", "segment")
+        for graph in ("distill", "ensemble") for precision in ("fp32", "int8")}
+    assert all((Path(a["path"]) / "manifest.json").is_file() for a in export["artifacts"])

@@ -1,0 +1,318 @@
+"""Artifact directories: the contract between ``modloc export`` and the engine.
+
+An artifact is one exported model in a directory::
+
+    model.onnx      the graph: uint8 frames + frame mask in, probabilities + logits out;
+                    dequantization, RGB un-whitening and BatchNorm folded into its layers
+    model.onnx.data its weights, only for graphs past protobuf's 2 GB limit
+    model.plan      a TensorRT engine built from model.onnx (only after ``modloc build``)
+    manifest.json   what the files are (schema below); the engine trusts nothing else
+    README          one human-readable line saying what the artifact is
+
+``manifest.json`` (``format`` = :data:`FORMAT`, ``format_version`` = :data:`FORMAT_VERSION`):
+
+- ``model``: ``kind`` (``"video"`` | ``"segment"``), ``graph`` (``"distill"``: one leaf of
+  a MOD tree; ``"ensemble"``: the whole tree, output = the root's gated mixture;
+  ``"single"``: a plain NeXtVLAD checkpoint), ``tree`` (``{"branching", "leaves"}`` or
+  null), ``leaf`` (``{"index", "path", "selection", "scores"}`` for a distill graph),
+  ``preset`` and ``config`` (the checkpoint's model config);
+- ``classes``: vocabulary ids of the outputs, in output order;
+- ``inputs`` / ``outputs``: ``[{"name", "dtype", "shape"}]``; a dimension is an int or
+  the name of a dynamic axis (``"batch"``, ``"frames"``);
+- ``preprocessing``: what the graph folds (``folded``: true, the input transform, the
+  eigenvalues' sha256, the padding rule) and ``use_mask`` (video mode masks padded
+  frames in the attention; segment mode does not);
+- ``precision``: ``"fp32"`` | ``"fp16"`` | ``"bf16"`` | ``"int8"``, with how the variant
+  was made and measured (``map_difference`` against fp32 on the validation split);
+- ``onnx``: ``opset``, ``ir_version``, ``sha256``;
+- ``files``: ``{name: {"sha256", "bytes"}}`` for every file of the artifact but the
+  manifest itself;
+- ``source``: the checkpoint's path, weights sha256 and config sha256;
+- ``versions``: the exporter's (modloc, torch, onnx, onnxscript, onnxruntime);
+- ``parity``: the fp32 graph against PyTorch (max relative error per shape, tolerance);
+- ``plan``: null, or the TensorRT engine's build record (TensorRT version, device name
+  and compute capability, optimization profiles, the ONNX sha256 it was built from).
+
+:func:`load_artifact` checks the manifest against the files (every sha256, the class ids
+against the output shape, a plan against the graph it came from) and refuses with an
+:class:`ArtifactError` that says which one differs. Backends then check the graph's or
+engine's actual inputs and outputs against the manifest with :func:`check_io`.
+
+Pure Python and numpy: the engine loads artifacts without training code or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "modloc-artifact"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the graph's weights, when they pass protobuf's 2 GB limit
+PLAN_FILE = "model.plan"
+README_FILE = "README"
+
+KINDS = ("video", "segment")
+GRAPHS = ("distill", "ensemble", "single")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+# The code a padding frame stands for: padding is 0.0 after dequantization (REFERENCE §1.2),
+# and q * 4/255 + (4/512 - 2) = 0 at q = (255/128) * (255/4) = 65025/512 = 127.001953125,
+# exact in float32. The graphs center the codes on it (a masked frame is exactly 0), so
+# that every folded layer sees the reference's padding input.
+PADDING_CODE = 65025 / 512
+
+
+class ArtifactError(ValueError):
+    """An artifact directory whose manifest does not describe its files, or does not fit."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, shape (ints and axis names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_json(cls, data: dict) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def describe(self) -> str:
+        return f"{self.name} {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True, eq=False)
+class Artifact:
+    """A verified artifact directory.
+
+    Attributes:
+        path: the directory.
+        manifest: ``manifest.json`` as loaded.
+        kind: ``"video"`` or ``"segment"``.
+        graph: ``"distill"``, ``"ensemble"`` or ``"single"``.
+        precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``.
+        class_ids: ``(C,)`` vocabulary ids of the outputs, in output order.
+        inputs, outputs: the graph's tensors, in order.
+        use_mask: whether the graph masks padded frames in its attention (video mode).
+    """
+
+    path: Path
+    manifest: dict
+    kind: str
+    graph: str
+    precision: str
+    class_ids: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    use_mask: bool
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def plan_path(self) -> Path | None:
+        """model.plan when the artifact holds a TensorRT engine."""
+        return self.path / PLAN_FILE if self.manifest.get("plan") else None
+
+    @property
+    def plan(self) -> dict | None:
+        return self.manifest.get("plan")
+
+    @property
+    def split_streams(self) -> bool:
+        """True when the graph takes ``rgb`` and ``audio`` as two inputs, not ``features``."""
+        return any(spec.name == "rgb" for spec in self.inputs)
+
+    def describe(self) -> str:
+        """One line: what this artifact is (the README line)."""
+        return describe_manifest(self.manifest)
+
+
+def describe_manifest(manifest: dict) -> str:
+    """The README line of an artifact: kind, graph, precision, classes, files, source."""
+    model = manifest["model"]
+    if model["graph"] == "distill":
+        leaf = model["leaf"]
+        what = (f"NeXtVLAD_distill: leaf {leaf['index']} of a "
+                f"{'x'.join(map(str, model['tree']['branching']))} MOD tree ({leaf['selection']})")
+    elif model["graph"] == "ensemble":
+        what = f"MOD ensemble: the whole {'x'.join(map(str, model['tree']['branching']))} tree"
+    else:
+        what = "NeXtVLAD"
+    files = [name for name in (ONNX_FILE, PLAN_FILE) if name in manifest["files"]]
+    return (f"modloc {model['kind']}-level model, {what}, {manifest['precision']['name']}, "
+            f"{len(manifest['classes'])} classes; {' + '.join(files)} (ONNX opset "
+            f"{manifest['onnx']['opset']}) from checkpoint {manifest['source']['checkpoint']}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """``{"sha256", "bytes"}`` of a file, as the manifest's ``files`` holds it."""
+    return {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """``manifest.json`` of an artifact directory, after checking its format."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path}: not valid JSON ({error})") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {manifest.get('format_version')}, this "
+                            f"engine reads version {FORMAT_VERSION}: re-export the checkpoint")
+    return manifest
+
+
+def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact:
+    """Read an artifact directory and check its manifest against its files.
+
+    Args:
+        directory: the artifact directory.
+        verify: hash every file (model.onnx, model.plan, README) against the manifest.
+
+    Raises:
+        ArtifactError: naming the file or field that does not match.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        artifact = Artifact(
+            path=directory,
+            manifest=manifest,
+            kind=manifest["model"]["kind"],
+            graph=manifest["model"]["graph"],
+            precision=manifest["precision"]["name"],
+            class_ids=tuple(int(c) for c in manifest["classes"]),
+            inputs=tuple(TensorSpec.from_json(spec) for spec in manifest["inputs"]),
+            outputs=tuple(TensorSpec.from_json(spec) for spec in manifest["outputs"]),
+            use_mask=bool(manifest["preprocessing"]["use_mask"]),
+        )
+        files = manifest["files"]
+        onnx_sha256 = manifest["onnx"]["sha256"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: malformed manifest ({error!r})") from None
+    problems = _field_problems(artifact)
+    problems += _file_problems(directory, files, onnx_sha256, manifest.get("plan"), verify)
+    if problems:
+        raise ArtifactError(f"{directory}: the manifest does not match the artifact: "
+                            + "; ".join(problems))
+    return artifact
+
+
+def _field_problems(artifact: Artifact) -> list[str]:
+    problems = []
+    for name, value, allowed in (("model.kind", artifact.kind, KINDS),
+                                 ("model.graph", artifact.graph, GRAPHS),
+                                 ("precision.name", artifact.precision, PRECISIONS)):
+        if value not in allowed:
+            problems.append(f"{name} is {value!r}, expected one of {allowed}")
+    if len(set(artifact.class_ids)) != len(artifact.class_ids):
+        problems.append("classes holds repeated ids")
+    for spec in artifact.outputs:
+        if spec.shape and spec.shape[-1] != len(artifact.class_ids):
+            problems.append(f"output {spec.describe()} has {spec.shape[-1]} columns for "
+                            f"{len(artifact.class_ids)} class ids")
+    names = [spec.name for spec in artifact.inputs]
+    if names not in (["features", "mask"], ["rgb", "audio", "mask"]):
+        problems.append(f"inputs are {names}, expected [features, mask] or [rgb, audio, mask]")
+    return problems
+
+
+def _file_problems(directory: Path, files: dict, onnx_sha256: str, plan: dict | None,
+                   verify: bool) -> list[str]:
+    problems = []
+    for name in (ONNX_FILE, ONNX_DATA_FILE, PLAN_FILE):
+        if (directory / name).exists() and name not in files:
+            problems.append(f"{name} is present but the manifest does not describe it")
+    if ONNX_FILE not in files:
+        problems.append(f"the manifest lists no {ONNX_FILE}")
+    elif files[ONNX_FILE]["sha256"] != onnx_sha256:
+        problems.append(f"files.{ONNX_FILE}.sha256 differs from onnx.sha256")
+    if (plan is None) != (PLAN_FILE not in files):
+        problems.append(f"{PLAN_FILE}: the manifest's plan record and file list disagree")
+    if plan is not None and plan.get("onnx_sha256") != onnx_sha256:
+        problems.append(f"{PLAN_FILE} was built from ONNX sha256 {plan.get('onnx_sha256')}, "
+                        f"not from this {ONNX_FILE} ({onnx_sha256}): rebuild it (modloc build)")
+    for name, record in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{name} holds {path.stat().st_size} bytes, the manifest "
+                            f"{record['bytes']}")
+        elif verify and file_sha256(path) != record["sha256"]:
+            problems.append(f"{name} sha256 {file_sha256(path)} differs from the manifest's "
+                            f"{record['sha256']}")
+    return problems
+
+
+def check_io(artifact: Artifact, role: str, actual: Sequence[TensorSpec], source: str) -> None:
+    """Refuse a graph or engine whose inputs or outputs differ from the manifest's.
+
+    Args:
+        artifact: the loaded artifact.
+        role: ``"inputs"`` or ``"outputs"``.
+        actual: what the runtime reports, in order; a named axis must carry the same name,
+            or be reported as unnamed and dynamic (-1 or None, as TensorRT does).
+        source: what reported them (e.g. ``"ONNX Runtime session"``), for the message.
+    """
+    expected = artifact.inputs if role == "inputs" else artifact.outputs
+    problems = []
+    if [spec.name for spec in actual] != [spec.name for spec in expected]:
+        problems.append(f"names {[s.name for s in actual]} instead of {[s.name for s in expected]}")
+    else:
+        for want, got in zip(expected, actual, strict=True):
+            if want.dtype != got.dtype or not _same_shape(want.shape, got.shape):
+                problems.append(f"{got.describe()} instead of {want.describe()}")
+    if problems:
+        raise ArtifactError(f"{artifact.path}: the {source}'s {role} do not match the manifest: "
+                            + "; ".join(problems))
+
+
+def _same_shape(expected: tuple, actual: tuple) -> bool:
+    """Equal dimensions; a named axis also matches an unnamed dynamic one (-1 or None)."""
+    if len(expected) != len(actual):
+        return False
+    return all(want == got or (isinstance(want, str) and got in (-1, None))
+               for want, got in zip(expected, actual, strict=True))
+
+
+def frame_mask(num_frames: np.ndarray, frames: int) -> np.ndarray:
+    """``(B,)`` valid frame counts → ``(B, frames)`` float32 mask, 1.0 at valid frames."""
+    counts = np.asarray(num_frames).reshape(-1, 1)
+    return (np.arange(frames)[None, :] < counts).astype(np.float32)
+
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "GRAPHS", "KINDS", "MANIFEST_FILE", "ONNX_DATA_FILE",
+    "ONNX_FILE", "PADDING_CODE", "PLAN_FILE", "PRECISIONS", "README_FILE", "Artifact", "ArtifactError",
+    "TensorSpec", "check_io", "describe_manifest", "file_record", "file_sha256", "frame_mask",
+    "load_artifact", "read_manifest",
+]

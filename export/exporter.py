@@ -1,0 +1,366 @@
+"""``modloc export``: a checkpoint → artifact directories, one per graph and precision.
+
+Each step is a function of its own (the CLI verb only strings them together):
+
+1. :func:`load_model`: the checkpoint, on the CPU, in eval mode.
+2. :func:`select_leaf`: the NeXtVLAD_distill leaf, by index or the one with the best
+   segment MAP@K on the validation split (every leaf scored in one pass of the tree).
+3. :func:`stage_graph`: the folded graph (:mod:`export.graph`) in fp32, fp16 or bf16 →
+   ONNX (:func:`export.onnx_export.export_onnx`) → manifest → loaded back through the
+   engine's own checks → parity with PyTorch (:func:`export.onnx_export.check_parity`;
+   the fp32 graph must pass, the others are measured).
+4. :func:`stage_int8`: the INT8 QDQ graph quantized from the staged fp32 one, calibrated
+   on TFRecord batches, then measured the same way.
+5. :func:`measure_precisions`: segment MAP@K of fp32 and every variant on the validation
+   split in one pass; a variant farther than the tolerance from fp32 fails the export.
+6. :func:`export.manifest.publish`: each finished directory moves into place.
+
+Artifacts go to ``<out>/<graph>-<precision>`` (``distill-fp32``, ``ensemble-int8``,
+``single-fp16``). A graph is published all or nothing: if any of its variants fails a
+gate, none of its directories is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from engine.artifacts import ONNX_FILE, Artifact, load_artifact
+from engine.backends import Backend
+from engine.io.readers import Patterns
+from engine.metrics import MAX_SEGMENTS_PER_CLASS
+from export.evaluation import Scorer, backend_scorer, validation_map
+from export.graph import export_module
+from export.manifest import new_manifest, onnx_record, publish, staging_directory, write_manifest
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    PARITY_SHAPES,
+    PARITY_TOLERANCE,
+    check_parity,
+    export_onnx,
+    io_specs,
+)
+from export.precision import (
+    MAP_TOLERANCE,
+    calibration_batches,
+    check_map_difference,
+    open_runner,
+    quantize_int8,
+)
+from training.checkpoint import Checkpoint, load_checkpoint
+from training.models import MODTree, NeXtVLADModel, TreeOutput, leaf_paths
+
+log = logging.getLogger(__name__)
+
+PRECISION_COMPUTE = {
+    "fp32": "float32 throughout",
+    "fp16": "float16 weights and linear layers; softmaxes, L2 normalizations, long reductions "
+            "(VLAD aggregation, frame means, mixtures) and the outputs in float32",
+    "bf16": "bfloat16 weights and linear layers; softmaxes, L2 normalizations, long reductions "
+            "(VLAD aggregation, frame means, mixtures) and the outputs in float32",
+    "int8": "int8 QDQ weight layers (per-channel symmetric weights, per-tensor symmetric "
+            "activations); everything else float32",
+}
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What :func:`export_checkpoint` produces and how it checks it.
+
+    Attributes:
+        graphs: ``"distill"`` and/or ``"ensemble"`` for a MOD tree, ``"single"`` for a plain
+            NeXtVLAD; None exports every graph the checkpoint has.
+        leaf: the distill leaf's index, or ``"best"`` (best validation MAP@K).
+        precisions: any of ``"fp32"`` (always made: the others are measured against it),
+            ``"fp16"``, ``"bf16"``, ``"int8"``.
+        opset: 18, or 17 for TensorRT 8.6.
+        split_streams: ``rgb`` and ``audio`` inputs instead of ``features``.
+        validation: a rated split (frame-level TFRecords with segment ratings): picks the
+            best leaf and measures the precision variants.
+        calibration: the INT8 calibration split (default: ``validation``).
+        calibration_batches, calibration_batch_size: how much of it calibrates.
+        k: MAP@K's K.
+        map_tolerance: the largest |MAP@K − fp32's| a variant may show.
+        parity_tolerance: the largest relative error of the fp32 probabilities vs PyTorch.
+        parity_shapes: the ``(B, M)`` batches of the parity check.
+        threads: ONNX Runtime intra-op threads for the checks (None: one per core).
+    """
+
+    graphs: tuple[str, ...] | None = None
+    leaf: int | str = "best"
+    precisions: tuple[str, ...] = ("fp32",)
+    opset: int = DEFAULT_OPSET
+    split_streams: bool = False
+    validation: Patterns | None = None
+    calibration: Patterns | None = None
+    calibration_batches: int = 8
+    calibration_batch_size: int = 16
+    k: int = MAX_SEGMENTS_PER_CLASS
+    map_tolerance: float = MAP_TOLERANCE
+    parity_tolerance: float = PARITY_TOLERANCE
+    parity_shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES
+    threads: int | None = None
+
+    def __post_init__(self):
+        unknown = set(self.precisions) - set(PRECISION_COMPUTE)
+        if unknown:
+            raise ValueError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISION_COMPUTE)}")
+        if set(self.precisions) - {"fp32"} and self.validation is None:
+            raise ValueError("precision variants are measured against fp32 on a rated split: "
+                             "give the validation data")
+        if self.leaf != "best" and not isinstance(self.leaf, int):
+            raise ValueError(f"leaf must be an index or 'best', got {self.leaf!r}")
+
+
+@dataclass(frozen=True)
+class LeafChoice:
+    """The distill leaf: its index (depth-first), tree path, and why it was chosen."""
+
+    index: int
+    path: tuple[int, ...]
+    selection: str
+    scores: tuple[float, ...] | None = None
+    split: str | None = None
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "path": list(self.path), "selection": self.selection,
+                "scores": None if self.scores is None else list(self.scores),
+                "metric": None if self.scores is None else "segment MAP@K", "split": self.split}
+
+
+@dataclass(eq=False)
+class _Staged:
+    """An artifact being built: its directory, manifest and runner (for the checks)."""
+
+    precision: str
+    directory: Path
+    manifest: dict
+    artifact: Artifact
+    runner: Backend
+
+
+def load_model(checkpoint: str | os.PathLike) -> Checkpoint:
+    """The checkpoint's model on the CPU, in eval mode (sha256 verified)."""
+    loaded = load_checkpoint(checkpoint, "cpu")
+    if not isinstance(loaded.model, MODTree | NeXtVLADModel):
+        raise ValueError(f"{checkpoint}: export handles NeXtVLAD models and MOD trees, not "
+                         f"{type(loaded.model).__name__}")
+    return loaded
+
+
+def model_kind(checkpoint: Checkpoint) -> str:
+    """``"video"`` or ``"segment"``: the mask mode the model was trained in."""
+    model = checkpoint.model
+    return (model.config.leaf if isinstance(model, MODTree) else model.config).mode
+
+
+def available_graphs(checkpoint: Checkpoint) -> tuple[str, ...]:
+    return ("distill", "ensemble") if isinstance(checkpoint.model, MODTree) else ("single",)
+
+
+def torch_scorer(module: nn.Module) -> Scorer:
+    """PyTorch's probabilities (a tree's root) for uint8 batches: the parity reference."""
+    def score(features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            output = module(torch.from_numpy(features), torch.from_numpy(num_frames))
+        logits = output.root if isinstance(output, TreeOutput) else output
+        return torch.sigmoid(logits).numpy()
+    return score
+
+
+def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Patterns | None = None,
+                k: int = MAX_SEGMENTS_PER_CLASS) -> LeafChoice:
+    """The NeXtVLAD_distill leaf of a tree checkpoint.
+
+    ``leaf="best"`` scores every leaf (its own probabilities, in one pass of the tree) with
+    :func:`export.evaluation.validation_map` on ``validation`` and takes the best; ties go
+    to the lower index.
+    """
+    tree = checkpoint.model
+    if not isinstance(tree, MODTree):
+        raise ValueError("only a MOD tree has leaves to choose from")
+    paths = leaf_paths(tree.config.branching)
+    if leaf != "best":
+        if not 0 <= int(leaf) < len(paths):
+            raise ValueError(f"leaf {leaf} is not in [0, {len(paths)}) for a "
+                             f"{tree.config.branching} tree")
+        return LeafChoice(int(leaf), paths[int(leaf)], "given")
+    if validation is None:
+        raise ValueError("choosing the best leaf needs validation data (or give the leaf index)")
+
+    def leaf_probabilities(features: np.ndarray, num_frames: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            output = tree(torch.from_numpy(features), torch.from_numpy(num_frames))
+        return {str(i): torch.sigmoid(output.logits[path]).numpy() for i, path in enumerate(paths)}
+
+    maps = validation_map(leaf_probabilities, model_kind(checkpoint), checkpoint.class_ids,
+                          validation, k=k)
+    scores = tuple(maps[str(i)] for i in range(len(paths)))
+    best = int(np.argmax(scores))
+    log.info("leaf validation MAP@K: %s; best leaf %d", np.round(scores, 4).tolist(), best)
+    return LeafChoice(best, paths[best], "best validation segment MAP@K", scores, _describe(validation))
+
+
+def reference_module(checkpoint: Checkpoint, graph: str, leaf: LeafChoice | None) -> nn.Module:
+    """The PyTorch module a graph must agree with: the tree, a copy of a leaf, or the model."""
+    if graph == "distill":
+        return checkpoint.model.leaf(leaf.index)
+    return checkpoint.model
+
+
+def stage_graph(checkpoint: Checkpoint, directory: Path, graph: str, leaf: LeafChoice | None,
+                precision: str, settings: ExportSettings) -> _Staged:
+    """Export the fp32/fp16/bf16 graph into ``directory`` and check it against PyTorch.
+
+    Raises:
+        ParityError: the fp32 graph misses the parity tolerance.
+    """
+    module = export_module(checkpoint.model, graph, None if leaf is None else leaf.index, precision,
+                           settings.split_streams)
+    kind = model_kind(checkpoint)
+    metadata = {"modloc.kind": kind, "modloc.graph": graph,
+                "modloc.leaf": "" if leaf is None else str(leaf.index)}
+    onnx_model = export_onnx(module, directory / ONNX_FILE, settings.opset, metadata)
+    inputs, outputs = io_specs(module, len(checkpoint.class_ids))
+    manifest = new_manifest(
+        checkpoint=checkpoint, kind=kind, graph=graph, leaf=None if leaf is None else leaf.to_json(),
+        precision={"name": precision, "compute": PRECISION_COMPUTE[precision]},
+        inputs=inputs, outputs=outputs, use_mask=module.use_mask, onnx_model=onnx_model)
+    return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
+
+
+def stage_int8(checkpoint: Checkpoint, directory: Path, fp32: _Staged, graph: str,
+               leaf: LeafChoice | None, settings: ExportSettings) -> _Staged:
+    """Quantize the staged fp32 graph to INT8 QDQ into ``directory`` and measure it."""
+    kind = model_kind(checkpoint)
+    patterns = settings.calibration if settings.calibration is not None else settings.validation
+    batches = calibration_batches(patterns, kind, settings.calibration_batch_size,
+                                  settings.calibration_batches)
+    quantization = quantize_int8(fp32.artifact, directory / ONNX_FILE, batches)
+    quantization["split"] = _describe(patterns)
+    manifest = copy.deepcopy(fp32.manifest)
+    manifest.update(precision={"name": "int8", "compute": PRECISION_COMPUTE["int8"],
+                               "quantization": quantization},
+                    onnx=onnx_record(onnx.load(directory / ONNX_FILE, load_external_data=False)),
+                    parity=None)
+    return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
+
+
+def _check_staged(checkpoint: Checkpoint, directory: Path, manifest: dict, graph: str,
+                  leaf: LeafChoice | None, settings: ExportSettings) -> _Staged:
+    """Write the manifest, load the directory as the engine would, run the parity check."""
+    write_manifest(directory, manifest)
+    artifact = load_artifact(directory)
+    runner = open_runner(artifact, settings.threads)
+    gated = manifest["precision"]["name"] == "fp32"
+    manifest["parity"] = check_parity(
+        backend_scorer(runner), torch_scorer(reference_module(checkpoint, graph, leaf)),
+        settings.parity_shapes, settings.parity_tolerance if gated else None)
+    manifest["parity"]["evaluated_with"] = runner.name
+    write_manifest(directory, manifest)
+    return _Staged(manifest["precision"]["name"], directory, manifest, artifact, runner)
+
+
+def measure_precisions(staged: list[_Staged], kind: str, class_ids, settings: ExportSettings) -> None:
+    """Segment MAP@K of every staged precision on the validation split, in one pass.
+
+    Records ``precision.map_at_k`` in each manifest (rewritten) and fails on a variant
+    farther than ``settings.map_tolerance`` from fp32.
+    """
+    runners = {item.precision: item.runner for item in staged}
+
+    def score(features: np.ndarray, num_frames: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: runner.run(features, num_frames=num_frames) for name, runner in runners.items()}
+
+    maps = validation_map(score, kind, class_ids, settings.validation, k=settings.k)
+    for item in staged:
+        record = {"k": settings.k, "split": _describe(settings.validation), "value": maps[item.precision],
+                  "evaluated_with": item.runner.name}
+        if item.precision != "fp32":
+            record.update(fp32=maps["fp32"], difference=maps[item.precision] - maps["fp32"],
+                          tolerance=settings.map_tolerance)
+        item.manifest["precision"]["map_at_k"] = record
+        write_manifest(item.directory, item.manifest)
+    for item in staged:
+        if item.precision != "fp32":
+            check_map_difference(item.precision, item.manifest["precision"]["map_at_k"]["difference"],
+                                 settings.map_tolerance)
+
+
+def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice | None,
+                 settings: ExportSettings) -> list[dict]:
+    """Every precision of one graph: staged, checked, measured, then published together."""
+    precisions = ["fp32", *(p for p in settings.precisions if p != "fp32")]
+    destinations = {p: out / f"{graph}-{p}" for p in precisions}
+    staged: list[_Staged] = []
+    try:
+        for precision in precisions:
+            directory = staging_directory(destinations[precision])
+            if precision == "int8":
+                staged.append(stage_int8(checkpoint, directory, staged[0], graph, leaf, settings))
+            else:
+                staged.append(stage_graph(checkpoint, directory, graph, leaf, precision, settings))
+            parity = staged[-1].manifest["parity"]
+            log.info("%s-%s: against PyTorch, max relative error %.3g, max absolute error %.3g",
+                     graph, precision, parity["max_rel_error"], parity["max_abs_error"])
+        if settings.validation is not None:
+            measure_precisions(staged, model_kind(checkpoint), checkpoint.class_ids, settings)
+        for item in staged:
+            item.runner.close()
+            publish(item.directory, destinations[item.precision])
+    finally:
+        for item in staged:
+            shutil.rmtree(item.directory, ignore_errors=True)
+    return [_summary(destinations[item.precision], item.manifest) for item in staged]
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                      settings: ExportSettings = ExportSettings()) -> list[dict]:
+    """Export a checkpoint's graphs and precisions as artifact directories under ``out``.
+
+    Returns one summary per artifact: path, kind, graph, leaf, precision, parity error,
+    validation MAP@K and its difference from fp32.
+    """
+    loaded = load_model(checkpoint)
+    graphs = settings.graphs or available_graphs(loaded)
+    unsupported = set(graphs) - set(available_graphs(loaded))
+    if unsupported:
+        raise ValueError(f"{checkpoint}: a {type(loaded.model).__name__} exports as "
+                         f"{available_graphs(loaded)}, not {sorted(unsupported)}")
+    leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k)
+            if "distill" in graphs else None)
+    out = Path(out)
+    summaries = []
+    for graph in graphs:
+        summaries.extend(export_graph(loaded, out, graph, leaf if graph == "distill" else None,
+                                      settings))
+    return summaries
+
+
+def _summary(path: Path, manifest: dict) -> dict:
+    precision = manifest["precision"]
+    measured = precision.get("map_at_k") or {}
+    leaf = manifest["model"]["leaf"]
+    return {"path": str(path), "kind": manifest["model"]["kind"], "graph": manifest["model"]["graph"],
+            "leaf": None if leaf is None else leaf["index"], "precision": precision["name"],
+            "opset": manifest["onnx"]["opset"],
+            "parity_max_rel_error": manifest["parity"]["max_rel_error"],
+            "map": measured.get("value"), "map_difference": measured.get("difference")}
+
+
+def _describe(patterns: Patterns) -> str:
+    return str(patterns) if isinstance(patterns, str | os.PathLike) else ", ".join(map(str, patterns))
+
+
+__all__ = ["ExportSettings", "LeafChoice", "available_graphs", "export_checkpoint", "export_graph",
+           "load_model", "measure_precisions", "model_kind", "reference_module", "select_leaf",
+           "stage_graph", "stage_int8", "torch_scorer"]

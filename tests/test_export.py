@@ -1,0 +1,488 @@
+"""Export: checkpoints → ONNX artifacts (distill leaf, ensemble; video, segment), the parity
+gate, precision variants, the artifact contract the engine enforces, the ONNX Runtime
+backend, the demo's export stage and the TensorRT build settings (TensorRT itself runs in
+test_trt.py, on machines that have it).
+
+Every model is a tiny tree (branching (2, 2), K=4, G=2, λ=2, H=16) trained for a few steps
+on the ``tiny`` synthetic dataset: a video-level checkpoint and a segment-level one
+fine-tuned from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.artifacts import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PLAN_FILE,
+    ArtifactError,
+    TensorSpec,
+    describe_manifest,
+    file_sha256,
+    load_artifact,
+)
+from engine.backends import graph_inputs, open_backend
+from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, uint8_activations
+from engine.backends.tensorrt_backend import plan_mismatches
+from engine.cli import main
+from export.demo import run_export_stage
+from export.evaluation import validation_map, video_batches
+from export.exporter import ExportSettings, export_checkpoint
+from export.graph import export_module
+from export.onnx_export import ParityError, check_parity, downgrade_to_opset_17, parity_batches
+from export.precision import PrecisionError, calibration_batches, check_map_difference
+from export.trt import (
+    ShapeRange,
+    build_mode,
+    check_device,
+    default_timing_cache,
+    optimization_profile,
+)
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import load_config
+from training.trainer import train
+
+TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
+              "hidden_size": 16, "gating_reduction": 4}
+
+
+def split(dataset: Path, name: str) -> str:
+    return str(dataset / name / "*.tfrecord")
+
+
+def synth_manifest(dataset: Path) -> dict:
+    return json.loads((dataset / "synth.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
+    """A video-level tree pre-trained for 12 steps, and a segment-level one fine-tuned from it."""
+    out = tmp_path_factory.mktemp("runs")
+    classes = synth_manifest(tiny_dataset)
+    pretrained = train(load_config("pretrain", None, {
+        "model.overrides": TINY_MODEL, "data.train": [split(tiny_dataset, "train")],
+        "data.classes": classes["segment_class_ids"] + classes["extra_class_ids"],
+        "data.pad_to": "longest", "batch_size": 8, "optimizer.learning_rate": 1e-3,
+        "max_steps": 12, "log_every": 100, "progress": False, "out": str(out / "pretrain")}))
+    finetuned = train(load_config("finetune", None, {
+        "init_from": pretrained.checkpoint, "data.train": [split(tiny_dataset, "validate")],
+        "data.classes": ",".join(map(str, classes["segment_class_ids"])), "batch_size": 8,
+        "optimizer.learning_rate": 1e-3, "max_steps": 6, "epochs": None, "log_every": 100,
+        "progress": False, "out": str(out / "finetune")}))
+    return {"video": pretrained.checkpoint, "segment": finetuned.checkpoint}
+
+
+@pytest.fixture(scope="module")
+def stage(checkpoints, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """The demo's export stage: distill and ensemble, fp32 and INT8, for both models."""
+    out = tmp_path_factory.mktemp("demo")
+    report = run_export_stage(out, checkpoints["video"], checkpoints["segment"],
+                              split(tiny_dataset, "validate"), split(tiny_dataset, "test"),
+                              split(tiny_dataset, "test_truth"),
+                              class_ids=synth_manifest(tiny_dataset)["segment_class_ids"])
+    return out / "export", report
+
+
+def torch_probabilities(model, features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        output = model(torch.from_numpy(features), torch.from_numpy(num_frames))
+    return torch.sigmoid(getattr(output, "root", output)).numpy()
+
+
+def onnx_types(path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The model and the element type of every tensor (shape inference included)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    types.update({tensor.name: tensor.data_type for tensor in model.graph.initializer})
+    return model, types
+
+
+# --- the bars: modloc export, parity, the demo stage ---------------------------------
+
+
+def test_demo_stage_scores_the_test_split_with_pytorchs_map(stage):
+    root, report = stage
+    assert report["max_difference"] <= 1e-4
+    assert report["onnxruntime"]["fp32"]["fused"] == pytest.approx(report["pytorch"]["fused"], abs=1e-4)
+    assert report["onnxruntime"]["fp32"]["dummy"] == pytest.approx(report["pytorch"]["dummy"], abs=1e-4)
+    assert 0 < report["onnxruntime"]["int8"]["fused"] <= 1
+    names = sorted(str(Path(item["path"]).relative_to(root)) for item in report["artifacts"])
+    assert names == [f"{kind}/{graph}-{precision}" for kind in ("segment", "video")
+                     for graph in ("distill", "ensemble") for precision in ("fp32", "int8")]
+
+
+@pytest.mark.parametrize("kind", ["video", "segment"])
+@pytest.mark.parametrize("graph", ["distill", "ensemble"])
+def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, checkpoints, kind, graph):
+    root, _ = stage
+    checkpoint = load_checkpoint(checkpoints[kind])
+    artifact = load_artifact(root / kind / f"{graph}-fp32")
+    manifest = artifact.manifest
+    assert (artifact.kind, artifact.graph, artifact.precision) == (kind, graph, "fp32")
+    assert artifact.class_ids == checkpoint.class_ids
+    assert manifest["model"]["tree"] == {"branching": [2, 2], "leaves": 4}
+    assert artifact.use_mask == (kind == "video")
+    assert [spec.describe() for spec in artifact.inputs] == [
+        "features uint8[batch, frames, 1152]", "mask float32[batch, frames]"]
+    assert [spec.describe() for spec in artifact.outputs] == [
+        f"probabilities float32[batch, {len(checkpoint.class_ids)}]",
+        f"logits float32[batch, {len(checkpoint.class_ids)}]"]
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["max_rel_error"] <= 1e-4 and parity["tolerance"] == 1e-4
+    shapes = {(row["batch"], row["frames"]) for row in parity["shapes"]}
+    assert (1, 1) in shapes and any(min(row["num_frames"]) < row["frames"] for row in parity["shapes"])
+    assert manifest["onnx"]["opset"] == 18
+    assert manifest["onnx"]["sha256"] == file_sha256(artifact.onnx_path)
+    assert manifest["source"]["weights_sha256"] == json.loads(
+        (Path(checkpoints[kind]) / "config.json").read_text())["weights"]["sha256"]
+    assert set(manifest["versions"]) == {"modloc", "torch", "onnx", "onnxscript", "onnxruntime"}
+    assert (artifact.path / "README").read_text() == describe_manifest(manifest) + "\n"
+    leaf = manifest["model"]["leaf"]
+    if graph == "distill":
+        assert leaf["selection"] == "best validation segment MAP@K" and len(leaf["scores"]) == 4
+        assert leaf["index"] == int(np.argmax(leaf["scores"]))
+    else:
+        assert leaf is None
+    int8 = load_artifact(root / kind / f"{graph}-int8").manifest["precision"]
+    assert abs(int8["map_at_k"]["difference"]) <= 0.005
+    assert int8["map_at_k"]["fp32"] == manifest["precision"]["map_at_k"]["value"]
+
+
+def test_cli_export_at_opset_17_with_split_streams(checkpoints, tmp_path, capsys):
+    assert main(["export", checkpoints["segment"], "--out", str(tmp_path), "--graph", "distill",
+                 "ensemble", "--leaf", "1", "--opset", "17", "--split-streams", "--json"]) == 0
+    summaries = json.loads(capsys.readouterr().out)["artifacts"]
+    assert [(s["graph"], s["leaf"], s["opset"]) for s in summaries] == [("distill", 1, 17),
+                                                                      ("ensemble", None, 17)]
+    tree = load_checkpoint(checkpoints["segment"]).model
+    features, num_frames = parity_batches([(3, 5)], seed=5)[0]
+    for summary, reference in zip(summaries, (tree.leaf(1), tree), strict=True):
+        assert summary["parity_max_rel_error"] <= 1e-4
+        artifact = load_artifact(summary["path"])
+        assert [spec.name for spec in artifact.inputs] == ["rgb", "audio", "mask"]
+        reductions = [node for node in onnx.load(artifact.onnx_path).graph.node
+                      if node.op_type in ("ReduceL2", "ReduceMean")]
+        assert reductions and all(len(node.input) == 1 for node in reductions)  # axes: attributes
+        with open_backend(artifact) as backend:
+            np.testing.assert_allclose(backend.run(features, num_frames=num_frames),
+                                       torch_probabilities(reference, features, num_frames), rtol=1e-4)
+
+
+# --- the graph ------------------------------------------------------------------------
+
+
+def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(stage, checkpoints,
+                                                                          tiny_dataset):
+    root, _ = stage
+    artifact = load_artifact(root / "video" / "ensemble-fp32")
+    model = onnx.load(artifact.onnx_path)
+    operators = {node.op_type for node in model.graph.node}
+    assert "BatchNormalization" not in operators
+    assert all(any(a.name == "axis" for a in node.attribute)
+               for node in model.graph.node if node.op_type == "Softmax")
+    tree = load_checkpoint(checkpoints["video"]).model
+    backend = OnnxRuntimeBackend(artifact)
+    # whole videos, padded to 300 frames as the reference's reader pads them
+    _, features, num_frames = next(video_batches(split(tiny_dataset, "validate"), 6))
+    expected = torch_probabilities(tree, features, num_frames)
+    np.testing.assert_allclose(backend.run(features, num_frames=num_frames), expected, rtol=1e-4)
+    mask = (np.arange(features.shape[1]) < num_frames[:, None]).astype(np.float32)
+    garbage = features.copy()
+    garbage[mask == 0] = 255  # the bytes of padded frames must not matter
+    np.testing.assert_array_equal(backend.run(garbage, mask=mask), backend.run(features, mask=mask))
+    outputs = backend.run_outputs(features, mask=mask)
+    np.testing.assert_allclose(outputs["probabilities"], 1 / (1 + np.exp(-outputs["logits"])), rtol=1e-5)
+
+
+def test_export_module_matches_the_model_in_pytorch(checkpoints):
+    tree = load_checkpoint(checkpoints["segment"]).model
+    features, num_frames = parity_batches([(4, 5)], seed=3)[0]
+    mask = torch.from_numpy((np.arange(5) < num_frames[:, None]).astype(np.float32))
+    with torch.inference_mode():
+        folded, _ = export_module(tree, "ensemble")(torch.from_numpy(features), mask)
+    np.testing.assert_allclose(folded.numpy(), torch_probabilities(tree, features, num_frames), rtol=1e-5)
+    with pytest.raises(ValueError, match="leaf must be in"):
+        export_module(tree, "distill", 4)
+    with pytest.raises(ValueError, match="'distill' or 'ensemble'"):
+        export_module(tree, "single")
+
+
+def test_small_probabilities_keep_their_relative_accuracy(checkpoints, tmp_path):
+    """Probabilities near 1e-7 (logits near -16) still pass the 1e-4 relative gate: the graph
+    spells out 1 / (1 + exp(-x)), where ONNX Runtime's CPU Sigmoid would be off by 100%."""
+    loaded = load_checkpoint(checkpoints["segment"])
+    with torch.no_grad():
+        for leaf in loaded.model.leaves():
+            leaf.classifier.bias -= 16.0
+    unlikely = save_checkpoint(tmp_path / "unlikely", loaded.model, class_ids=loaded.class_ids)
+    [summary] = export_checkpoint(unlikely, tmp_path / "out", ExportSettings(graphs=("distill",), leaf=0))
+    assert summary["parity_max_rel_error"] <= 1e-4
+    features, num_frames = parity_batches([(4, 5)], seed=9)[0]
+    with open_backend(summary["path"]) as backend:
+        probabilities = backend.run(features, num_frames=num_frames)
+    assert probabilities.max() < 1e-5
+
+
+# --- precision variants ---------------------------------------------------------------
+
+
+def test_fp16_and_bf16_graphs_keep_the_sensitive_operations_in_fp32(checkpoints, tiny_dataset, tmp_path):
+    summaries = export_checkpoint(checkpoints["segment"], tmp_path, ExportSettings(
+        graphs=("distill",), leaf=0, precisions=("fp16", "bf16"),
+        validation=split(tiny_dataset, "validate")))
+    assert [item["precision"] for item in summaries] == ["fp32", "fp16", "bf16"]
+    low = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+    for precision, elem_type in low.items():
+        artifact = load_artifact(tmp_path / f"distill-{precision}")
+        model, types = onnx_types(artifact.onnx_path)
+        weights = [node.input[1] for node in model.graph.node
+                   if node.op_type in ("MatMul", "Gemm") and node.input[1] in
+                   {tensor.name for tensor in model.graph.initializer}]
+        assert weights and all(types[name] == elem_type for name in weights)
+        sensitive = [node for node in model.graph.node
+                     if node.op_type in ("Softmax", "ReduceL2", "ReduceSum", "ReduceMean")]
+        assert sensitive and all(types[node.input[0]] == onnx.TensorProto.FLOAT for node in sensitive)
+        assert all(types[output.name] == onnx.TensorProto.FLOAT for output in model.graph.output)
+        measured = artifact.manifest["precision"]["map_at_k"]
+        assert abs(measured["difference"]) <= 0.005
+        assert measured["evaluated_with"] == ("onnx-reference" if precision == "bf16" else "onnxruntime")
+    with pytest.raises(ArtifactError, match="no bf16 kernels"):
+        OnnxRuntimeBackend(load_artifact(tmp_path / "distill-bf16"))
+
+
+def test_int8_graph_is_symmetric_qdq_and_runs_on_uint8_kernels(stage):
+    root, _ = stage
+    artifact = load_artifact(root / "segment" / "distill-int8")
+    model = onnx.load(artifact.onnx_path)
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    quantizers = [node for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    assert quantizers
+    # TensorRT's explicit quantization: int8, zero point 0
+    assert all(initializers[node.input[2]].dtype == np.int8 and not initializers[node.input[2]].any()
+               for node in quantizers)
+    weight_scales = [initializers[node.input[1]] for node in model.graph.node
+                     if node.op_type == "DequantizeLinear" and node.input[0] in initializers]
+    assert weight_scales and all(scale.ndim == 1 for scale in weight_scales)  # per channel
+    quantization = artifact.manifest["precision"]["quantization"]
+    assert quantization["calibration_batches"] >= 1 and quantization["quantized_layers"] == 9
+
+    shifted = onnx.ModelProto.FromString(uint8_activations(artifact.onnx_path))
+    points = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in shifted.graph.initializer}
+    for node in shifted.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert points[node.input[2]].dtype == np.uint8 and (points[node.input[2]] == 128).all()
+    import onnxruntime
+
+    plain = onnxruntime.InferenceSession(str(artifact.onnx_path), providers=["CPUExecutionProvider"])
+    features, num_frames = parity_batches([(6, 5)], seed=1)[0]
+    inputs = graph_inputs(artifact, features, num_frames=num_frames)
+    with OnnxRuntimeBackend(artifact) as backend:
+        assert backend.uint8_activations
+        np.testing.assert_allclose(backend.run(features, num_frames=num_frames),
+                                   plain.run(["probabilities"], inputs)[0], atol=2e-3)
+
+
+def test_opset_17_rewrites_only_the_reductions(stage):
+    root, _ = stage
+    artifact = load_artifact(root / "video" / "ensemble-fp32")
+    original = onnx.load(artifact.onnx_path)
+    downgraded = downgrade_to_opset_17(original)
+    onnx.checker.check_model(downgraded, full_check=True)
+    assert downgraded.opset_import[0].version == 17
+    assert [n.op_type for n in downgraded.graph.node] == [n.op_type for n in original.graph.node]
+    import onnxruntime
+
+    features, num_frames = parity_batches([(2, 7)])[0]
+    inputs = graph_inputs(artifact, features, num_frames=num_frames)
+    results = [onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(["logits"], inputs)[0] for model in (original, downgraded)]
+    np.testing.assert_array_equal(*results)
+
+
+# --- the gates ------------------------------------------------------------------------
+
+
+def test_parity_and_precision_gates_fail_loudly():
+    def reference(features, num_frames):
+        return np.full((len(features), 3), 0.25, np.float32)
+
+    assert check_parity(reference, reference)["max_rel_error"] == 0
+    with pytest.raises(ParityError, match=r"max relative error .* > 0.0001 at batch"):
+        check_parity(lambda f, n: reference(f, n) * 1.001, reference)
+    measured = check_parity(lambda f, n: reference(f, n) * 1.001, reference, tolerance=None)
+    assert measured["passed"] and measured["max_rel_error"] == pytest.approx(1e-3, rel=1e-3)
+    check_map_difference("int8", -0.004)
+    with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by -0\.0060"):
+        check_map_difference("int8", -0.006)
+
+
+def test_export_refuses_what_it_cannot_measure_or_make(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="measured against fp32 on a rated split"):
+        ExportSettings(precisions=("int8",))
+    with pytest.raises(ValueError, match="best leaf needs validation"):
+        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",)))
+    with pytest.raises(ValueError, match="exports as"):
+        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("single",)))
+    with pytest.raises(ValueError, match=r"leaf 7 is not in \[0, 4\)"):
+        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",), leaf=7))
+    assert not any(tmp_path.iterdir())
+
+
+def test_calibration_and_validation_read_what_the_models_serve(stage, tiny_dataset):
+    validate = split(tiny_dataset, "validate")
+    videos = list(calibration_batches(validate, "video", batch_size=5, max_batches=2))
+    assert [features.shape for features, _ in videos] == [(5, 300, 1152)] * 2
+    windows = list(calibration_batches(validate, "segment", batch_size=7, max_batches=3))
+    assert len(windows) == 3 and all(f.shape[1:] == (5, 1152) and len(f) <= 7 for f, _ in windows)
+    assert all(((n >= 1) & (n <= 5)).all() for _, n in windows)
+    root, _ = stage
+    backend = OnnxRuntimeBackend(load_artifact(root / "segment" / "ensemble-fp32"))
+    maps = validation_map(lambda f, n: {"a": backend.run(f, num_frames=n),
+                                        "b": 1 - backend.run(f, num_frames=n)},
+                          "segment", backend.class_ids, validate)
+    assert maps["a"] == backend.artifact.manifest["precision"]["map_at_k"]["value"]
+    assert maps["b"] < maps["a"]  # ranking windows upside down is worse
+
+
+# --- the contract the engine enforces -------------------------------------------------
+
+
+def _copy(stage, tmp_path: Path, name: str = "distill-fp32") -> Path:
+    root, _ = stage
+    return Path(shutil.copytree(root / "segment" / name, tmp_path / name))
+
+
+def _edit(directory: Path, edit) -> None:
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_engine_refuses_an_artifact_whose_manifest_does_not_match(stage, tmp_path):
+    directory = _copy(stage, tmp_path)
+    load_artifact(directory)
+
+    data = bytearray((directory / ONNX_FILE).read_bytes())
+    data[-1] ^= 1
+    (directory / ONNX_FILE).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.onnx sha256 .* differs from the manifest's"):
+        load_artifact(directory)
+    load_artifact(directory, verify=False)  # sizes still agree: only hashing tells
+
+    directory = _copy(stage, tmp_path / "classes")
+    _edit(directory, lambda m: m["classes"].pop())
+    with pytest.raises(ArtifactError, match=r"output probabilities float32\[batch, 12\] has 12 columns for 11"):
+        load_artifact(directory)
+
+    directory = _copy(stage, tmp_path / "plan")
+    (directory / PLAN_FILE).write_bytes(b"engine")
+    with pytest.raises(ArtifactError, match="model.plan is present but the manifest does not describe it"):
+        load_artifact(directory)
+
+    directory = _copy(stage, tmp_path / "stale-plan")
+    (directory / PLAN_FILE).write_bytes(b"engine")
+
+    def stale(manifest):
+        manifest["plan"] = {"onnx_sha256": "0" * 64}
+        manifest["files"][PLAN_FILE] = {"sha256": file_sha256(directory / PLAN_FILE), "bytes": 6}
+    _edit(directory, stale)
+    with pytest.raises(ArtifactError, match="rebuild it"):
+        load_artifact(directory)
+
+    directory = _copy(stage, tmp_path / "version")
+    _edit(directory, lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_artifact(directory)
+
+    directory = _copy(stage, tmp_path / "io")
+    _edit(directory, lambda m: m["inputs"][0].update(shape=["batch", "frames", 1024]))
+    with pytest.raises(ArtifactError, match=r"ONNX Runtime session's inputs do not match the manifest: "
+                                            r"features uint8\[batch, frames, 1152\] instead of"):
+        OnnxRuntimeBackend(load_artifact(directory))
+
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        load_artifact(tmp_path)
+
+
+def test_backend_inputs_are_checked(stage):
+    root, _ = stage
+    artifact = load_artifact(root / "segment" / "distill-fp32")
+    with pytest.raises(ValueError, match=r"features must be \(B, M, 1152\) uint8"):
+        graph_inputs(artifact, np.zeros((2, 5, 1152), np.float32))
+    with pytest.raises(ValueError, match="not both"):
+        graph_inputs(artifact, np.zeros((2, 5, 1152), np.uint8), np.ones((2, 5)), np.array([5, 5]))
+    inputs = graph_inputs(artifact, np.zeros((2, 5, 1152), np.uint8), num_frames=np.array([5, 2]))
+    np.testing.assert_array_equal(inputs["mask"], [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="unknown backend"):
+        open_backend(artifact, "openvino")
+
+
+# --- TensorRT settings (the build itself runs in test_trt.py) --------------------------
+
+
+def test_tensorrt_build_mode_follows_the_version_and_the_graph():
+    assert build_mode("10.3.0", "fp16").strongly_typed
+    assert build_mode("11.4.1", "int8").builder_flags == ()
+    assert build_mode("8.6.1", "fp16").builder_flags == ("FP16",)
+    assert build_mode("8.6.1", "int8").builder_flags == ("INT8", "FP16")
+    assert not build_mode("8.6.1", "fp32").strongly_typed
+    with pytest.raises(ArtifactError, match="no bf16"):
+        build_mode("8.6.1", "bf16")
+    with pytest.raises(ArtifactError, match="too old"):
+        build_mode("8.5.3", "fp32")
+    check_device("8.6.1", "6.1", "fp16")  # a 1080 Ti on TensorRT 8.6
+    with pytest.raises(ArtifactError, match="use TensorRT 8.6"):
+        check_device("10.3.0", "6.1", "fp32")
+    with pytest.raises(ArtifactError, match="bf16 needs compute capability >= 8.0"):
+        check_device("10.3.0", "7.5", "bf16")
+    check_device("11.4.1", "9.0", "bf16")
+
+
+def test_tensorrt_profiles_and_plan_checks(stage):
+    root, _ = stage
+    artifact = load_artifact(root / "segment" / "distill-fp32")
+    profile = optimization_profile(artifact.inputs, ShapeRange.parse("1,64,256"), ShapeRange.parse("5"))
+    assert profile == {"features": {"min": [1, 5, 1152], "opt": [64, 5, 1152], "max": [256, 5, 1152]},
+                       "mask": {"min": [1, 5], "opt": [64, 5], "max": [256, 5]}}
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ShapeRange.parse("8,4,16")
+    assert default_timing_cache(artifact, "10.3.0", "8.9").name == "tensorrt-10.3.0-sm89.timing-cache"
+    plan = {"tensorrt_version": "10.3.0", "device": {"name": "NVIDIA H200", "compute_capability": "9.0"}}
+    assert plan_mismatches(plan, "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"}) == []
+    assert plan_mismatches(plan, "10.4.0", {"name": "NVIDIA L4", "compute_capability": "8.9"}) == [
+        "built with TensorRT 10.3.0, this is 10.4.0", "built for compute capability 9.0, this is 8.9",
+        "built for device NVIDIA H200, this is NVIDIA L4"]
+    assert TensorSpec("mask", "float32", ("batch", "frames")).describe() == "mask float32[batch, frames]"
+
+
+def test_build_without_tensorrt_says_how_to_get_it(stage, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: test_trt.py builds for real")
+    directory = _copy(stage, tmp_path)
+    (directory / PLAN_FILE).write_bytes(b"left by an interrupted build")
+    assert main(["build", str(directory)]) == 1
+    assert "pip install 'modloc[trt]'" in capsys.readouterr().err
+    assert not (directory / PLAN_FILE).exists()  # the stale plan no longer blocks the artifact
+    load_artifact(directory)
