@@ -47,8 +47,8 @@ from engine.artifacts import load_artifact
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.datasets import pack_segment_windows
 from engine.io.readers import read_videos
+from engine.localization import video_batches
 from engine.synth import config_from, generate
-from export.evaluation import video_batches
 from export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.models import MODTree, MODTreeConfig, NeXtVLADConfig

@@ -37,8 +37,9 @@ from torch import nn
 from engine.artifacts import ONNX_FILE, Artifact, load_artifact
 from engine.backends import Backend
 from engine.io.readers import Patterns
+from engine.localization import Scorer
 from engine.metrics import MAX_SEGMENTS_PER_CLASS
-from export.evaluation import Scorer, backend_scorer, validation_map
+from export.evaluation import backend_scorer, validation_map
 from export.graph import export_module
 from export.manifest import new_manifest, onnx_record, publish, staging_directory, write_manifest
 from export.onnx_export import (

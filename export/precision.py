@@ -49,7 +49,7 @@ from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.datasets import pack_segment_windows
 from engine.features import MAX_FRAMES
 from engine.io.readers import Patterns
-from export.evaluation import video_batches
+from engine.localization import video_batches
 
 MAP_TOLERANCE = 0.005
 QUANTIZED_OPS = ("MatMul", "Gemm")

@@ -33,8 +33,9 @@ from engine.backends import graph_inputs, open_backend
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, uint8_activations
 from engine.backends.tensorrt_backend import plan_mismatches
 from engine.cli import main
+from engine.localization import video_batches
 from export.demo import run_export_stage
-from export.evaluation import validation_map, video_batches
+from export.evaluation import validation_map
 from export.exporter import ExportSettings, export_checkpoint
 from export.graph import export_module
 from export.onnx_export import ParityError, check_parity, downgrade_to_opset_17, parity_batches

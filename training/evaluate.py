@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.datasets import ClassSpace, VideoLevelDataset, pack_segment_windows
-from engine.fusion import FusionConfig, SegmentRanker, dummy_pairs, fused_pairs, top_candidates
-from engine.io.examples import Video
-from engine.io.readers import Patterns, read_videos
-from engine.metrics import SegmentTruth, VideoMetrics, segment_map
-from engine.submission import write_submission
-from engine.vocab import default_segment_class_ids
+from engine.datasets import VideoLevelDataset
+from engine.fusion import FusionConfig
+from engine.io.readers import Patterns
+from engine.localization import localize_split, video_batches
+from engine.metrics import VideoMetrics
 from training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
 from training.data import TorchBatch, make_loader
 from training.models import DBoFModel, TreeOutput
@@ -160,15 +156,17 @@ def evaluate_segments(
     fusion: FusionConfig | None = None,
     batch_size: int = 32,
     window_batch_size: int = 1024,
-    workers: int = 0,
     submissions: str | os.PathLike | None = None,
     progress: bool | None = None,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
+    :func:`engine.localization.localize_split` with the checkpoints' models as scorers:
+    ``video`` gives the candidates (and the dummy's scores), ``segment`` (may be ``video``
+    itself) scores every 5-frame window, without a mask as in segment mode (REFERENCE §3
+    step 2: a partial window's padding enters the model as padding frames).
+
     Args:
-        video: the video-level checkpoint (candidates, and the dummy's scores).
-        segment: the segment-level checkpoint (window scores); may be ``video`` itself.
         test: test TFRecords (frames); truth: their segment ratings (e.g. ``test_truth/``).
         class_ids: the classes to rank (submission rows); default the 1000 segment classes.
         fusion: candidates, exponents, partial windows and ``k`` (default: the reference's).
@@ -177,60 +175,19 @@ def evaluate_segments(
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
 
     Returns:
-        ``{"fused": {...}, "dummy": {...}, "videos", "windows", "seconds", "k"}``; each
-        system holds ``map``, ``classes`` (scored), ``ranked_segments`` and, with
-        ``submissions``, its ``submission`` path.
+        as :func:`~engine.localization.localize_split`.
     """
-    started = time.perf_counter()
-    fusion = fusion or FusionConfig()
-    targets = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
-    segment_space = ClassSpace(segment.class_ids)
-    # videos capped at 300 frames, as the reference's reader: the video model sees them
-    # whole, and their windows are the segments ranked (whatever the training cap was)
-    dataset = VideoLevelDataset(test, class_ids=video.class_ids, shuffle=False)
-    rankers = {"fused": SegmentRanker(targets, fusion.k), "dummy": SegmentRanker(targets, fusion.k)}
-    videos = windows = 0
-    loader = make_loader(dataset, batch_size, num_workers=workers)
-    with tqdm(loader, desc="evaluate segments", unit="batch", disable=_disable(progress),
-              file=sys.stderr) as bar:
-        for batch in bar:
-            video_scores = predict(video.model, batch.features, batch.num_frames)
-            candidate_ids, candidate_scores = top_candidates(video_scores, video.class_ids, fusion.top_n)
-            frames = batch.num_frames.numpy()
-            packed = pack_segment_windows([Video(vid, batch.features[row, : frames[row]].numpy())
-                                           for row, vid in enumerate(batch.video_ids)])
-            # segment mode runs without a mask (REFERENCE §3 step 2): a partial window's
-            # padding enters the model as padding frames
-            window_scores = predict(segment.model, torch.from_numpy(packed.features),
-                                    torch.from_numpy(packed.num_frames), use_mask=False,
-                                    batch_size=window_batch_size)
-            for row, video_id in enumerate(batch.video_ids):
-                own = packed.windows(row)
-                scores = window_scores[packed.offsets[row] : packed.offsets[row + 1]]
-                rankers["fused"].add(video_id, *fused_pairs(
-                    own.starts, own.partial, candidate_ids[row], candidate_scores[row], scores,
-                    segment_space, fusion))
-                rankers["dummy"].add(video_id, *dummy_pairs(
-                    int(frames[row]), candidate_ids[row], candidate_scores[row], fusion.include_partial))
-            videos += len(batch)
-            windows += len(packed)
-            bar.set_postfix(videos=videos, windows=windows)
-    if not videos:
-        raise ValueError(f"no test video in {test}")
-    ratings = SegmentTruth.from_videos(read_videos(truth))
-    result: dict = {"videos": videos, "windows": windows, "k": fusion.k}
-    for name, ranker in rankers.items():
-        rankings = ranker.rankings()
-        scores = segment_map(rankings, ratings, k=fusion.k)
-        result[name] = {"map": scores.map, "classes": scores.classes,
-                        "ranked_segments": sum(map(len, rankings.values()))}
-        if submissions is not None:
-            path = Path(submissions) / f"{name}.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_submission(path, rankings, class_ids=targets, max_segments=fusion.k)
-            result[name]["submission"] = str(path)
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    return result
+
+    def video_scorer(features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        return predict(video.model, torch.from_numpy(features), torch.from_numpy(num_frames))
+
+    def segment_scorer(features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        return predict(segment.model, torch.from_numpy(features), torch.from_numpy(num_frames),
+                       use_mask=False)
+
+    return localize_split(video_scorer, video.class_ids, segment_scorer, segment.class_ids,
+                          video_batches(test, batch_size), truth, class_ids, fusion,
+                          window_batch_size, submissions, progress)
 
 
 def evaluate(
@@ -269,7 +226,7 @@ def evaluate(
         result["segment_checkpoint"] = str(segment.path)
         result["segments"] = evaluate_segments(
             video, segment, test, truth, class_ids, fusion, batch_size, window_batch_size,
-            workers, submissions, progress)
+            submissions=submissions, progress=progress)
     return result
 
 
