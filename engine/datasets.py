@@ -31,6 +31,7 @@ seeded by ``(seed, epoch, shard)``: the stream is deterministic for a seed and a
 
 from __future__ import annotations
 
+import abc
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
@@ -184,7 +185,7 @@ class _Example:
 # --- streaming datasets ---------------------------------------------------------------
 
 
-class FrameDataset:
+class FrameDataset(abc.ABC):
     """Reading, sharding, shuffling and batching shared by the two datasets (abstract)."""
 
     def __init__(
@@ -320,11 +321,13 @@ class FrameDataset:
             if not produced:
                 stats.videos_without_examples += 1
 
+    @abc.abstractmethod
     def _examples(self, path: str, video: Video, stats: DatasetStats) -> Iterator[_Example]:
-        raise NotImplementedError
+        """The examples one video gives (one per video, or one per rated start)."""
 
+    @abc.abstractmethod
     def _batch_frames(self, examples: list[_Example]) -> int:
-        raise NotImplementedError
+        """Frames of the batch these examples make (padding included)."""
 
     def _collate(self, examples: list[_Example]) -> Batch:
         frames = self._batch_frames(examples)
