@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.atomic import write_atomically
 from engine.baselines import oracle_rankings, random_rankings, video_segment_ids
 from engine.evaluation import evaluate_submission
 from engine.inspection import inspect
@@ -66,13 +67,6 @@ DEMO_FINETUNE = {"batch_size": 64, "epochs": 10, "optimizer.learning_rate": 1e-3
                  "bn_momentum": 0.1}
 
 
-def write_report(path: Path, report: dict) -> None:
-    """Write ``report`` as JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", workers: int = 2,
              k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
     """Run every stage under ``out_dir``; returns the report (also in ``report.json``)."""
@@ -83,7 +77,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
 
     def stage_done(name: str, started: float) -> None:
         report["stages"][name] = {"seconds": round(time.perf_counter() - started, 2)}
-        write_report(report_path, report)
+        write_atomically(report_path, json.dumps(report, indent=2) + "\n")
         log.info("demo stage %s done in %.1f s", name, report["stages"][name]["seconds"])
 
     started = time.perf_counter()

@@ -13,7 +13,7 @@ Each step is a function of its own (the CLI verb only strings them together):
    on TFRecord batches, then measured the same way.
 5. :func:`measure_precisions`: segment MAP@K of fp32 and every variant on the validation
    split in one pass; a variant farther than the tolerance from fp32 fails the export.
-6. :func:`export.manifest.publish`: each finished directory moves into place.
+6. :func:`engine.atomic.replace_directory`: each finished directory moves into place.
 
 Artifacts go to ``<out>/<graph>-<precision>`` (``distill-fp32``, ``ensemble-int8``,
 ``single-fp16``). A graph is published all or nothing: if any of its variants fails a
@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from engine.artifacts import ONNX_FILE, Artifact, load_artifact
+from engine.atomic import replace_directory
 from engine.backends import Backend
 from engine.io.readers import Patterns
 from engine.localization import Scorer
 from engine.metrics import MAX_SEGMENTS_PER_CLASS
 from export.evaluation import backend_scorer, validation_map
 from export.graph import export_module
-from export.manifest import new_manifest, onnx_record, publish, staging_directory, write_manifest
+from export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
 from export.onnx_export import (
     DEFAULT_OPSET,
     PARITY_SHAPES,
@@ -317,7 +318,7 @@ def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice
             measure_precisions(staged, model_kind(checkpoint), checkpoint.class_ids, settings)
         for item in staged:
             item.runner.close()
-            publish(item.directory, destinations[item.precision])
+            replace_directory(item.directory, destinations[item.precision])
     finally:
         for item in staged:
             shutil.rmtree(item.directory, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 :func:`new_manifest` assembles a manifest from the checkpoint and the graph;
 :func:`write_manifest` records every file's sha256, writes the README line and then
-``manifest.json``; :func:`publish` moves a finished staging directory into place in one
-rename, so that a reader never sees half an artifact.
+``manifest.json``; :func:`engine.atomic.replace_directory` then moves a finished staging
+directory into place in one rename, so that a reader never sees half an artifact.
 
 Only :func:`new_manifest` and the records it builds touch the checkpoint (and so import
 training code and torch, inside them): :mod:`export.trt` rewrites manifests with the rest
@@ -34,6 +34,7 @@ from engine.artifacts import (
     describe_manifest,
     file_record,
 )
+from engine.atomic import write_atomically
 
 if TYPE_CHECKING:
     import onnx
@@ -135,18 +136,8 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
     manifest["onnx"]["sha256"] = files[ONNX_FILE]["sha256"]
     (directory / README_FILE).write_text(describe_manifest(manifest) + "\n")
     files[README_FILE] = file_record(directory / README_FILE)
-    _write_atomically(directory / MANIFEST_FILE, _manifest_text(manifest))
+    write_atomically(directory / MANIFEST_FILE, _manifest_text(manifest))
     return manifest
-
-
-def publish(staging: Path, destination: Path) -> Path:
-    """Move a finished staging directory to ``destination``, replacing what is there."""
-    old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-    if destination.exists():
-        os.replace(destination, old)
-    os.replace(staging, destination)
-    shutil.rmtree(old, ignore_errors=True)
-    return destination
 
 
 def staging_directory(destination: Path) -> Path:
@@ -164,17 +155,11 @@ def _manifest_text(manifest: dict) -> str:
     return text.replace(placeholder, json.dumps(manifest["classes"])) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def onnx_record(model: onnx.ModelProto) -> dict:
     """The manifest's ``onnx`` entry of a graph (its sha256 is set when written)."""
     opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
     return {"file": ONNX_FILE, "opset": opset, "ir_version": model.ir_version, "sha256": None}
 
 
-__all__ = ["exporter_versions", "new_manifest", "onnx_record", "preprocessing_record", "publish",
+__all__ = ["exporter_versions", "new_manifest", "onnx_record", "preprocessing_record",
            "source_record", "staging_directory", "write_manifest"]

@@ -38,6 +38,7 @@ from engine.artifacts import (
     load_artifact,
     read_manifest,
 )
+from engine.atomic import write_atomically
 from engine.backends.tensorrt_backend import device_info, import_tensorrt
 from export.manifest import write_manifest
 
@@ -184,8 +185,8 @@ def build_plan(artifact_dir: str | os.PathLike, settings: BuildSettings = BuildS
     started = time.perf_counter()
     plan, cache = _build(trt, artifact, mode, profile, settings.workspace_mib << 20,
                          cache_path.read_bytes() if cache_path.is_file() else b"")
-    _write_atomically(artifact.path / PLAN_FILE, plan)
-    _write_atomically(cache_path, cache)
+    write_atomically(artifact.path / PLAN_FILE, plan)
+    write_atomically(cache_path, cache)
     manifest = artifact.manifest
     manifest["plan"] = {
         "file": PLAN_FILE, "tensorrt_version": trt.__version__, "device": device,
@@ -246,12 +247,6 @@ def _build(trt, artifact: Artifact, mode: BuildMode, profile: dict, workspace: i
         raise ArtifactError(f"{artifact.path}: TensorRT {trt.__version__} failed to build the "
                             "engine (see its log above)")
     return bytes(plan), bytes(config.get_timing_cache().serialize())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_FRAMES", "BuildMode", "BuildSettings", "ShapeRange",

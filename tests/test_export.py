@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny import TINY_MODEL, split, synth_manifest
 
 from engine.artifacts import (
     MANIFEST_FILE,
@@ -50,17 +51,6 @@ from export.trt import (
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.trainer import train
-
-TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
-              "hidden_size": 16, "gating_reduction": 4}
-
-
-def split(dataset: Path, name: str) -> str:
-    return str(dataset / name / "*.tfrecord")
-
-
-def synth_manifest(dataset: Path) -> dict:
-    return json.loads((dataset / "synth.json").read_text())
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_MODEL, split, synth_manifest
 
 from engine.cli import main
 from engine.datasets import ClassSpace
@@ -38,21 +39,10 @@ from training.config import OptimizerConfig, load_config
 from training.models import build_model
 from training.trainer import NonFiniteLossError, Trainer, clip_by_norm_, train
 
-TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
-              "hidden_size": 16, "gating_reduction": 4}
-
-
-def split(dataset: Path, name: str) -> str:
-    return str(dataset / name / "*.tfrecord")
-
-
-def manifest(dataset: Path) -> dict:
-    return json.loads((dataset / "synth.json").read_text())
-
 
 def pretrain_settings(dataset: Path, out: Path, **overrides) -> dict:
     """A few steps of video-level training on the tiny train split, over its 18 classes."""
-    classes = manifest(dataset)
+    classes = synth_manifest(dataset)
     return {
         "model.overrides": TINY_MODEL,
         "data.train": [split(dataset, "train")],
@@ -251,7 +241,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(pretrained, tiny_dataset, 
 
 def test_finetuning_restores_weights_and_adam_state(pretrained, tiny_dataset, tmp_path):
     _, result = pretrained
-    segment_ids = manifest(tiny_dataset)["segment_class_ids"]
+    segment_ids = synth_manifest(tiny_dataset)["segment_class_ids"]
     config = load_config("finetune", None, {
         "init_from": result.checkpoint, "data.train": [split(tiny_dataset, "validate")],
         "data.classes": ",".join(map(str, segment_ids)),  # narrowed from the 18 pre-trained classes
@@ -402,7 +392,7 @@ def test_training_verbs_have_help(capsys, verb):
 
 
 def test_cli_train_finetune_evaluate_end_to_end(capsys, tiny_dataset, tmp_path):
-    classes = manifest(tiny_dataset)
+    classes = synth_manifest(tiny_dataset)
     settings = tmp_path / "tiny.json"
     settings.write_text(json.dumps({"model": {"name": "mod_4x3", "overrides": TINY_MODEL},
                                     "data": {"classes": classes["segment_class_ids"]},

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_MODEL
 
 from training.config import load_config
 from training.trainer import train
 
-TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
-              "hidden_size": 16, "gating_reduction": 4}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.tensorrt
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'modloc[trt]' "
                                              "on a machine with an NVIDIA GPU")
 
+from tiny import TINY_MODEL, split  # noqa: E402
+
 from engine.artifacts import MANIFEST_FILE, ArtifactError, load_artifact  # noqa: E402
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from engine.backends.tensorrt_backend import TensorRTBackend, device_info  # noqa: E402
@@ -31,8 +33,6 @@ from export.trt import BuildSettings, ShapeRange, build_plan, rebuild_plan  # no
 from training.config import load_config  # noqa: E402
 from training.trainer import train  # noqa: E402
 
-TINY_MODEL = {"branching": [2, 2], "cluster_size": 4, "groups": 2, "expansion": 2,
-              "hidden_size": 16, "gating_reduction": 4}
 # probabilities: TensorRT against ONNX Runtime's CPU kernels on the same graph
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2}
 
@@ -46,10 +46,6 @@ def _gpu() -> dict | None:
 
 if _gpu() is None:
     pytest.skip("no NVIDIA GPU visible (torch.cuda or cuda-python)", allow_module_level=True)
-
-
-def split(dataset: Path, name: str) -> str:
-    return str(dataset / name / "*.tfrecord")
 
 
 @pytest.fixture(scope="module")

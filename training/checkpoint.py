@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine import __version__
+from engine.atomic import fsync_path, replace_directory
 from engine.datasets import ClassSpace
 from engine.vocab import data_path
 from training.models import DBoFConfig, FeatureInput, MODTreeConfig, NeXtVLADConfig, build_model
@@ -206,8 +207,8 @@ def save_checkpoint(
         }
     (tmp / CONFIG_FILE).write_text(_config_text(config))
     for path in tmp.iterdir():
-        _fsync(path)
-    _replace_directory(tmp, directory)
+        fsync_path(path)
+    replace_directory(tmp, directory)
     return directory
 
 
@@ -226,24 +227,6 @@ def _resume_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{index}"] = rng
     return tensors
-
-
-def _replace_directory(tmp: Path, directory: Path) -> None:
-    """Rename ``tmp`` to ``directory``; an existing ``directory`` is set aside first."""
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync(directory.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _config_text(config: dict) -> str:

@@ -50,6 +50,7 @@ Model parallelism (a MOD tree of two or more layers; :mod:`training.parallel`):
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -67,6 +68,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from engine.atomic import write_atomically
 from engine.datasets import FrameDataset, SegmentDataset, VideoLevelDataset
 from training.checkpoint import (
     TrainingState,
@@ -636,9 +638,7 @@ class _Curves:
         if up_to_step and path.is_file():
             rows = [row for row in map(json.loads, path.read_text().splitlines())
                     if row["step"] <= up_to_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, path)
+        write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
         for row in rows:
             self._keep(row)
 
@@ -681,9 +681,9 @@ class _Curves:
             if axes.lines:
                 axes.legend()
             axes.grid(alpha=0.3)
-        tmp = path.with_name(f".{path.name}.tmp")
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=100)
+        write_atomically(path, png.getvalue())
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "build_run_model_config", "clip_by_norm_",

@@ -1,0 +1,48 @@
+"""Writing files and directories so that a reader sees the old version or the new one whole.
+
+Reports, manifests, checkpoints, plans and timing caches are all replaced this way: a crash
+or a concurrent reader never meets half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_directory(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Move a finished ``staging`` directory to ``destination``, replacing what is there.
+
+    The old ``destination`` is renamed aside first and deleted after, so the name always
+    points at a complete directory; the parent directory is synced so the rename survives
+    a crash.
+    """
+    staging, destination = Path(staging), Path(destination)
+    old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(staging, destination)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(destination.parent)
+    return destination
