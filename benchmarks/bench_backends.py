@@ -1,4 +1,5 @@
-"""Inference throughput on this CPU: PyTorch eager against ONNX Runtime fp32 and INT8.
+"""Inference throughput on this CPU: PyTorch eager against ONNX Runtime fp32 and INT8, and
+the torch backend on the artifact's model.pt2.
 
 One model per kind, the same batches for every backend:
 
@@ -15,8 +16,10 @@ validate videos). The model is untrained, so the export's MAP@K gate is off here
 script times, test_export.py judges accuracy.
 
 Backends: ``pytorch`` (the checkpoint's module, eager, under ``torch.inference_mode``),
-``onnxruntime fp32`` and ``onnxruntime int8`` (:class:`engine.backends.OnnxRuntimeBackend`),
-all with ``--threads`` threads. Rounds are interleaved (one pass over the batches per
+``torch fp32 (model.pt2)`` (:class:`engine.backends.torch_backend.TorchBackend`, eager: the
+exported program, BatchNorm and preprocessing folded), ``onnxruntime fp32`` and
+``onnxruntime int8`` (:class:`engine.backends.OnnxRuntimeBackend`), all with ``--threads``
+threads. Rounds are interleaved (one pass over the batches per
 backend per round) so that a busy machine slows every backend alike; the median pass is
 kept. Goals: ONNX Runtime fp32 ≥ 2× PyTorch eager, INT8 ≥ 1.5× fp32. Results go to
 ``benchmarks/results/bench_backends.md``, one section per model (a rerun of the same model
@@ -45,6 +48,7 @@ from _common import RESULTS, provenance, write_section
 
 from engine.artifacts import load_artifact
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from engine.backends.torch_backend import TorchBackend
 from engine.datasets import pack_segment_windows
 from engine.io.readers import read_videos
 from engine.localization import video_batches
@@ -56,8 +60,10 @@ from training.models import MODTree, MODTreeConfig, NeXtVLADConfig
 RESULTS_FILE = RESULTS / "bench_backends.md"
 HEADER = """# Inference backends on the CPU: PyTorch eager, ONNX Runtime fp32 and INT8
 
-One section per model. `pytorch` is the checkpoint's module in eager mode; `onnxruntime
-fp32` the exported graph (dequantization, un-whitening and BatchNorm folded);
+One section per model. `pytorch` is the checkpoint's module in eager mode; `torch fp32
+(model.pt2)` the torch backend running the artifact's exported program in eager mode (the
+same folded graph as the ONNX file); `onnxruntime fp32` the exported graph (dequantization,
+un-whitening and BatchNorm folded);
 `onnxruntime int8` its QDQ quantization (int8 weights per channel, int8 activations per
 tensor, re-encoded as uint8 for the CPU's VNNI kernels by the backend). Ratios are of
 throughputs. Goals: ONNX Runtime fp32 >= 2x PyTorch eager, INT8 >= 1.5x fp32.
@@ -135,6 +141,10 @@ def bench_kind(kind: str, args, data: Path, scratch: Path) -> list[tuple]:
     loaded = load_checkpoint(checkpoint)
     leaf = select_leaf(loaded, 0) if args.graph == "distill" else None
     runners: dict[str, Run] = {"pytorch": torch_runner(reference_module(loaded, args.graph, leaf))}
+    # torch's threads are process-wide: main() already set them to --threads
+    program = TorchBackend(load_artifact(scratch / "artifacts" / kind / f"{args.graph}-fp32"))
+    runners["torch fp32 (model.pt2)"] = (
+        lambda features, num_frames: program.run(features, num_frames=num_frames))
     for precision in ("fp32", "int8"):
         # idle threads must not spin: the backends take turns on the same cores
         backend = OnnxRuntimeBackend(load_artifact(scratch / "artifacts" / kind / f"{args.graph}-{precision}"),

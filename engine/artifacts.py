@@ -5,6 +5,11 @@ An artifact is one exported model in a directory::
     model.onnx      the graph: uint8 frames + frame mask in, probabilities + logits out;
                     dequantization, RGB un-whitening and BatchNorm folded into its layers
     model.onnx.data its weights, only for graphs past protobuf's 2 GB limit
+    model.pt2       the program model.onnx was translated from (``torch.export.save``), for
+                    the torch backend; fp32, fp16 and bf16 artifacts (INT8 is a QDQ graph that
+                    ONNX Runtime quantized: it exists only as ONNX). Optional: artifacts
+                    exported before modloc wrote it lack it and still run on ONNX Runtime and
+                    TensorRT, so the format version did not change
     model.plan      a TensorRT engine built from model.onnx (only after ``modloc build``)
     manifest.json   what the files are (schema below); the engine trusts nothing else
     README          one human-readable line saying what the artifact is
@@ -25,6 +30,12 @@ An artifact is one exported model in a directory::
 - ``precision``: ``"fp32"`` | ``"fp16"`` | ``"bf16"`` | ``"int8"``, with how the variant
   was made and measured (``map_difference`` against fp32 on the validation split);
 - ``onnx``: ``opset``, ``ir_version``, ``sha256``;
+- ``pt2``: ``{"file": "model.pt2", "parity"}`` (the saved program, loaded back, against
+  PyTorch, as ``parity`` records the ONNX graph), or ``{"file": null, "reason"}`` (INT8),
+  or absent (an artifact exported before model.pt2 existed). ``model.pt2`` holds
+  :data:`PT2_METADATA` (``torch.export.save``'s ``extra_files``): the ``kind``, ``graph``,
+  ``leaf`` index and ``precision`` it was exported as, and the names of its ``inputs`` and
+  ``outputs`` in order (an ExportedProgram keeps input names but not output names);
 - ``files``: ``{name: {"sha256", "bytes"}}`` for every file of the artifact but the
   manifest itself;
 - ``source``: the checkpoint's path, weights sha256 and config sha256;
@@ -57,6 +68,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"  # the graph's weights, when they pass protobuf's 2 GB limit
+PT2_FILE = "model.pt2"
+PT2_METADATA = "modloc.json"  # inside model.pt2: what the program is (see the module docstring)
 PLAN_FILE = "model.plan"
 README_FILE = "README"
 
@@ -124,6 +137,11 @@ class Artifact:
         return self.path / ONNX_FILE
 
     @property
+    def pt2_path(self) -> Path | None:
+        """model.pt2 when the artifact holds the torch.export program."""
+        return self.path / PT2_FILE if PT2_FILE in self.manifest["files"] else None
+
+    @property
     def plan_path(self) -> Path | None:
         """model.plan when the artifact holds a TensorRT engine."""
         return self.path / PLAN_FILE if self.manifest.get("plan") else None
@@ -153,7 +171,7 @@ def describe_manifest(manifest: dict) -> str:
         what = f"MOD ensemble: the whole {'x'.join(map(str, model['tree']['branching']))} tree"
     else:
         what = "NeXtVLAD"
-    files = [name for name in (ONNX_FILE, PLAN_FILE) if name in manifest["files"]]
+    files = [name for name in (ONNX_FILE, PT2_FILE, PLAN_FILE) if name in manifest["files"]]
     return (f"modloc {model['kind']}-level model, {what}, {manifest['precision']['name']}, "
             f"{len(manifest['classes'])} classes; {' + '.join(files)} (ONNX opset "
             f"{manifest['onnx']['opset']}) from checkpoint {manifest['source']['checkpoint']}")
@@ -195,7 +213,8 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
 
     Args:
         directory: the artifact directory.
-        verify: hash every file (model.onnx, model.plan, README) against the manifest.
+        verify: hash every file (model.onnx, model.pt2, model.plan, README) against the
+            manifest.
 
     Raises:
         ArtifactError: naming the file or field that does not match.
@@ -216,10 +235,13 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
         )
         files = manifest["files"]
         onnx_sha256 = manifest["onnx"]["sha256"]
-    except (KeyError, TypeError, ValueError) as error:
+        # absent in artifacts exported before model.pt2 existed: the same as none written
+        pt2_file = (manifest.get("pt2") or {}).get("file")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{directory / MANIFEST_FILE}: malformed manifest ({error!r})") from None
     problems = _field_problems(artifact)
-    problems += _file_problems(directory, files, onnx_sha256, manifest.get("plan"), verify)
+    problems += _file_problems(directory, files, onnx_sha256, pt2_file, manifest.get("plan"),
+                               verify)
     if problems:
         raise ArtifactError(f"{directory}: the manifest does not match the artifact: "
                             + "; ".join(problems))
@@ -245,16 +267,20 @@ def _field_problems(artifact: Artifact) -> list[str]:
     return problems
 
 
-def _file_problems(directory: Path, files: dict, onnx_sha256: str, plan: dict | None,
-                   verify: bool) -> list[str]:
+def _file_problems(directory: Path, files: dict, onnx_sha256: str, pt2_file: str | None,
+                   plan: dict | None, verify: bool) -> list[str]:
     problems = []
-    for name in (ONNX_FILE, ONNX_DATA_FILE, PLAN_FILE):
+    for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE):
         if (directory / name).exists() and name not in files:
             problems.append(f"{name} is present but the manifest does not describe it")
     if ONNX_FILE not in files:
         problems.append(f"the manifest lists no {ONNX_FILE}")
     elif files[ONNX_FILE]["sha256"] != onnx_sha256:
         problems.append(f"files.{ONNX_FILE}.sha256 differs from onnx.sha256")
+    if pt2_file not in (None, PT2_FILE):
+        problems.append(f"pt2.file is {pt2_file!r}, expected {PT2_FILE!r} or null")
+    elif (pt2_file is None) != (PT2_FILE not in files):
+        problems.append(f"{PT2_FILE}: the manifest's pt2 record and file list disagree")
     if (plan is None) != (PLAN_FILE not in files):
         problems.append(f"{PLAN_FILE}: the manifest's plan record and file list disagree")
     if plan is not None and plan.get("onnx_sha256") != onnx_sha256:
@@ -312,7 +338,8 @@ def frame_mask(num_frames: np.ndarray, frames: int) -> np.ndarray:
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "GRAPHS", "KINDS", "MANIFEST_FILE", "ONNX_DATA_FILE",
-    "ONNX_FILE", "PADDING_CODE", "PLAN_FILE", "PRECISIONS", "README_FILE", "Artifact", "ArtifactError",
+    "ONNX_FILE", "PADDING_CODE", "PLAN_FILE", "PRECISIONS", "PT2_FILE", "PT2_METADATA", "README_FILE",
+    "Artifact", "ArtifactError",
     "TensorSpec", "check_io", "describe_manifest", "file_record", "file_sha256", "frame_mask",
     "load_artifact", "read_manifest",
 ]

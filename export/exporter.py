@@ -6,11 +6,13 @@ Each step is a function of its own (the CLI verb only strings them together):
 2. :func:`select_leaf`: the NeXtVLAD_distill leaf, by index or the one with the best
    segment MAP@K on the validation split (every leaf scored in one pass of the tree).
 3. :func:`stage_graph`: the folded graph (:mod:`export.graph`) in fp32, fp16 or bf16 →
-   ONNX (:func:`export.onnx_export.export_onnx`) → manifest → loaded back through the
-   engine's own checks → parity with PyTorch (:func:`export.onnx_export.check_parity`;
-   the fp32 graph must pass, the others are measured).
+   one ``torch.export`` program (:func:`export.onnx_export.export_program`), saved as
+   ``model.pt2`` and translated to ONNX (:func:`export.onnx_export.export_onnx`) →
+   manifest → loaded back through the engine's own checks → parity with PyTorch
+   (:func:`export.onnx_export.check_parity`) of the ONNX graph on ONNX Runtime and of the
+   reloaded program on the torch backend (fp32 must pass both, the others are measured).
 4. :func:`stage_int8`: the INT8 QDQ graph quantized from the staged fp32 one, calibrated
-   on TFRecord batches, then measured the same way.
+   on TFRecord batches, then measured the same way (ONNX only: no model.pt2).
 5. :func:`measure_precisions`: segment MAP@K of fp32 and every variant on the validation
    split in one pass; a variant farther than the tolerance from fp32 fails the export.
 6. :func:`engine.atomic.replace_directory`: each finished directory moves into place.
@@ -23,6 +25,7 @@ gate, none of its directories is replaced.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -34,9 +37,10 @@ import onnx
 import torch
 from torch import nn
 
-from engine.artifacts import ONNX_FILE, Artifact, load_artifact
+from engine.artifacts import ONNX_FILE, PT2_FILE, PT2_METADATA, Artifact, load_artifact
 from engine.atomic import replace_directory
 from engine.backends import Backend
+from engine.backends.torch_backend import TorchBackend
 from engine.io.readers import Patterns
 from engine.localization import Scorer
 from engine.metrics import MAX_SEGMENTS_PER_CLASS
@@ -47,8 +51,10 @@ from export.onnx_export import (
     DEFAULT_OPSET,
     PARITY_SHAPES,
     PARITY_TOLERANCE,
+    ParityError,
     check_parity,
     export_onnx,
+    export_program,
     io_specs,
 )
 from export.precision import (
@@ -72,6 +78,8 @@ PRECISION_COMPUTE = {
     "int8": "int8 QDQ weight layers (per-channel symmetric weights, per-tensor symmetric "
             "activations); everything else float32",
 }
+INT8_PT2_REASON = ("the INT8 graph is ONNX Runtime's QDQ quantization of model.onnx; it has no "
+                   "PyTorch program: run it with the onnxruntime or tensorrt backend")
 
 
 @dataclass(frozen=True)
@@ -221,17 +229,26 @@ def reference_module(checkpoint: Checkpoint, graph: str, leaf: LeafChoice | None
 
 def stage_graph(checkpoint: Checkpoint, directory: Path, graph: str, leaf: LeafChoice | None,
                 precision: str, settings: ExportSettings) -> _Staged:
-    """Export the fp32/fp16/bf16 graph into ``directory`` and check it against PyTorch.
+    """Export the fp32/fp16/bf16 graph into ``directory`` (model.onnx and model.pt2 from one
+    ``torch.export`` program) and check both against PyTorch.
 
     Raises:
-        ParityError: the fp32 graph misses the parity tolerance.
+        ParityError: the fp32 graph or program misses the parity tolerance.
     """
     module = export_module(checkpoint.model, graph, None if leaf is None else leaf.index, precision,
                            settings.split_streams)
     kind = model_kind(checkpoint)
     metadata = {"modloc.kind": kind, "modloc.graph": graph,
                 "modloc.leaf": "" if leaf is None else str(leaf.index)}
-    onnx_model = export_onnx(module, directory / ONNX_FILE, settings.opset, metadata)
+    program = export_program(module)
+    # an ExportedProgram keeps its input names but not its output names: the file says what
+    # it is, so that the torch backend can refuse a program that does not fit the manifest
+    description = {"kind": kind, "graph": graph, "leaf": None if leaf is None else leaf.index,
+                   "precision": precision, "inputs": list(module.input_names),
+                   "outputs": list(module.output_names)}
+    torch.export.save(program, directory / PT2_FILE,
+                      extra_files={PT2_METADATA: json.dumps(description)})
+    onnx_model = export_onnx(module, program, directory / ONNX_FILE, settings.opset, metadata)
     inputs, outputs = io_specs(module, len(checkpoint.class_ids))
     manifest = new_manifest(
         checkpoint=checkpoint, kind=kind, graph=graph, leaf=None if leaf is None else leaf.to_json(),
@@ -253,21 +270,31 @@ def stage_int8(checkpoint: Checkpoint, directory: Path, fp32: _Staged, graph: st
     manifest.update(precision={"name": "int8", "compute": PRECISION_COMPUTE["int8"],
                                "quantization": quantization},
                     onnx=onnx_record(onnx.load(directory / ONNX_FILE, load_external_data=False)),
-                    parity=None)
+                    pt2={"file": None, "reason": INT8_PT2_REASON}, parity=None)
     return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
 
 
 def _check_staged(checkpoint: Checkpoint, directory: Path, manifest: dict, graph: str,
                   leaf: LeafChoice | None, settings: ExportSettings) -> _Staged:
-    """Write the manifest, load the directory as the engine would, run the parity check."""
+    """Write the manifest, load the directory as the engine would, run the parity checks
+    (the ONNX graph, and model.pt2 where there is one)."""
     write_manifest(directory, manifest)
     artifact = load_artifact(directory)
     runner = open_runner(artifact, settings.threads)
-    gated = manifest["precision"]["name"] == "fp32"
-    manifest["parity"] = check_parity(
-        backend_scorer(runner), torch_scorer(reference_module(checkpoint, graph, leaf)),
-        settings.parity_shapes, settings.parity_tolerance if gated else None)
+    reference = torch_scorer(reference_module(checkpoint, graph, leaf))
+    tolerance = settings.parity_tolerance if manifest["precision"]["name"] == "fp32" else None
+    manifest["parity"] = check_parity(backend_scorer(runner), reference, settings.parity_shapes,
+                                      tolerance)
     manifest["parity"]["evaluated_with"] = runner.name
+    if artifact.pt2_path is not None:
+        # the saved file, loaded back as the engine loads it: catches what a save and load
+        # could lose, which checking the program in memory would not
+        with TorchBackend(artifact) as program:
+            try:
+                manifest["pt2"]["parity"] = check_parity(backend_scorer(program), reference,
+                                                         settings.parity_shapes, tolerance)
+            except ParityError as error:
+                raise ParityError(f"{PT2_FILE}, loaded back on the torch backend: {error}") from None
     write_manifest(directory, manifest)
     return _Staged(manifest["precision"]["name"], directory, manifest, artifact, runner)
 

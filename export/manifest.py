@@ -29,6 +29,7 @@ from engine.artifacts import (
     ONNX_FILE,
     PADDING_CODE,
     PLAN_FILE,
+    PT2_FILE,
     README_FILE,
     TensorSpec,
     describe_manifest,
@@ -98,7 +99,11 @@ def new_manifest(
     use_mask: bool,
     onnx_model: onnx.ModelProto,
 ) -> dict:
-    """A manifest without its ``files``, ``onnx.sha256`` and ``parity`` (set when written)."""
+    """A manifest without its ``files``, ``onnx.sha256`` and ``parity`` (set when written).
+
+    ``pt2`` names model.pt2: every graph exported from PyTorch is saved as a program too
+    (an INT8 variant, quantized from the ONNX graph, replaces the record).
+    """
     from training.checkpoint import model_config_to_dict
 
     config = checkpoint.model_config
@@ -116,6 +121,7 @@ def new_manifest(
         "preprocessing": preprocessing_record(checkpoint, use_mask),
         "precision": precision,
         "onnx": onnx_record(onnx_model),
+        "pt2": {"file": PT2_FILE, "parity": None},
         "files": {},
         "source": source_record(checkpoint),
         "versions": exporter_versions(),
@@ -131,7 +137,8 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
     """
     directory = Path(directory)
     files = {name: file_record(directory / name)
-             for name in (ONNX_FILE, ONNX_DATA_FILE, PLAN_FILE) if (directory / name).is_file()}
+             for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE)
+             if (directory / name).is_file()}
     manifest["files"] = files
     manifest["onnx"]["sha256"] = files[ONNX_FILE]["sha256"]
     (directory / README_FILE).write_text(describe_manifest(manifest) + "\n")

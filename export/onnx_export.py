@@ -1,10 +1,13 @@
 """PyTorch → ONNX: export an :class:`export.graph.ExportGraph`, check it, gate it on parity.
 
-- :func:`export_onnx`: ``torch.export`` with dynamic batch and frame axes
-  (``torch.export.Dim``), translated to ONNX (opset 18 by default; 17 for TensorRT 8.6,
-  by :func:`downgrade_to_opset_17`), checked with ``onnx.checker`` (full check, shape
-  inference included) and saved, with its weights in ``model.onnx.data`` when they pass
-  the 2 GB protobuf limit.
+- :func:`export_program`: the graph captured once by ``torch.export`` with dynamic batch
+  and frame axes (``torch.export.Dim``); the exporter saves this program as ``model.pt2``
+  (the torch backend's file) and translates the same program to ONNX, so both files hold
+  one computation.
+- :func:`export_onnx`: the program translated to ONNX (opset 18 by default; 17 for
+  TensorRT 8.6, by :func:`downgrade_to_opset_17`), checked with ``onnx.checker`` (full
+  check, shape inference included) and saved, with its weights in ``model.onnx.data`` when
+  they pass the 2 GB protobuf limit.
 - :func:`check_parity`: a runner (ONNX Runtime) against PyTorch on several ``(B, M)``
   shapes, 1-frame inputs and partly masked rows included, with random bytes in the padded
   frames (they must not matter). The fp32 graph must reach a max relative error of the
@@ -56,12 +59,37 @@ def io_specs(graph: ExportGraph, num_classes: int) -> tuple[list[TensorSpec], li
     return inputs, outputs
 
 
-def export_onnx(graph: ExportGraph, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Export ``graph`` to ``path`` (plus ``model.onnx.data`` beside it for > 1 GiB of weights).
+def _dynamic_shapes(graph: ExportGraph) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Axis 0 of every input is ``batch``, axis 1 ``frames``, each any size ≥ 1."""
+    batch = torch.export.Dim("batch", min=1)
+    frames = torch.export.Dim("frames", min=1)
+    return tuple({0: batch, 1: frames} for _ in graph.input_names)
+
+
+def export_program(graph: ExportGraph) -> torch.export.ExportedProgram:
+    """``graph`` captured by ``torch.export`` (non-strict), batch and frames dynamic (≥ 1).
+
+    The program's inputs carry the graph's input names; its outputs are
+    ``(probabilities, logits)`` by position.
+    """
+    # sizes 2 and 3: torch.export specializes dimensions of size 0 and 1
+    examples = {"features": torch.zeros(2, 3, FEATURE_SIZE, dtype=torch.uint8),
+                "rgb": torch.zeros(2, 3, RGB_SIZE, dtype=torch.uint8),
+                "audio": torch.zeros(2, 3, AUDIO_SIZE, dtype=torch.uint8),
+                "mask": torch.ones(2, 3)}
+    args = tuple(examples[name] for name in graph.input_names)
+    with torch.no_grad():
+        return torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph), strict=False)
+
+
+def export_onnx(graph: ExportGraph, program: torch.export.ExportedProgram, path: str | os.PathLike,
+                opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Translate ``program`` to ONNX at ``path`` (plus ``model.onnx.data`` beside it for
+    > 1 GiB of weights).
 
     Args:
-        graph: the module to export (eval mode, CPU).
+        graph: the module ``program`` was captured from (its input and output names).
+        program: :func:`export_program` of ``graph``.
         path: the ONNX file to write.
         opset: 18, or 17 for TensorRT 8.6.
         metadata: ``metadata_props`` of the model (the graph describes itself too).
@@ -72,18 +100,11 @@ def export_onnx(graph: ExportGraph, path: str | os.PathLike, opset: int = DEFAUL
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset {opset} is not supported; choose one of {SUPPORTED_OPSETS}")
     path = Path(path)
-    batch = torch.export.Dim("batch", min=1)
-    frames = torch.export.Dim("frames", min=1)
-    # sizes 2 and 3: torch.export specializes dimensions of size 0 and 1
-    examples = {"features": torch.zeros(2, 3, FEATURE_SIZE, dtype=torch.uint8),
-                "rgb": torch.zeros(2, 3, RGB_SIZE, dtype=torch.uint8),
-                "audio": torch.zeros(2, 3, AUDIO_SIZE, dtype=torch.uint8),
-                "mask": torch.ones(2, 3)}
-    args = tuple(examples[name] for name in graph.input_names)
-    dynamic = tuple({0: batch, 1: frames} for _ in args)
     with torch.no_grad(), _quiet_exporter():
+        # the translator ignores dynamic_shapes for a captured program except to name the
+        # dynamic axes: without them the ONNX axes would be torch's symbols (s31, s64)
         onnx_program = torch.onnx.export(
-            graph, args, dynamo=True, dynamic_shapes=dynamic, opset_version=DEFAULT_OPSET,
+            program, dynamo=True, dynamic_shapes=_dynamic_shapes(graph), opset_version=DEFAULT_OPSET,
             verbose=False, input_names=list(graph.input_names),
             output_names=list(graph.output_names))
     model = onnx_program.model_proto
@@ -225,5 +246,5 @@ def check_parity(run: Scorer, reference: Scorer, shapes: Sequence[tuple[int, int
 
 __all__ = ["DEFAULT_OPSET", "PARITY_SHAPES", "PARITY_TOLERANCE",
            "SUPPORTED_OPSETS", "TENSORRT_8_OPSET", "ParityError", "check_parity",
-           "downgrade_to_opset_17", "export_onnx", "io_specs", "max_relative_error",
+           "downgrade_to_opset_17", "export_onnx", "export_program", "io_specs", "max_relative_error",
            "parity_batches"]

@@ -31,3 +31,40 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     generate(config_from("tiny"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
+    """A tiny video-level tree pre-trained for 12 steps, and a segment-level one fine-tuned
+    from it for 6 (:data:`tiny.TINY_MODEL`), trained once per session."""
+    from tiny import TINY_MODEL, split, synth_manifest
+
+    from training.config import load_config
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("runs")
+    classes = synth_manifest(tiny_dataset)
+    pretrained = train(load_config("pretrain", None, {
+        "model.overrides": TINY_MODEL, "data.train": [split(tiny_dataset, "train")],
+        "data.classes": classes["segment_class_ids"] + classes["extra_class_ids"],
+        "data.pad_to": "longest", "batch_size": 8, "optimizer.learning_rate": 1e-3,
+        "max_steps": 12, "log_every": 100, "progress": False, "out": str(out / "pretrain")}))
+    finetuned = train(load_config("finetune", None, {
+        "init_from": pretrained.checkpoint, "data.train": [split(tiny_dataset, "validate")],
+        "data.classes": ",".join(map(str, classes["segment_class_ids"])), "batch_size": 8,
+        "optimizer.learning_rate": 1e-3, "max_steps": 6, "epochs": None, "log_every": 100,
+        "progress": False, "out": str(out / "finetune")}))
+    return {"video": pretrained.checkpoint, "segment": finetuned.checkpoint}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoints, tmp_path_factory) -> Path:
+    """Both tiny checkpoints exported (distill leaf 0 and ensemble, fp32) as ``modloc
+    export`` lays them out: ``<root>/{video,segment}/{distill,ensemble}-fp32``."""
+    from export.exporter import ExportSettings, export_checkpoint
+
+    root = tmp_path_factory.mktemp("artifacts")
+    settings = ExportSettings(graphs=("distill", "ensemble"), leaf=0)
+    for kind in ("video", "segment"):
+        export_checkpoint(tiny_checkpoints[kind], root / kind, settings)
+    return root

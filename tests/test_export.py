@@ -18,12 +18,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import TINY_MODEL, split, synth_manifest
+from tiny import split, synth_manifest
 
 from engine.artifacts import (
     MANIFEST_FILE,
     ONNX_FILE,
     PLAN_FILE,
+    PT2_FILE,
     ArtifactError,
     TensorSpec,
     describe_manifest,
@@ -49,8 +50,6 @@ from export.trt import (
     optimization_profile,
 )
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.trainer import train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,28 +62,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
-    """A video-level tree pre-trained for 12 steps, and a segment-level one fine-tuned from it."""
-    out = tmp_path_factory.mktemp("runs")
-    classes = synth_manifest(tiny_dataset)
-    pretrained = train(load_config("pretrain", None, {
-        "model.overrides": TINY_MODEL, "data.train": [split(tiny_dataset, "train")],
-        "data.classes": classes["segment_class_ids"] + classes["extra_class_ids"],
-        "data.pad_to": "longest", "batch_size": 8, "optimizer.learning_rate": 1e-3,
-        "max_steps": 12, "log_every": 100, "progress": False, "out": str(out / "pretrain")}))
-    finetuned = train(load_config("finetune", None, {
-        "init_from": pretrained.checkpoint, "data.train": [split(tiny_dataset, "validate")],
-        "data.classes": ",".join(map(str, classes["segment_class_ids"])), "batch_size": 8,
-        "optimizer.learning_rate": 1e-3, "max_steps": 6, "epochs": None, "log_every": 100,
-        "progress": False, "out": str(out / "finetune")}))
-    return {"video": pretrained.checkpoint, "segment": finetuned.checkpoint}
-
-
-@pytest.fixture(scope="module")
-def stage(checkpoints, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
+def stage(tiny_checkpoints, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
     """The demo's export stage: distill and ensemble, fp32 and INT8, for both models."""
     out = tmp_path_factory.mktemp("demo")
-    report = run_export_stage(out, checkpoints["video"], checkpoints["segment"],
+    report = run_export_stage(out, tiny_checkpoints["video"], tiny_checkpoints["segment"],
                               split(tiny_dataset, "validate"), split(tiny_dataset, "test"),
                               split(tiny_dataset, "test_truth"),
                               class_ids=synth_manifest(tiny_dataset)["segment_class_ids"])
@@ -122,9 +103,9 @@ def test_demo_stage_scores_the_test_split_with_pytorchs_map(stage):
 
 @pytest.mark.parametrize("kind", ["video", "segment"])
 @pytest.mark.parametrize("graph", ["distill", "ensemble"])
-def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, checkpoints, kind, graph):
+def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, tiny_checkpoints, kind, graph):
     root, _ = stage
-    checkpoint = load_checkpoint(checkpoints[kind])
+    checkpoint = load_checkpoint(tiny_checkpoints[kind])
     artifact = load_artifact(root / kind / f"{graph}-fp32")
     manifest = artifact.manifest
     assert (artifact.kind, artifact.graph, artifact.precision) == (kind, graph, "fp32")
@@ -142,8 +123,12 @@ def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, checkpoin
     assert (1, 1) in shapes and any(min(row["num_frames"]) < row["frames"] for row in parity["shapes"])
     assert manifest["onnx"]["opset"] == 18
     assert manifest["onnx"]["sha256"] == file_sha256(artifact.onnx_path)
+    # model.pt2: the program model.onnx came from, loaded back on the torch backend
+    assert artifact.pt2_path == artifact.path / PT2_FILE
+    assert manifest["files"][PT2_FILE]["sha256"] == file_sha256(artifact.pt2_path)
+    assert manifest["pt2"]["parity"]["passed"] and manifest["pt2"]["parity"]["max_rel_error"] <= 1e-4
     assert manifest["source"]["weights_sha256"] == json.loads(
-        (Path(checkpoints[kind]) / "config.json").read_text())["weights"]["sha256"]
+        (Path(tiny_checkpoints[kind]) / "config.json").read_text())["weights"]["sha256"]
     assert set(manifest["versions"]) == {"modloc", "torch", "onnx", "onnxscript", "onnxruntime"}
     assert (artifact.path / "README").read_text() == describe_manifest(manifest) + "\n"
     leaf = manifest["model"]["leaf"]
@@ -152,18 +137,24 @@ def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, checkpoin
         assert leaf["index"] == int(np.argmax(leaf["scores"]))
     else:
         assert leaf is None
-    int8 = load_artifact(root / kind / f"{graph}-int8").manifest["precision"]
+    int8_artifact = load_artifact(root / kind / f"{graph}-int8")
+    int8 = int8_artifact.manifest["precision"]
     assert abs(int8["map_at_k"]["difference"]) <= 0.005
     assert int8["map_at_k"]["fp32"] == manifest["precision"]["map_at_k"]["value"]
+    # the QDQ graph exists only in ONNX, and the manifest says so
+    assert int8_artifact.pt2_path is None and not (int8_artifact.path / PT2_FILE).exists()
+    assert int8_artifact.manifest["pt2"]["file"] is None
+    with pytest.raises(ArtifactError, match="no model.pt2.*QDQ quantization.*onnxruntime or tensorrt"):
+        open_backend(int8_artifact, "torch")
 
 
-def test_cli_export_at_opset_17_with_split_streams(checkpoints, tmp_path, capsys):
-    assert main(["export", checkpoints["segment"], "--out", str(tmp_path), "--graph", "distill",
+def test_cli_export_at_opset_17_with_split_streams(tiny_checkpoints, tmp_path, capsys):
+    assert main(["export", tiny_checkpoints["segment"], "--out", str(tmp_path), "--graph", "distill",
                  "ensemble", "--leaf", "1", "--opset", "17", "--split-streams", "--json"]) == 0
     summaries = json.loads(capsys.readouterr().out)["artifacts"]
     assert [(s["graph"], s["leaf"], s["opset"]) for s in summaries] == [("distill", 1, 17),
                                                                       ("ensemble", None, 17)]
-    tree = load_checkpoint(checkpoints["segment"]).model
+    tree = load_checkpoint(tiny_checkpoints["segment"]).model
     features, num_frames = parity_batches([(3, 5)], seed=5)[0]
     for summary, reference in zip(summaries, (tree.leaf(1), tree), strict=True):
         assert summary["parity_max_rel_error"] <= 1e-4
@@ -180,8 +171,8 @@ def test_cli_export_at_opset_17_with_split_streams(checkpoints, tmp_path, capsys
 # --- the graph ------------------------------------------------------------------------
 
 
-def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(stage, checkpoints,
-                                                                          tiny_dataset):
+def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(
+        stage, tiny_checkpoints, tiny_dataset):
     root, _ = stage
     artifact = load_artifact(root / "video" / "ensemble-fp32")
     model = onnx.load(artifact.onnx_path)
@@ -189,7 +180,7 @@ def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(stage
     assert "BatchNormalization" not in operators
     assert all(any(a.name == "axis" for a in node.attribute)
                for node in model.graph.node if node.op_type == "Softmax")
-    tree = load_checkpoint(checkpoints["video"]).model
+    tree = load_checkpoint(tiny_checkpoints["video"]).model
     backend = OnnxRuntimeBackend(artifact)
     # whole videos, padded to 300 frames as the reference's reader pads them
     _, features, num_frames = next(video_batches(split(tiny_dataset, "validate"), 6))
@@ -203,8 +194,8 @@ def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(stage
     np.testing.assert_allclose(outputs["probabilities"], 1 / (1 + np.exp(-outputs["logits"])), rtol=1e-5)
 
 
-def test_export_module_matches_the_model_in_pytorch(checkpoints):
-    tree = load_checkpoint(checkpoints["segment"]).model
+def test_export_module_matches_the_model_in_pytorch(tiny_checkpoints):
+    tree = load_checkpoint(tiny_checkpoints["segment"]).model
     features, num_frames = parity_batches([(4, 5)], seed=3)[0]
     mask = torch.from_numpy((np.arange(5) < num_frames[:, None]).astype(np.float32))
     with torch.inference_mode():
@@ -216,10 +207,10 @@ def test_export_module_matches_the_model_in_pytorch(checkpoints):
         export_module(tree, "single")
 
 
-def test_small_probabilities_keep_their_relative_accuracy(checkpoints, tmp_path):
+def test_small_probabilities_keep_their_relative_accuracy(tiny_checkpoints, tmp_path):
     """Probabilities near 1e-7 (logits near -16) still pass the 1e-4 relative gate: the graph
     spells out 1 / (1 + exp(-x)), where ONNX Runtime's CPU Sigmoid would be off by 100%."""
-    loaded = load_checkpoint(checkpoints["segment"])
+    loaded = load_checkpoint(tiny_checkpoints["segment"])
     with torch.no_grad():
         for leaf in loaded.model.leaves():
             leaf.classifier.bias -= 16.0
@@ -235,8 +226,8 @@ def test_small_probabilities_keep_their_relative_accuracy(checkpoints, tmp_path)
 # --- precision variants ---------------------------------------------------------------
 
 
-def test_fp16_and_bf16_graphs_keep_the_sensitive_operations_in_fp32(checkpoints, tiny_dataset, tmp_path):
-    summaries = export_checkpoint(checkpoints["segment"], tmp_path, ExportSettings(
+def test_fp16_and_bf16_graphs_keep_the_sensitive_operations_in_fp32(tiny_checkpoints, tiny_dataset, tmp_path):
+    summaries = export_checkpoint(tiny_checkpoints["segment"], tmp_path, ExportSettings(
         graphs=("distill",), leaf=0, precisions=("fp16", "bf16"),
         validation=split(tiny_dataset, "validate")))
     assert [item["precision"] for item in summaries] == ["fp32", "fp16", "bf16"]
@@ -257,6 +248,17 @@ def test_fp16_and_bf16_graphs_keep_the_sensitive_operations_in_fp32(checkpoints,
         assert measured["evaluated_with"] == ("onnx-reference" if precision == "bf16" else "onnxruntime")
     with pytest.raises(ArtifactError, match="no bf16 kernels"):
         OnnxRuntimeBackend(load_artifact(tmp_path / "distill-bf16"))
+    # PyTorch has CPU kernels for both: the torch backend runs the programs here
+    features, num_frames = parity_batches([(3, 5)], seed=2)[0]
+    with open_backend(tmp_path / "distill-fp32", "torch") as backend:
+        fp32 = backend.run(features, num_frames=num_frames)
+    for precision, tolerance in (("fp16", 5e-3), ("bf16", 3e-2)):
+        artifact = load_artifact(tmp_path / f"distill-{precision}")
+        assert artifact.manifest["pt2"]["parity"]["tolerance"] is None  # measured, not gated
+        with open_backend(artifact, "torch") as backend:
+            probabilities = backend.run(features, num_frames=num_frames)
+        assert probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities, fp32, rtol=tolerance, atol=tolerance)
 
 
 def test_int8_graph_is_symmetric_qdq_and_runs_on_uint8_kernels(stage):
@@ -325,15 +327,15 @@ def test_parity_and_precision_gates_fail_loudly():
         check_map_difference("int8", -0.006)
 
 
-def test_export_refuses_what_it_cannot_measure_or_make(checkpoints, tmp_path):
+def test_export_refuses_what_it_cannot_measure_or_make(tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="measured against fp32 on a rated split"):
         ExportSettings(precisions=("int8",))
     with pytest.raises(ValueError, match="best leaf needs validation"):
-        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",)))
+        export_checkpoint(tiny_checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",)))
     with pytest.raises(ValueError, match="exports as"):
-        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("single",)))
+        export_checkpoint(tiny_checkpoints["video"], tmp_path, ExportSettings(graphs=("single",)))
     with pytest.raises(ValueError, match=r"leaf 7 is not in \[0, 4\)"):
-        export_checkpoint(checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",), leaf=7))
+        export_checkpoint(tiny_checkpoints["video"], tmp_path, ExportSettings(graphs=("distill",), leaf=7))
     assert not any(tmp_path.iterdir())
 
 

@@ -7,12 +7,16 @@ mask), and returns the artifact's probabilities::
     probabilities = backend.run(features, num_frames=num_frames)          # (B, C) float32
     backend.class_ids                                                     # column → class
 
-- ``"onnxruntime"``: :class:`engine.backends.onnxruntime_backend.OnnxRuntimeBackend`;
+- ``"onnxruntime"``: :class:`engine.backends.onnxruntime_backend.OnnxRuntimeBackend`
+  (``model.onnx``);
 - ``"tensorrt"``: :class:`engine.backends.tensorrt_backend.TensorRTBackend` (an artifact
-  built with ``modloc build``; needs TensorRT and an NVIDIA GPU).
+  built with ``modloc build``; needs TensorRT and an NVIDIA GPU);
+- ``"torch"``: :class:`engine.backends.torch_backend.TorchBackend` (``model.pt2``, the
+  ``torch.export`` program of the same graph; CPU or CUDA, optionally ``torch.compile``
+  and CUDA graphs; fp32, fp16 and bf16 artifacts, INT8 ones have no program).
 
 Each backend module imports its runtime only when a backend is created, so importing
-this package costs nothing and needs neither.
+this package costs nothing and needs none of them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from engine.features import FEATURE_SIZE, RGB_SIZE
 BACKENDS = {
     "onnxruntime": ("engine.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
     "tensorrt": ("engine.backends.tensorrt_backend", "TensorRTBackend"),
+    "torch": ("engine.backends.torch_backend", "TorchBackend"),
 }
 
 
