@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.modloc-installed
-EXTRAS := train,export,dev
+EXTRAS := train,export,serve,dev
 # The CPU build of PyTorch, installed explicitly first: left to the resolver, an unpinned
 # torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0

@@ -1,15 +1,15 @@
-"""The offline localization loop of REFERENCE §7 over any scorer, and its MAP@K.
+"""The offline localization loop of REFERENCE §7 on a test split, and its MAP@K.
 
-A scorer maps a uint8 batch to probabilities, ``(features (B, M, 1152), num_frames (B,))
-→ (B, C) float32``: a PyTorch model (:mod:`training.evaluate`), an ONNX Runtime or
-TensorRT backend (:mod:`export.evaluation`). :func:`localize_split` runs the pipeline on a
-test split with a video-level and a segment-level scorer (top-N candidates, every 5-frame
-window scored, ``P_vid^a · P_seg^b`` fusion, per-class top-K) and scores it, and the dummy
-prediction, with the Kaggle segment MAP@K; every runtime shares it, so their numbers
-compare directly.
+:func:`localize_split` runs :class:`engine.pipeline.Pipeline` (top-N candidates, every
+5-frame window scored, ``P_vid^a · P_seg^b`` fusion) over a test split with any two
+scoring models, a PyTorch model (:mod:`training.evaluate`) or an ONNX Runtime, PyTorch or
+TensorRT backend (:mod:`export.evaluation`), ranks the fused pairs and the dummy
+prediction per class (:class:`engine.topk.TopK`), and scores both with the Kaggle segment
+MAP@K: every runtime shares the serving engine's own code, so their numbers compare
+directly. :func:`video_batches` and :func:`score_windows` are the plain batch loops the
+export checks use.
 
-Videos are capped at 300 frames and a video-level batch is padded to 300 frames, as the
-reference's reader does (a tree's gates average over padded frames too).
+Videos are capped at 300 frames (the reference reader's limit).
 
 Pure numpy: no torch.
 """
@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.datasets import ClassSpace, pack_segment_windows
 from engine.features import FEATURE_SIZE, MAX_FRAMES
-from engine.fusion import FusionConfig, SegmentRanker, dummy_pairs, fused_pairs, top_candidates
+from engine.fusion import dummy_pairs
 from engine.io.examples import Video
 from engine.io.readers import Patterns, read_videos
 from engine.metrics import SegmentTruth, segment_map
+from engine.pipeline import Pipeline, PipelineConfig, Scorer, ScoringModel
 from engine.submission import write_submission
+from engine.topk import TopK
 from engine.vocab import default_segment_class_ids
 
-Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 MultiScorer = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 VideoBatch = tuple[list[Video], np.ndarray, np.ndarray]
 
@@ -75,31 +75,29 @@ def score_windows(score: MultiScorer, features: np.ndarray, num_frames: np.ndarr
 
 
 def localize_split(
-    video: Scorer,
-    video_classes: Sequence[int],
-    segment: Scorer,
-    segment_classes: Sequence[int],
-    batches: Iterable[VideoBatch],
+    video: ScoringModel,
+    segment: ScoringModel,
+    test: Patterns,
     truth: Patterns,
     class_ids: Sequence[int] | None = None,
-    fusion: FusionConfig | None = None,
-    window_batch_size: int = 1024,
+    config: PipelineConfig | None = None,
     submissions: str | os.PathLike | None = None,
     progress: bool | None = False,
+    chunk_videos: int = 256,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
     Args:
-        video: video-level scorer (candidates, and the dummy's scores) with output classes
-            ``video_classes``; segment: segment-level scorer with ``segment_classes``.
-        batches: ``(videos, features, num_frames)`` of the test split
-            (:func:`video_batches`).
-        truth: the split's segment ratings (e.g. ``test_truth/``).
+        video: the video-level model (candidates, and the dummy's scores); segment: the
+            segment-level model (:class:`~engine.pipeline.ScoringModel`).
+        test: the split's frame-level TFRecords; truth: its segment ratings (e.g.
+            ``test_truth/``).
         class_ids: the classes ranked (submission rows); default the 1000 segment classes.
-        fusion: candidates, exponents, partial windows and ``k`` (default: the reference's).
-        window_batch_size: windows per segment-scorer call.
+        config: batching, candidates, exponents, partial windows and ``k`` (default: the
+            reference's fusion).
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
         progress: a progress bar on stderr (None: only on a terminal).
+        chunk_videos: videos per pipeline call.
 
     Returns:
         ``{"fused": {...}, "dummy": {...}, "videos", "windows", "k", "seconds"}``; each
@@ -107,35 +105,25 @@ def localize_split(
         ``submissions``, its ``submission`` path.
     """
     started = time.perf_counter()
-    fusion = fusion or FusionConfig()
+    config = config or PipelineConfig()
+    fusion = config.fusion
     targets = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
-    segment_space = ClassSpace(segment_classes)
-    rankers = {"fused": SegmentRanker(targets, fusion.k), "dummy": SegmentRanker(targets, fusion.k)}
-    videos = windows = 0
-    with tqdm(batches, desc="localize", unit="batch", disable=None if progress is None else not progress,
+    pipeline = Pipeline(video, segment, config)
+    rankers = {"fused": TopK(targets, fusion.k), "dummy": TopK(targets, fusion.k)}
+    with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
-        for batch, features, num_frames in bar:
-            candidate_ids, candidate_scores = top_candidates(video(features, num_frames),
-                                                             video_classes, fusion.top_n)
-            packed = pack_segment_windows(batch, max_frames=MAX_FRAMES)
-            window_scores = score_windows(lambda f, n: {"segment": segment(f, n)}, packed.features,
-                                          packed.num_frames, window_batch_size)["segment"]
-            for row, item in enumerate(batch):
-                own = packed.windows(row)
-                rankers["fused"].add(item.id, *fused_pairs(
-                    own.starts, own.partial, candidate_ids[row], candidate_scores[row],
-                    window_scores[packed.offsets[row]: packed.offsets[row + 1]], segment_space,
-                    fusion))
-                rankers["dummy"].add(item.id, *dummy_pairs(
-                    int(num_frames[row]), candidate_ids[row], candidate_scores[row],
+        for chunk in _chunks(read_videos(test), chunk_videos):
+            for result in pipeline.localize(chunk):
+                rankers["fused"].add(result.video_id, *result.ranking_pairs(fusion.include_partial))
+                rankers["dummy"].add(result.video_id, *dummy_pairs(
+                    result.num_frames, result.candidate_ids, result.candidate_scores,
                     fusion.include_partial))
-            videos += len(batch)
-            windows += len(packed)
-            bar.set_postfix(videos=videos, windows=windows)
-    if not videos:
-        raise ValueError("no test video to localize")
+            bar.update(len(chunk))
+            bar.set_postfix(windows=pipeline.times.windows)
+    if not pipeline.times.videos:
+        raise ValueError(f"no test video in {test}")
     ratings = SegmentTruth.from_videos(read_videos(truth))
-    result: dict = {"videos": videos, "windows": windows, "k": fusion.k}
+    result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k}
     for name, ranker in rankers.items():
         rankings = ranker.rankings()
         scores = segment_map(rankings, ratings, k=fusion.k)
@@ -148,6 +136,17 @@ def localize_split(
             result[name]["submission"] = str(path)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def _chunks(videos: Iterable[Video], size: int) -> Iterator[list[Video]]:
+    chunk: list[Video] = []
+    for video in videos:
+        chunk.append(video)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 __all__ = ["MultiScorer", "Scorer", "VideoBatch", "localize_split", "score_windows", "video_batches"]

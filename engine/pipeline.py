@@ -36,7 +36,7 @@ import numpy as np
 
 from engine.datasets import ClassSpace, pack_segment_windows
 from engine.features import FEATURE_SIZE, MAX_FRAMES
-from engine.fusion import FusionConfig, top_candidates
+from engine.fusion import FusionConfig, fuse, top_candidates
 from engine.io.examples import Video
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -296,8 +296,7 @@ class Pipeline:
         columns = self.segment_space.positions(candidate_ids)  # (V, n), -1 where unscored
         window_columns = columns[owner]
         segment = np.take_along_axis(window_scores, np.maximum(window_columns, 0), axis=1)
-        fused = (candidate_scores[owner] ** fusion.video_exponent
-                 * segment.astype(np.float64) ** fusion.segment_exponent)
+        fused = fuse(candidate_scores[owner], segment, fusion.video_exponent, fusion.segment_exponent)
         fused[window_columns < 0] = np.nan
         return fused
 

@@ -27,7 +27,7 @@ from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.fusion import FusionConfig
 from engine.io.readers import Patterns
 from engine.metrics import MAX_SEGMENTS_PER_CLASS
-from export.evaluation import backend_scorer, fused_segment_map
+from export.evaluation import fused_segment_map
 from export.exporter import ExportSettings, export_checkpoint
 
 MAP_AGREEMENT = 1e-4
@@ -77,8 +77,7 @@ def run_export_stage(
     for precision in ("fp32", *(p for p in precisions if p != "fp32")):
         video = OnnxRuntimeBackend(load_artifact(root / "video" / f"ensemble-{precision}"))
         segment = OnnxRuntimeBackend(load_artifact(root / "segment" / f"ensemble-{precision}"))
-        result = fused_segment_map(backend_scorer(video), video.class_ids, backend_scorer(segment),
-                                   segment.class_ids, test, truth, class_ids, fusion)
+        result = fused_segment_map(video, segment, test, truth, class_ids, fusion)
         scores[precision] = {name: result[name]["map"] for name in ("fused", "dummy")}
         scores[precision]["seconds"] = result["seconds"]
     reference = dict(pytorch) if pytorch is not None else _pytorch_segments(

@@ -35,10 +35,12 @@ import numpy as np
 from engine.backends import Backend
 from engine.datasets import pack_segment_windows
 from engine.features import MAX_FRAMES
-from engine.fusion import FusionConfig, SegmentRanker, dummy_pairs, top_candidates
+from engine.fusion import FusionConfig, dummy_pairs, top_candidates
 from engine.io.readers import Patterns
 from engine.localization import MultiScorer, Scorer, localize_split, score_windows, video_batches
 from engine.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
+from engine.pipeline import PipelineConfig, ScoringModel
+from engine.topk import TopK
 
 
 def backend_scorer(backend: Backend) -> Scorer:
@@ -82,14 +84,14 @@ def validation_map(
     if kind not in ("video", "segment"):
         raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
     ids = np.asarray(class_ids, dtype=np.int64)
-    rankers: dict[str, SegmentRanker] = {}
+    rankers: dict[str, TopK] = {}
     ratings: list[_Ratings] = []
     for videos, features, num_frames in video_batches(patterns, batch_size):
         ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times, v.segment_scores)
                        for v in videos)
         if kind == "video":
             for name, probabilities in score(features, num_frames).items():
-                ranker = rankers.setdefault(name, SegmentRanker(ids, k))
+                ranker = rankers.setdefault(name, TopK(ids, k))
                 candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
                 for row, video in enumerate(videos):
                     ranker.add(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
@@ -98,7 +100,7 @@ def validation_map(
         packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
         scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
         for name, probabilities in scores.items():
-            ranker = rankers.setdefault(name, SegmentRanker(ids, k))
+            ranker = rankers.setdefault(name, TopK(ids, k))
             for row, video in enumerate(videos):
                 own = packed.windows(row)
                 full = np.flatnonzero(~own.partial)
@@ -112,10 +114,8 @@ def validation_map(
 
 
 def fused_segment_map(
-    video: Scorer,
-    video_classes: Sequence[int],
-    segment: Scorer,
-    segment_classes: Sequence[int],
+    video: Backend,
+    segment: Backend,
     test: Patterns,
     truth: Patterns,
     class_ids: Sequence[int] | None = None,
@@ -124,11 +124,12 @@ def fused_segment_map(
     window_batch_size: int = 1024,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split, with
-    scorers (e.g. :func:`backend_scorer`): :func:`engine.localization.localize_split` over
-    ``test`` read in batches of ``batch_size`` videos."""
-    return localize_split(video, video_classes, segment, segment_classes,
-                          video_batches(test, batch_size), truth, class_ids, fusion,
-                          window_batch_size)
+    two loaded backends: :func:`engine.localization.localize_split`, the serving
+    pipeline, with ``batch_size`` videos per video-model call."""
+    config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
+                            window_batch_size=window_batch_size)
+    return localize_split(ScoringModel.from_backend(video), ScoringModel.from_backend(segment),
+                          test, truth, class_ids, config)
 
 
 __all__ = ["backend_scorer", "fused_segment_map", "validation_map"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from engine.batcher import Batcher, BatcherClosed, BatcherConfig, DeadlineExceeded, QueueFull
-from engine.datasets import ClassSpace, segment_windows
-from engine.fusion import FusionConfig, fused_pairs, top_candidates
+from engine.datasets import segment_windows
+from engine.fusion import FusionConfig, top_candidates
 from engine.io.examples import Video
 from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
 
@@ -53,15 +53,36 @@ def random_videos(count: int, seed: int = 0, lengths=(1, 4, 5, 6, 12, 37, 300, 3
 
 
 def reference(video: Video, fusion: FusionConfig, max_frames: int = 300):
-    """One video through the fusion module's own per-video functions."""
+    """One video, window by window and candidate by candidate: (starts, classes, values)."""
     video_model, segment_model = models()
     frames = video.features[:max_frames]
     scores = video_model.score(frames[None], np.array([len(frames)], np.int32))
     ids, values = top_candidates(scores, VIDEO_CLASSES, fusion.top_n)
     windows = segment_windows(frames)
     window_scores = segment_model.score(windows.features, windows.num_frames)
-    return fused_pairs(windows.starts, windows.partial, ids[0], values[0], window_scores,
-                       ClassSpace(SEGMENT_CLASSES), fusion)
+    pairs = [(int(start), int(class_id), float(video_score) ** fusion.video_exponent
+              * float(window_scores[row, SEGMENT_CLASSES.index(class_id)]) ** fusion.segment_exponent)
+             for row, (start, partial) in enumerate(zip(windows.starts, windows.partial, strict=True))
+             if fusion.include_partial or not partial
+             for class_id, video_score in zip(ids[0], values[0], strict=True) if class_id in SEGMENT_CLASSES]
+    starts, classes, fused = zip(*pairs, strict=True) if pairs else ((), (), ())
+    return np.array(starts, np.int64), np.array(classes, np.int64), np.array(fused)
+
+
+def test_fused_values_exponents_unscored_candidates_and_partial_windows():
+    # windows at 0 and 5 are full, the one at 10 partial; class 99 has no segment score
+    video_model = ScoringModel(lambda f, n: np.array([[0.8, 0.6, 0.4]], np.float32), (12, 99, 11))
+    segment_model = ScoringModel(lambda f, n: np.array([[0.9, 0.2], [0.1, 0.7], [0.5, 0.5]], np.float32),
+                                 (12, 11))
+    video = Video("v", np.zeros((12, 1152), np.uint8))
+    result = Pipeline(video_model, segment_model, PipelineConfig(fusion=FusionConfig(top_n=3))).localize([video])[0]
+    starts, classes, values = result.ranking_pairs()
+    assert starts.tolist() == [0, 0, 5, 5] and classes.tolist() == [12, 11, 12, 11]
+    # 0.8^0.05 · 0.9^0.95, 0.4^0.05 · 0.2^0.95, 0.8^0.05 · 0.1^0.95, 0.4^0.05 · 0.7^0.95
+    np.testing.assert_allclose(values, [0.8947153, 0.2070530, 0.1109569, 0.6806849], rtol=1e-6)
+    starts, _, values = result.ranking_pairs(include_partial=True)
+    assert starts.tolist() == [0, 0, 5, 5, 10, 10]
+    np.testing.assert_allclose(values[4:], [0.8**0.05 * 0.5**0.95, 0.4**0.05 * 0.5**0.95], rtol=1e-6)
 
 
 @pytest.mark.parametrize("include_partial", [False, True])

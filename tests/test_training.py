@@ -19,16 +19,7 @@ from safetensors.torch import load_file
 from tiny import TINY_MODEL, split, synth_manifest
 
 from engine.cli import main
-from engine.datasets import ClassSpace
-from engine.fusion import (
-    FusionConfig,
-    SegmentRanker,
-    dummy_pairs,
-    fuse,
-    fused_pairs,
-    top_candidates,
-)
-from engine.metrics import SegmentTruth, rank_segments, segment_map
+from engine.fusion import dummy_pairs, fuse, top_candidates
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -315,23 +306,12 @@ def test_top_candidates_break_ties_by_column():
     assert scores.tolist() == [[0.9, 0.9], [0.3, 0.2]]
 
 
-def test_fused_pairs_exponents_candidates_and_partial_windows():
-    # windows at 0 and 5 are full, the one at 10 partial; class 99 has no segment score
-    space = ClassSpace([11, 12])
-    segment_scores = np.array([[0.2, 0.9], [0.7, 0.1], [0.5, 0.5]])
-    starts, classes, values = fused_pairs([0, 5, 10], [False, False, True], [12, 99, 11],
-                                          [0.8, 0.6, 0.4], segment_scores, space)
-    assert starts.tolist() == [0, 0, 5, 5] and classes.tolist() == [12, 11, 12, 11]
-    # 0.8^0.05 · 0.9^0.95, 0.4^0.05 · 0.2^0.95, 0.8^0.05 · 0.1^0.95, 0.4^0.05 · 0.7^0.95
-    np.testing.assert_allclose(values, [0.8947153, 0.2070530, 0.1109569, 0.6806849], rtol=1e-6)
-
-    starts, _, values = fused_pairs([0, 5, 10], [False, False, True], [12, 99, 11], [0.8, 0.6, 0.4],
-                                    segment_scores, space, FusionConfig(include_partial=True))
-    assert starts.tolist() == [0, 0, 5, 5, 10, 10]
-    np.testing.assert_allclose(values[4:], [0.8**0.05 * 0.5**0.95, 0.4**0.05 * 0.5**0.95])
+def test_fuse_exponents():
     assert fuse([0.5], [[0.25]], video_exponent=1, segment_exponent=0).tolist() == [[0.5]]
     assert fuse([0.5], [[0.25]], video_exponent=0, segment_exponent=1).tolist() == [[0.25]]
     assert fuse([0.5], [[0.25]], 0.5, 0.5).tolist() == [[math.sqrt(0.125)]]
+    # per-window video scores broadcast the same way
+    np.testing.assert_allclose(fuse([[0.5], [0.25]], [[0.25], [0.5]], 1, 1), [[0.125], [0.125]])
 
 
 def test_dummy_prediction_gives_full_windows_the_video_score():
@@ -339,30 +319,6 @@ def test_dummy_prediction_gives_full_windows_the_video_score():
     assert starts.tolist() == [0, 0, 5, 5, 10, 10]  # 15..16 is partial
     assert classes.tolist() == [3, 8] * 3 and values.tolist() == [0.9, 0.4] * 3
     assert dummy_pairs(17, [3], [0.9], include_partial=True)[0].tolist() == [0, 5, 10, 15]
-
-    ranker = SegmentRanker([3, 8], k=4)
-    ranker.add("b", *dummy_pairs(10, [3], [0.5]))
-    ranker.add("a", *dummy_pairs(12, [3, 8], [0.9, 0.0]))  # a 0.0 score is not ranked
-    ranker.add("c", *dummy_pairs(5, [3, 4], [0.5, 1.0]))  # 4 is not a ranked class
-    # ties keep the video order (b before c), then the window order
-    assert ranker.rankings() == {3: ["a:0", "a:5", "b:0", "b:5"], 8: []}
-    truth = SegmentTruth(["a", "b", "b", "c"], [5, 0, 5, 0], [3, 3, 3, 3], [1, 0, 1, 1])
-    # relevant ranks (rated only): a:5 ✓, b:0 ✗, b:5 ✓ → (1/1 + 2/3) / 3 positives
-    assert segment_map(ranker.rankings(), truth).map == pytest.approx((1 + 2 / 3) / 3)
-
-
-def test_ranker_matches_rank_segments_and_bounds_memory():
-    rng = np.random.default_rng(0)
-    videos = [f"v{i}" for i in range(30)]
-    scores = rng.random((30 * 4, 3)).round(2)  # rounded: plenty of ties
-    ids = [f"{video}:{5 * window}" for video in videos for window in range(4)]
-    expected = rank_segments(ids, scores, [7, 8, 9], k=25)
-    for compact_every in (1, 1 << 22):
-        ranker = SegmentRanker([7, 8, 9], k=25, compact_every=compact_every)
-        for index, video in enumerate(videos):
-            own = scores[4 * index : 4 * index + 4]
-            ranker.add(video, np.repeat([0, 5, 10, 15], 3), np.tile([7, 8, 9], 4), own.ravel())
-        assert ranker.rankings() == expected
 
 
 # --- evaluation and the CLI -----------------------------------------------------------

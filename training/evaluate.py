@@ -28,10 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.datasets import VideoLevelDataset
+from engine.features import MAX_FRAMES
 from engine.fusion import FusionConfig
 from engine.io.readers import Patterns
-from engine.localization import localize_split, video_batches
+from engine.localization import localize_split
 from engine.metrics import VideoMetrics
+from engine.pipeline import PipelineConfig, ScoringModel
 from training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
 from training.data import TorchBatch, make_loader
 from training.models import DBoFModel, TreeOutput
@@ -185,9 +187,13 @@ def evaluate_segments(
         return predict(segment.model, torch.from_numpy(features), torch.from_numpy(num_frames),
                        use_mask=False)
 
-    return localize_split(video_scorer, video.class_ids, segment_scorer, segment.class_ids,
-                          video_batches(test, batch_size), truth, class_ids, fusion,
-                          window_batch_size, submissions, progress)
+    # video batches padded to 300 frames as the reference's reader pads them: a tree's
+    # gates average over padded frames too
+    config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
+                            window_batch_size=window_batch_size)
+    return localize_split(ScoringModel(video_scorer, video.class_ids, MAX_FRAMES, "pytorch video"),
+                          ScoringModel(segment_scorer, segment.class_ids, name="pytorch segment"),
+                          test, truth, class_ids, config, submissions, progress)
 
 
 def evaluate(

@@ -1,0 +1,183 @@
+"""``modloc infer``: TFRecords through the engine, offline, into a Kaggle submission.
+
+::
+
+    modloc infer runs/demo/export --data 'test/*.tfrecord' --out submission.csv \\
+        --truth 'test_truth/*.tfrecord'
+    torchrun --nproc-per-node 3 -m engine.cli infer …     # the same, sharded by file
+
+Files are read in sorted order; under torchrun each rank reads every N-th file
+(:mod:`engine.distributed`), ranks its videos with their global (file, record) order as
+the tie key, and rank 0 merges the shards' top-K states into exactly the single-process
+rankings and writes the CSV, byte for byte the same.
+
+MAP@K is reported when ratings exist: from ``--truth`` files, or else from the segment
+ratings the data records carry themselves (a ``validate`` split).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.distributed import Shard, finish, gather, shard_files, video_order
+from engine.engine import Engine
+from engine.io.examples import Video
+from engine.io.readers import Patterns, read_videos
+from engine.io.tfrecord import expand_paths
+from engine.metrics import SegmentTruth, segment_map
+from engine.pipeline import PipelineConfig
+from engine.topk import TopK
+
+log = logging.getLogger(__name__)
+
+CHUNK_VIDEOS = 256  # videos per engine call: large device batches, bounded memory
+PREFETCH_CHUNKS = 2  # decoded chunks waiting while the engine works on one
+
+
+@dataclass(frozen=True)
+class _Ratings:
+    """A video's segment ratings without its frames (what SegmentTruth reads)."""
+
+    id: str
+    segment_labels: object
+    segment_start_times: object
+    segment_scores: object
+
+
+def ordered_chunks(files: list[tuple[int, str]], size: int) -> Iterator[tuple[list[Video], list[int]]]:
+    """``(videos, orders)`` chunks of the given files, each video with its global order."""
+    videos: list[Video] = []
+    orders: list[int] = []
+    for file_index, path in files:
+        for record_index, video in enumerate(read_videos(path)):
+            videos.append(video)
+            orders.append(video_order(file_index, record_index))
+            if len(videos) == size:
+                yield videos, orders
+                videos, orders = [], []
+    if videos:
+        yield videos, orders
+
+
+def prefetched(chunks: Iterator, depth: int = PREFETCH_CHUNKS) -> Iterator:
+    """``chunks`` produced by a reader thread ``depth`` ahead (the native decoder releases
+    the GIL, so decoding overlaps the models); its errors are raised here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                slots.put(chunk)
+        except BaseException as error:  # handed over to the consumer
+            slots.put(error)
+        slots.put(done)
+
+    threading.Thread(target=produce, name="modloc-reader", daemon=True).start()
+    while (item := slots.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def infer(
+    artifacts: str | os.PathLike,
+    data: Patterns,
+    out: str | os.PathLike,
+    truth: Patterns | None = None,
+    video: str | None = None,
+    segment: str | None = None,
+    backend: str = "onnxruntime",
+    config: PipelineConfig | None = None,
+    fallback: bool = False,
+    chunk_videos: int = CHUNK_VIDEOS,
+    progress: bool | None = None,
+    shard: Shard | None = None,
+    backend_options: dict | None = None,
+) -> dict | None:
+    """Localize every video of ``data`` and write the Kaggle submission ``out``.
+
+    Args:
+        artifacts: ``modloc export``'s output (``video/<variant>``, ``segment/<variant>``);
+            ``video``/``segment`` pick the variants (default ``distill-fp32``).
+        data: frame-level TFRecords.
+        out: the submission CSV (written by rank 0).
+        truth: segment ratings to score the submission (default: those ``data`` carries).
+        backend: ``onnxruntime``, ``torch`` or ``tensorrt``.
+        config: batching and fusion settings.
+        fallback: REFERENCE §7 step 5 fill of short rankings.
+        chunk_videos: videos per engine call.
+        progress: a progress bar on stderr (None: only on a terminal).
+        shard: this process's rank (default: from torchrun's environment).
+
+    Returns:
+        The report on rank 0 (``videos``, ``windows``, rates, ``submission``, ``map`` when
+        ratings exist, per-stage seconds); None on the other ranks.
+    """
+    shard = shard or Shard.from_environment()
+    files = expand_paths(data)
+    mine = shard_files(files, shard)
+    started = time.perf_counter()
+    ratings: list[_Ratings] = []
+    with Engine.from_artifacts(artifacts, video, segment, backend, config,
+                               backend_options=backend_options, fallback=fallback) as engine:
+        description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
+        with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
+                  file=sys.stderr, position=shard.rank) as bar:
+            for videos, orders in prefetched(ordered_chunks(mine, chunk_videos)):
+                engine.localize(videos, orders)
+                if truth is None:
+                    ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times, v.segment_scores)
+                                   for v in videos if len(v.segment_labels))
+                bar.update(len(videos))
+                elapsed = max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix(segments_per_s=f"{engine.pipeline.times.windows / elapsed:,.0f}")
+        local = {"rank": shard.rank, "files": len(mine), "ranking": engine.ranking.to_bytes(),
+                 "fallback": engine.fallback.to_bytes() if engine.fallback is not None else None,
+                 "times": engine.pipeline.times.to_json(), "ratings": ratings}
+        parts = gather(local, shard)
+        if not shard.is_root:
+            finish(shard)
+            return None
+        for part in parts[1:]:
+            engine.ranking.merge(TopK.from_bytes(part["ranking"]))
+            if engine.fallback is not None:
+                engine.fallback.merge(TopK.from_bytes(part["fallback"]))
+        videos_seen = sum(part["times"]["videos"] for part in parts)
+        if not videos_seen:
+            raise ValueError(f"no video in {data}")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        rankings = engine.rankings()
+        engine.write_submission(out)
+    finish(shard)
+    seconds = time.perf_counter() - started
+    windows = sum(part["times"]["windows"] for part in parts)
+    report = {
+        "submission": str(out), "videos": videos_seen, "windows": windows,
+        "ranks": shard.world_size, "backend": backend, "seconds": round(seconds, 3),
+        "videos_per_second": round(videos_seen / seconds, 1),
+        "segments_per_second": round(windows / seconds, 1),
+        "ranked_segments": sum(map(len, rankings.values())), "k": engine.k,
+        "stage_seconds": {stage: round(sum(p["times"]["seconds"][stage] for p in parts), 3)
+                          for stage in parts[0]["times"]["seconds"]},
+    }
+    rated = SegmentTruth.from_videos(read_videos(truth)) if truth is not None else \
+        SegmentTruth.from_videos(r for part in parts for r in part["ratings"])
+    if len(rated):
+        scores = segment_map(rankings, rated, k=engine.k)
+        report.update(map=scores.map, classes=scores.classes)
+    log.info("infer: %d videos, %d windows in %.1f s → %s", videos_seen, windows, seconds, out)
+    return report
+
+
+__all__ = ["infer", "ordered_chunks", "prefetched"]

@@ -1,0 +1,118 @@
+"""The engine over real exported artifacts: offline ``modloc infer`` (single process and
+sharded under torchrun with gloo), the fallback fill, and ``modloc show``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import split, synth_manifest
+
+from engine.cli import main
+from engine.engine import Engine, artifact_paths
+from engine.evaluation import evaluate_submission
+from engine.fusion import FusionConfig
+from engine.infer import infer
+from engine.io.readers import read_videos
+from engine.pipeline import PipelineConfig
+from engine.submission import read_submission
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def classes(tiny_dataset) -> list[int]:
+    return synth_manifest(tiny_dataset)["segment_class_ids"]
+
+
+def infer_args(tiny_artifacts, tiny_dataset, out: Path, classes, *extra: str) -> list[str]:
+    return ["infer", str(tiny_artifacts), "--data", split(tiny_dataset, "test"), "--out", str(out),
+            "--truth", split(tiny_dataset, "test_truth"), "--k", "1000", *extra]
+
+
+def test_infer_reports_the_map_that_modloc_eval_computes_from_its_csv(tiny_artifacts, tiny_dataset,
+                                                                      tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    assert main(infer_args(tiny_artifacts, tiny_dataset, out, None, "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["videos"] == 24 and report["ranks"] == 1 and report["windows"] > 24
+    scored = evaluate_submission(str(out), split(tiny_dataset, "test_truth"), k=1000)
+    assert report["map"] == pytest.approx(scored["map"], abs=1e-12)
+    assert scored["duplicates"] == 0 and scored["truncated"] == 0
+    rows = read_submission(str(out))
+    assert len(rows) == 1000  # one row per default segment class, even the unranked ones
+
+
+def test_infer_under_torchrun_equals_the_single_process_csv_byte_for_byte(tiny_artifacts, tiny_dataset,
+                                                                         tmp_path):
+    single = tmp_path / "single.csv"
+    infer(tiny_artifacts, split(tiny_dataset, "test"), single,
+          config=PipelineConfig(fusion=FusionConfig(k=1000)), progress=False)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for ranks in (2, 3):  # 2 files: with 3 ranks one rank reads nothing
+        sharded = tmp_path / f"sharded-{ranks}.csv"
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+             "--standalone", "-m", "engine.cli", *infer_args(tiny_artifacts, tiny_dataset, sharded, None),
+             "--json"],
+            capture_output=True, text=True, timeout=240, env=environment, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        report = json.loads(run.stdout[run.stdout.index("{"):])
+        assert report["ranks"] == ranks and report["videos"] == 24
+        assert sharded.read_bytes() == single.read_bytes()
+
+
+def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_dataset, classes):
+    videos = list(read_videos(split(tiny_dataset, "test")))
+    config = PipelineConfig(fusion=FusionConfig(top_n=2, k=400))
+    with Engine.from_artifacts(tiny_artifacts, config=config, class_ids=classes) as plain, \
+            Engine.from_artifacts(tiny_artifacts, config=config, class_ids=classes, fallback=True) as filled:
+        plain.localize(videos)
+        filled.localize(videos)
+        before, after = plain.rankings(), filled.rankings()
+    full_segments = sum(len(v.features[:300]) // 5 for v in videos)
+    for class_id in classes:
+        assert after[class_id][: len(before[class_id])] == before[class_id]  # fused first, untouched
+        assert len(after[class_id]) == min(400, full_segments)
+        assert len(set(after[class_id])) == len(after[class_id])
+    assert any(len(before[c]) < len(after[c]) for c in classes)
+
+
+def test_artifact_paths_name_what_is_missing(tiny_artifacts, tmp_path):
+    video, segment = artifact_paths(tiny_artifacts, "ensemble-fp32")
+    assert video.name == "ensemble-fp32" and segment.name == "distill-fp32"
+    with pytest.raises(FileNotFoundError, match="holds: distill-fp32, ensemble-fp32"):
+        artifact_paths(tiny_artifacts, "distill-int8")
+    with pytest.raises(FileNotFoundError, match="from modloc export"):
+        artifact_paths(tmp_path)
+    with pytest.raises(ValueError, match="video-level model where a segment-level"):
+        Engine.from_artifacts(tiny_artifacts, segment=str(tiny_artifacts / "video" / "distill-fp32"))
+
+
+def test_show_draws_a_timeline_png_with_the_ratings(tiny_artifacts, tiny_dataset, tmp_path, capsys):
+    video = next(read_videos(split(tiny_dataset, "test")))
+    out = tmp_path / "timeline.png"
+    assert main(["show", video.id, str(tiny_artifacts), "--data", split(tiny_dataset, "test"),
+                 "--truth", split(tiny_dataset, "test_truth"), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["ratings"] > 0 and len(summary["candidates"]) == 18  # the tiny video model's classes
+    assert main(["show", "no-such-video", str(tiny_artifacts), "--data", split(tiny_dataset, "test")]) == 1
+    assert "no video 'no-such-video'" in capsys.readouterr().err
+
+
+def test_engine_localize_returns_candidates_and_fused_windows(tiny_artifacts, tiny_dataset, classes):
+    videos = list(read_videos(split(tiny_dataset, "test")))[:3]
+    with Engine.from_artifacts(tiny_artifacts, class_ids=classes) as engine:
+        results = engine.localize(videos)
+    for video, result in zip(videos, results, strict=True):
+        assert result.video_id == video.id
+        assert len(result.candidate_ids) == len(result.video_class_ids) == 18  # top 20 of 18 classes
+        assert np.all(np.diff(result.candidate_scores) <= 0)
+        assert result.fused.shape == (-(-len(video.features) // 5), 18)
+        assert np.nanmax(result.fused) <= 1.0
