@@ -3,7 +3,8 @@
 Every verb is a thin wrapper over a library function of the same name (``synth`` →
 :func:`engine.synth.generate`, ``inspect`` → :func:`engine.inspection.inspect`, ``eval`` →
 :func:`engine.evaluation.evaluate`, ``infer`` → :func:`engine.infer.infer`, ``demo`` →
-:func:`engine.demo.run_demo`). On failure a
+:func:`engine.demo.run_demo`, ``serve`` → :func:`engine.server.app.serve`, ``client`` →
+:class:`engine.client.LocalizationClient`). On failure a
 verb prints one line, ``modloc VERB: error: …``, and exits non-zero.
 """
 
@@ -186,7 +187,8 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_VARIANT})")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
                         help="runtime for both models (default onnxruntime)")
-    parser.add_argument("--device", help="torch backend device, e.g. cuda or cuda:1 (default cpu)")
+    parser.add_argument("--device", help="torch: cpu (default), cuda or cuda:N; onnxruntime: cuda "
+                        "(the CUDA execution provider, needs onnxruntime-gpu)")
     parser.add_argument("--top-n", type=int, default=defaults.fusion.top_n,
                         help="candidate classes per video (default %(default)s)")
     parser.add_argument("--video-exponent", type=float, default=defaults.fusion.video_exponent,
@@ -214,10 +216,15 @@ def _pipeline_settings(args: argparse.Namespace) -> tuple:
                           include_partial=args.include_partial, k=args.k)
     config = PipelineConfig(fusion=fusion, video_batch_size=args.video_batch,
                             window_batch_size=args.window_batch)
-    if args.device and args.backend != "torch":
-        raise ValueError(f"--device is a torch backend option; the {args.backend} backend picks "
-                         "its device itself")
-    return config, ({"device": args.device} if args.device else {})
+    if not args.device:
+        return config, {}
+    if args.backend == "torch":
+        return config, {"device": args.device}
+    if args.backend == "onnxruntime" and args.device.split(":")[0] == "cuda":
+        # ONNX Runtime picks a CUDA device through its provider (needs onnxruntime-gpu)
+        return config, {"providers": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+    raise ValueError(f"--device {args.device} is not an option of the {args.backend} backend "
+                     "(torch: cpu, cuda, cuda:N; onnxruntime: cuda; tensorrt picks its device itself)")
 
 
 def _add_infer(subparsers) -> None:
@@ -328,6 +335,142 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"  {name:10s} segment MAP@{system['k']}: {system['map']:.4f}")
     for precision, scores in report.get("export", {}).get("onnxruntime", {}).items():
         print(f"  mod through ONNX Runtime {precision}: {scores['fused']:.4f}")
+    if "infer" in report:
+        infer = report["infer"]
+        print(f"  modloc infer: {infer['map']:.4f} ({infer['videos_per_second']:,.0f} videos/s) -> "
+              f"{infer['submission']}; timeline of {infer['timeline']['video']} -> {infer['timeline']['png']}")
+    return 0
+
+
+# --- serve / client -------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    from engine.batcher import BatcherConfig
+    from engine.server.config import ServerConfig
+
+    defaults = ServerConfig.__dataclass_fields__
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the modloc.v1 gRPC API (plus KServe v2, health, reflection)",
+        description=(
+            "Load exported artifacts and serve Localize/Ingest streams, per-class rankings "
+            "(TopSegments, Submission), Stats and ModelInfo over gRPC. Prints 'listening on "
+            "HOST:PORT' once serving (port 0 picks a free port). SIGTERM/SIGINT drain: health "
+            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written."
+        ),
+    )
+    _add_pipeline_options(parser)
+    parser.add_argument("--address", default=defaults["address"].default,
+                        help="host:port to bind (default %(default)s)")
+    parser.add_argument("--state-dir", help="directory of the durable rankings (without it the "
+                        "server serves Localize only)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes sharing the port via SO_REUSEPORT (Localize only; "
+                        "refused with --state-dir)")
+    parser.add_argument("--snapshot-seconds", type=float, default=defaults["snapshot_seconds"].default)
+    parser.add_argument("--snapshot-videos", type=int, default=defaults["snapshot_videos"].default)
+    for name in ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
+                 "max_id_bytes", "max_top_k"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default,
+                            help="(default %(default)s)")
+    parser.add_argument("--batch-wait", type=float, default=BatcherConfig().max_wait,
+                        help="seconds the oldest queued video waits for company (default %(default)s)")
+    parser.add_argument("--max-queued-videos", type=int, default=BatcherConfig().max_queued_videos)
+    parser.add_argument("--grace", type=float, default=defaults["grace_seconds"].default,
+                        help="seconds a drain waits for open streams (default %(default)s)")
+    parser.add_argument("--token-file", help="bearer tokens, one a line")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow listening beyond loopback without tokens")
+    parser.add_argument("--tls-cert", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", help="server private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from engine.batcher import BatcherConfig
+    from engine.server.app import serve
+    from engine.server.config import ServerConfig
+
+    pipeline, backend_options = _pipeline_settings(args)
+    batcher = BatcherConfig(max_batch_videos=args.video_batch, max_wait=args.batch_wait,
+                            max_queued_videos=args.max_queued_videos)
+    config = ServerConfig(
+        artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
+        backend_options=backend_options, pipeline=pipeline, batcher=batcher,
+        address=args.address, state_dir=args.state_dir, snapshot_seconds=args.snapshot_seconds,
+        snapshot_videos=args.snapshot_videos, max_message_bytes=args.max_message_bytes,
+        max_frames=args.max_frames, max_streams=args.max_streams,
+        max_inflight_videos=args.max_inflight_videos, max_id_bytes=args.max_id_bytes,
+        max_top_k=args.max_top_k, grace_seconds=args.grace, processes=args.processes,
+        token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        metrics_port=args.metrics_port)
+    # the server's events (one key=value line each) go to stderr whatever -v says
+    logging.getLogger("modloc.server").setLevel(logging.INFO)
+    return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
+
+
+def _add_client(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "client",
+        help="talk to a modloc server: localize, ingest, top, submission, stats",
+        description="Send TFRecord videos to a running 'modloc serve', or read its rankings.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("address", help="host:port of the server")
+    common.add_argument("--token-file", help="file whose first token is sent as the bearer token")
+    common.add_argument("--tls-ca", help="CA certificate of the server (PEM); enables TLS")
+    common.add_argument("--timeout", type=float, help="seconds per call")
+    common.add_argument("--max-message-bytes", type=int, help="the server's message limit")
+    localize = actions.add_parser("localize", parents=[common], help="localize videos; JSON lines out")
+    localize.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
+    localize.add_argument("--threshold", type=float, default=0.0)
+    localize.add_argument("--max-segments", type=int, default=0)
+    ingest = actions.add_parser("ingest", parents=[common], help="ingest videos into the rankings")
+    ingest.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
+    ingest.add_argument("--window", type=int, default=32, help="unacknowledged videos at most")
+    top = actions.add_parser("top", parents=[common], help="one class's ranking")
+    top.add_argument("class_id", type=int)
+    top.add_argument("--k", type=int, default=10)
+    top.add_argument("--offset", type=int, default=0)
+    submission = actions.add_parser("submission", parents=[common], help="download the Kaggle CSV")
+    submission.add_argument("--out", required=True)
+    actions.add_parser("stats", parents=[common], help="the server's counters")
+    parser.set_defaults(handler=_run_client)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from engine.client import LocalizationClient
+    from engine.server.config import DEFAULT_MAX_MESSAGE_BYTES
+
+    token = None
+    if args.token_file:
+        from engine.server.security import load_tokens
+
+        token = load_tokens(args.token_file)[0]
+    with LocalizationClient(args.address, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
+                            max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES) as client:
+        if args.action == "localize":
+            for response in client.localize(args.data, args.threshold, args.max_segments):
+                print(json.dumps(MessageToDict(response)))
+        elif args.action == "ingest":
+            acks = client.ingest(args.data, window=args.window, progress=None)
+            duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
+            print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
+        elif args.action == "top":
+            for entry in client.top_segments(args.class_id, args.k, args.offset):
+                print(f"{entry.rank}\t{entry.video_id}:{entry.start_seconds}\t{entry.score:.6g}")
+        elif args.action == "submission":
+            data = client.submission(args.out)
+            print(f"wrote {args.out} ({len(data)} bytes)")
+        else:
+            _print_json(MessageToDict(client.stats()))
     return 0
 
 
@@ -339,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modloc {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_synth, _add_inspect, _add_eval, _add_infer, _add_show, _add_demo):
+    for add in (_add_synth, _add_inspect, _add_eval, _add_infer, _add_show, _add_demo,
+                _add_serve, _add_client):
         add(subparsers)
     for package in ("training", "export"):
         _add_package_commands(subparsers, package)

@@ -18,7 +18,12 @@ failed run still shows how far it got):
   ``systems.dummy`` beside ``random`` and ``perfect``;
 - ``export``: export both checkpoints to ONNX artifacts (distill leaf and ensemble, fp32
   and INT8) and score the test split through ONNX Runtime, which must give PyTorch's MAP@K
-  to 1e-4 (:func:`export.demo.run_export_stage`).
+  to 1e-4 (:func:`export.demo.run_export_stage`);
+- ``infer``: the serving engine offline, as ``modloc infer`` runs it (:func:`engine.infer.infer`:
+  the ensemble artifacts on ONNX Runtime, the native per-class top-K): writes
+  ``<out>/submission.csv``, scores it, checks it against the export stage's MAP@K (1e-4)
+  and the dummy prediction, and draws the timeline of the test video with the most
+  positive ratings to ``<out>/timeline.png`` (:func:`engine.timeline.show`).
 
 The training and export stages need the ``training`` and ``export`` packages (torch, onnx);
 they are imported inside them.
@@ -44,6 +49,8 @@ from engine.submission import write_submission
 from engine.synth import SPLITS, config_from, generate
 
 log = logging.getLogger(__name__)
+
+MAP_AGREEMENT = 1e-4  # two runs of the same artifacts may batch videos differently
 
 INSPECT_KEYS = ("files", "records", "videos", "frames", "labels", "rated_segments",
                 "positive_segments", "corrupt_records")
@@ -146,7 +153,37 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
             pytorch={"fused": report["systems"]["mod"]["map"],
                      "dummy": report["systems"]["dummy"]["map"]})
         stage_done("export", started)
+
+    started = time.perf_counter()
+    report["infer"] = _infer_stage(out, report, split_globs, manifest["segment_class_ids"], k)
+    stage_done("infer", started)
     return report
+
+
+def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int], k: int) -> dict:
+    """``modloc infer`` on the test split with the exported ensembles, and one timeline."""
+    from engine.fusion import FusionConfig
+    from engine.infer import infer
+    from engine.pipeline import PipelineConfig
+    from engine.timeline import show
+
+    variants = {"video": "ensemble-fp32", "segment": "ensemble-fp32"}
+    result = infer(out / "export", split_globs["test"], out / "submission.csv",
+                   truth=split_globs["test_truth"], **variants,
+                   config=PipelineConfig(fusion=FusionConfig(k=k)), class_ids=class_ids, progress=False)
+    exported = report["export"]["onnxruntime"]["fp32"]["fused"]
+    if abs(result["map"] - exported) > MAP_AGREEMENT:
+        raise ValueError(f"modloc infer's MAP@K {result['map']:.6f} differs from the export stage's "
+                         f"{exported:.6f} for the same artifacts")
+    busiest = max(read_videos(split_globs["test_truth"]),
+                  key=lambda video: (int((video.segment_scores > 0).sum()), video.id))
+    timeline = show(busiest.id, out / "export", split_globs["test"], out / "timeline.png",
+                    truth=split_globs["test_truth"], **variants)
+    return {**{key: result[key] for key in ("submission", "map", "classes", "videos", "windows",
+                                            "videos_per_second", "segments_per_second", "seconds")},
+            "variants": variants, "dummy_map": report["systems"]["dummy"]["map"],
+            "beats_dummy": result["map"] > report["systems"]["dummy"]["map"],
+            "timeline": {"video": busiest.id, "png": timeline["png"]}}
 
 
 @contextlib.contextmanager

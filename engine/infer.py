@@ -23,7 +23,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +100,7 @@ def infer(
     backend: str = "onnxruntime",
     config: PipelineConfig | None = None,
     fallback: bool = False,
+    class_ids: Sequence[int] | None = None,
     chunk_videos: int = CHUNK_VIDEOS,
     progress: bool | None = None,
     shard: Shard | None = None,
@@ -116,6 +117,7 @@ def infer(
         backend: ``onnxruntime``, ``torch`` or ``tensorrt``.
         config: batching and fusion settings.
         fallback: REFERENCE §7 step 5 fill of short rankings.
+        class_ids: the ranked classes, the CSV's rows (default: the 1000 segment classes).
         chunk_videos: videos per engine call.
         progress: a progress bar on stderr (None: only on a terminal).
         shard: this process's rank (default: from torchrun's environment).
@@ -130,7 +132,8 @@ def infer(
     started = time.perf_counter()
     ratings: list[_Ratings] = []
     with Engine.from_artifacts(artifacts, video, segment, backend, config,
-                               backend_options=backend_options, fallback=fallback) as engine:
+                               backend_options=backend_options, fallback=fallback,
+                               class_ids=class_ids) as engine:
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
         with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
                   file=sys.stderr, position=shard.rank) as bar:

@@ -116,3 +116,18 @@ def test_engine_localize_returns_candidates_and_fused_windows(tiny_artifacts, ti
         assert np.all(np.diff(result.candidate_scores) <= 0)
         assert result.fused.shape == (-(-len(video.features) // 5), 18)
         assert np.nanmax(result.fused) <= 1.0
+
+
+@pytest.mark.parametrize("variant", ["distill-fp32", "ensemble-fp32"])
+def test_the_same_artifacts_rank_the_same_on_pytorch_and_onnx_runtime(tiny_artifacts, tiny_dataset,
+                                                                    classes, variant):
+    videos = list(read_videos(split(tiny_dataset, "test")))
+    rankings = {}
+    for backend in ("onnxruntime", "torch"):
+        with Engine.from_artifacts(tiny_artifacts, variant, variant, backend, class_ids=classes) as engine:
+            engine.localize(videos)
+            rankings[backend] = {c: engine.ranking.ranking(c) for c in classes}
+    for class_id in classes:
+        onnx_rows, torch_rows = rankings["onnxruntime"][class_id], rankings["torch"][class_id]
+        assert [(v, s) for v, s, _ in onnx_rows] == [(v, s) for v, s, _ in torch_rows], class_id
+        np.testing.assert_allclose([x for *_, x in onnx_rows], [x for *_, x in torch_rows], rtol=1e-5)

@@ -1,0 +1,203 @@
+"""Throughput of the whole localization pipeline per backend and batch size.
+
+The engine as ``modloc infer`` and the service run it (:class:`engine.engine.Engine`):
+video-level scores → top-20 candidates → every 5-frame window scored → ``P_vid^a · P_seg^b``
+→ per-class top-K (K = 100,000, the native accumulator), over synthetic videos already
+decoded in memory (reading is ``bench_io.py``'s question). Rows:
+
+* ``segment model alone``: the backend's ``run`` over the same packed windows in batches of
+  the same size, the baseline: the pipeline's segments/s divided by it is the share of the
+  device's rate that survives the rest of the pipeline (video model, packing, fusion,
+  ranking);
+* ``pipeline``: videos/s and segments/s end to end, and where the time goes.
+
+Models: one NeXtVLAD at the paper's size (8G 128K X2 2048H r=16) with random weights,
+exported as the distill graph (fp32) with ``modloc export``'s code; the video model has
+3862 classes, the segment model 1000. On a CUDA machine a GPU section times the torch
+backend on the device (bf16 graph, optionally torch.compile) on 300-frame videos. Goals
+(issue 5): on one H200 ≥ 3.0M segments/s for segment scoring and ≥ 30K videos/s for the
+whole pipeline at 300 frames.
+
+    python benchmarks/bench_pipeline.py                        # ~6 min on 2 cores
+    python benchmarks/bench_pipeline.py --backends onnxruntime --window-batches 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from _common import RESULTS, provenance, write_section
+from bench_backends import random_checkpoint
+
+from engine.backends import open_backend
+from engine.datasets import pack_segment_windows
+from engine.engine import Engine
+from engine.fusion import FusionConfig
+from engine.io.readers import read_videos
+from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
+from engine.synth import config_from, generate
+from export.exporter import ExportSettings, export_checkpoint
+
+RESULTS_FILE = RESULTS / "bench_pipeline.md"
+HEADER = """# The localization pipeline: videos/s and segments/s per backend and batch size
+
+One section per machine. `segment model alone` is the backend's `run` over the packed
+5-frame windows in batches of the given size (the baseline); `pipeline` is the whole engine
+(video model, candidates, window packing, segment model, fusion, per-class top-K with
+K = 100,000) on the same videos. `share of model rate` = pipeline segments/s ÷ segment
+model alone. `time in segment model` is the pipeline's own stage accounting.
+"""
+
+
+def export_models(scratch: Path, args, precisions: tuple[str, ...]) -> Path:
+    """Random paper-size video (3862 classes) and segment (1000) models, exported."""
+    root = scratch / "artifacts"
+    settings = ExportSettings(graphs=("distill",), leaf=0, precisions=precisions,
+                              validation=str(scratch / "data" / "validate" / "*.tfrecord"),
+                              map_tolerance=1.0, threads=args.threads)
+    for kind in ("video", "segment"):
+        checkpoint = random_checkpoint(scratch / "checkpoints", kind, args)
+        export_checkpoint(checkpoint, root / kind, settings)
+    return root
+
+
+def median_pass(run, repeats: int) -> float:
+    run()  # warm-up: first-call allocations, kernel selection, compilation
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def bench_backend(root: Path, videos, backend: str, window_batches, args, options: dict,
+                  variant: str = "distill-fp32") -> list[dict]:
+    video_backend = open_backend(root / "video" / variant, backend, **options)
+    segment_backend = open_backend(root / "segment" / variant, backend, **options)
+    packed = pack_segment_windows(videos)
+    rows = []
+    for window_batch in window_batches:
+        def model_alone(size=window_batch):
+            for begin in range(0, len(packed), size):
+                segment_backend.run(packed.features[begin:begin + size],
+                                    num_frames=packed.num_frames[begin:begin + size])
+
+        config = PipelineConfig(fusion=FusionConfig(), video_batch_size=args.video_batch,
+                                window_batch_size=window_batch)
+        pipeline = Pipeline(ScoringModel.from_backend(video_backend),
+                            ScoringModel.from_backend(segment_backend), config)
+
+        def whole_pipeline(pipeline=pipeline):
+            engine = Engine(pipeline, class_ids=segment_backend.class_ids)  # fresh rankings per pass
+            for begin in range(0, len(videos), args.chunk):
+                engine.localize(videos[begin:begin + args.chunk])
+
+        alone = median_pass(model_alone, args.repeats)
+        before = dict(pipeline.times.seconds)
+        whole = median_pass(whole_pipeline, args.repeats)
+        spent = {stage: pipeline.times.seconds[stage] - before[stage] for stage in before}
+        label = f"{backend} {variant}" + (f" on {options['device']}" if "device" in options else "") \
+            + (" compiled" if options.get("compile") else "")
+        rows.append({"backend": label,
+                     "window_batch": window_batch, "videos": len(videos), "windows": len(packed),
+                     "alone_segments_per_s": len(packed) / alone,
+                     "videos_per_s": len(videos) / whole, "segments_per_s": len(packed) / whole,
+                     "segment_model_share": spent["segment_model"] / max(sum(spent.values()), 1e-12)})
+        print(f"  {rows[-1]['backend']} batch {window_batch}: model alone "
+              f"{rows[-1]['alone_segments_per_s']:,.0f} seg/s, pipeline {rows[-1]['videos_per_s']:,.1f} "
+              f"videos/s, {rows[-1]['segments_per_s']:,.0f} seg/s", flush=True)
+    video_backend.close()
+    segment_backend.close()
+    return rows
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| backend | window batch | segment model alone (seg/s) | pipeline videos/s | "
+             "pipeline seg/s | share of model rate | time in segment model |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['backend']} | {row['window_batch']} | {row['alone_segments_per_s']:,.0f} | "
+                     f"{row['videos_per_s']:,.1f} | {row['segments_per_s']:,.0f} | "
+                     f"{row['segments_per_s'] / row['alone_segments_per_s']:.0%} | "
+                     f"{row['segment_model_share']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"],
+                        choices=["onnxruntime", "torch"], help="CPU backends timed")
+    parser.add_argument("--window-batches", nargs="+", type=int, default=[256, 1024, 4096],
+                        help="windows per segment-model call")
+    parser.add_argument("--video-batch", type=int, default=32, help="videos per video-model call")
+    parser.add_argument("--chunk", type=int, default=256, help="videos per engine call")
+    parser.add_argument("--videos", type=int, default=48, help="synthetic videos (60-300 frames)")
+    parser.add_argument("--gpu-videos", type=int, default=2048, help="300-frame videos on the GPU")
+    parser.add_argument("--gpu-window-batch", type=int, default=16384)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile on the GPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes (median kept)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--branching", type=lambda text: tuple(int(v) for v in text.split(",")), default=(1,))
+    parser.add_argument("--cluster-size", type=int, default=128)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--expansion", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--gating-reduction", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        generate(config_from("tiny", validate_videos=16, test_videos=args.videos, min_frames=60,
+                             max_frames=300, seed=args.seed), scratch / "data", splits=("validate", "test"))
+        print("building and exporting the models ...", flush=True)
+        root = export_models(scratch, args, ("fp32", "bf16") if cuda else ("fp32",))
+        videos = list(read_videos(str(scratch / "data" / "test" / "*.tfrecord")))
+        rows = []
+        for backend in args.backends:
+            # torch's threads are process-wide (set above); ONNX Runtime's idle threads must
+            # not spin while the rest of the pipeline runs on the same cores
+            options = {} if backend == "torch" else {
+                "threads": args.threads, "session_config": {"session.intra_op.allow_spinning": "0"}}
+            rows += bench_backend(root, videos, backend, args.window_batches, args, options)
+        section = (f"## CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n"
+                   f"{provenance()}\n- Python {platform.python_version()}, torch {torch.__version__}, "
+                   f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}\n"
+                   f"- {len(videos)} synthetic videos of 60-300 frames; {args.video_batch} videos per "
+                   f"video-model call, {args.chunk} per engine call; median of {args.repeats} passes\n\n"
+                   f"{render_table(rows)}\n")
+        sections = [section]
+        if cuda:
+            long_videos = [video for video in videos if len(video.features) >= 300] or videos
+            gpu_videos = [long_videos[i % len(long_videos)] for i in range(args.gpu_videos)]
+            gpu_rows = []
+            for compile_ in ([False, True] if args.compile else [False]):
+                gpu_rows += bench_backend(root, gpu_videos, "torch", [args.gpu_window_batch], args,
+                                          {"device": "cuda", "compile": compile_}, variant="distill-bf16")
+            sections.append(f"## GPU: {torch.cuda.get_device_name()}\n\n{provenance()}\n"
+                            f"- {len(gpu_videos)} videos of 300 frames; torch backend, bf16 graph\n\n"
+                            f"{render_table(gpu_rows)}\n")
+    for text in sections:
+        print(text)
+        write_section(args.out, text, HEADER)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
