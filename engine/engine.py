@@ -104,6 +104,12 @@ class Engine:
                             ScoringModel.from_backend(segment_backend), config or PipelineConfig())
         return cls(pipeline, backends=(video_backend, segment_backend), **engine_options)
 
+    @property
+    def backends(self) -> tuple:
+        """The backends the engine loaded and owns (video-level, segment-level), for
+        callers that serve the same models another way (the KServe endpoint)."""
+        return tuple(self._backends)
+
     def localize(self, videos: Sequence[Video], orders: Sequence[int] | None = None,
                  rank: bool = True) -> list[VideoLocalization]:
         """Stages 1–3 on ``videos``, then (``rank``) their pairs into the rankings.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 from pathlib import Path
 
@@ -68,3 +70,49 @@ def tiny_artifacts(tiny_checkpoints, tmp_path_factory) -> Path:
     for kind in ("video", "segment"):
         export_checkpoint(tiny_checkpoints[kind], root / kind, settings)
     return root
+
+
+def _write_cert(tmp: Path, stem: str, subject: str, issuer_key, issuer_name, *, ca: bool,
+                sans=(), client: bool = False):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer_name or name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if not ca:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    certificate = builder.sign(issuer_key or key, hashes.SHA256())
+    (tmp / f"{stem}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp / f"{stem}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return key, name
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """ca.pem, server.pem/.key (SAN 127.0.0.1, localhost), client.pem/.key, and a second
+    CA's client certificate (rogue.pem/.key) that the server must not accept."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    tmp = tmp_path_factory.mktemp("pki")
+    ca_key, ca_name = _write_cert(tmp, "ca", "modloc test CA", None, None, ca=True)
+    _write_cert(tmp, "server", "modloc test server", ca_key, ca_name, ca=False,
+                sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")))
+    _write_cert(tmp, "client", "modloc test client", ca_key, ca_name, ca=False, client=True)
+    rogue_key, rogue_name = _write_cert(tmp, "rogue-ca", "rogue CA", None, None, ca=True)
+    _write_cert(tmp, "rogue", "rogue client", rogue_key, rogue_name, ca=False, client=True)
+    return tmp

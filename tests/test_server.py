@@ -1,0 +1,476 @@
+"""The gRPC server end to end: a real ``modloc serve`` subprocess, real channels."""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from engine._proto.inference import grpc_predict_v2_pb2 as kpb
+from engine._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
+from engine._proto.modloc.v1 import localization_pb2 as pb
+from engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_helpers import ServerProcess
+from tiny import split
+
+from engine.backends import open_backend
+from engine.client import LocalizationClient, video_chunks
+from engine.engine import Engine
+from engine.infer import infer
+from engine.io.examples import Video
+from engine.io.readers import read_videos
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_FRAMES = 400
+MAX_MESSAGE = 512 * 1024
+MAX_TOP_K = 50
+LIMITS = ("--max-frames", str(MAX_FRAMES), "--max-message-bytes", str(MAX_MESSAGE),
+          "--max-top-k", str(MAX_TOP_K), "--max-streams", "8", "--max-inflight-videos", "64")
+
+
+@pytest.fixture(scope="module")
+def test_videos(tiny_dataset) -> list[Video]:
+    return list(read_videos(split(tiny_dataset, "test")))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts, tmp_path_factory):
+    process = ServerProcess.start(tiny_artifacts, "--state-dir",
+                                  str(tmp_path_factory.mktemp("state")), *LIMITS)
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with LocalizationClient(server.address, max_message_bytes=MAX_MESSAGE, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def expected_csv(tiny_artifacts, tiny_dataset, tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("infer") / "submission.csv"
+    infer(tiny_artifacts, split(tiny_dataset, "test"), out, progress=False)
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def ingested(client, test_videos):
+    """The test split ingested once, in file order: the acks."""
+    return client.ingest(test_videos)
+
+
+def frames(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 1152), dtype=np.uint8)
+
+
+def chunk(video_id="v", count=3, **fields) -> pb.VideoChunk:
+    features = frames(count)
+    values = dict(video_id=video_id, rgb=features[:, :1024].tobytes(),
+                  audio=features[:, 1024:].tobytes(), last=True)
+    values.update(fields)
+    return pb.VideoChunk(**values)
+
+
+def call(stub_method, requests, timeout=30):
+    """All responses of a streaming call, or the RpcError it ended with."""
+    try:
+        return list(stub_method(iter(requests), timeout=timeout))
+    except grpc.RpcError as error:
+        return error
+
+
+def wait_idle(client, timeout=5.0) -> pb.StatsResponse:
+    """Stats once the server holds no video in flight (an aborted stream releases its
+    videos as its handler unwinds, just after the client sees the status)."""
+    deadline = time.monotonic() + timeout
+    while (stats := client.stats()).inflight_videos and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stats
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+def test_localize_equals_in_process_engine(client, tiny_artifacts, test_videos):
+    with Engine.from_artifacts(tiny_artifacts) as engine:
+        expected = {r.video_id: r for r in engine.localize(test_videos, rank=False)}
+    responses = list(client.localize(test_videos))
+    assert sorted(r.video_id for r in responses) == sorted(expected)
+    for response in responses:
+        result = expected[response.video_id]
+        assert response.num_frames == result.num_frames
+        assert [c.class_id for c in response.candidates] == result.candidate_ids.tolist()
+        for candidate, score in zip(response.candidates, result.candidate_scores, strict=True):
+            assert candidate.video_score == pytest.approx(score, abs=1e-6)
+            want = result.segments(candidate.class_id)
+            assert [s.start_seconds for s in candidate.segments] == [start for start, _ in want]
+            np.testing.assert_allclose([s.score for s in candidate.segments],
+                                       [value for _, value in want], atol=1e-6)
+
+
+def test_localize_options_threshold_and_max_segments(client, test_videos):
+    [full] = client.localize(test_videos[:1])
+    [cut] = client.localize(test_videos[:1], threshold=0.5, max_segments=1)
+    for whole, part in zip(full.candidates, cut.candidates, strict=True):
+        kept = [s for s in whole.segments if s.score > 0.5][:1]
+        assert [(s.start_seconds, s.score) for s in part.segments] == \
+            [(s.start_seconds, s.score) for s in kept]
+
+
+def test_chunked_video_equals_whole(client, server):
+    video = Video("long", frames(MAX_FRAMES, seed=3))
+    whole = pb.LocalizeRequest(video=video_chunks(video)[0])
+    pieces = [pb.LocalizeRequest(video=c) for c in video_chunks(video, 100 * 1152 + 4096)]
+    assert len(pieces) == 4 and pieces[0].video.expected_frames == MAX_FRAMES
+    stub = pb_grpc.LocalizationStub(client.channel)
+    [one], [other] = call(stub.Localize, [whole]), call(stub.Localize, pieces)
+    assert one == other and one.num_frames == 300  # the pipeline localizes the first 300
+
+
+def test_ingest_then_submission_equals_infer(client, ingested, test_videos, expected_csv):
+    assert [a.video_id for a in ingested] == [v.id for v in test_videos]
+    assert {a.status for a in ingested} == {pb.IngestAck.INGESTED}
+    assert [a.sequence for a in ingested] == list(range(len(test_videos)))
+    assert client.submission() == expected_csv
+    stats = client.stats()
+    assert stats.videos_ingested == stats.ranked_videos == len(test_videos)
+
+
+def test_duplicate_ingest_changes_nothing(client, ingested, test_videos, expected_csv):
+    before = client.stats()
+    acks = client.ingest(test_videos[3:5])
+    assert [a.status for a in acks] == [pb.IngestAck.DUPLICATE] * 2
+    after = client.stats()
+    assert after.duplicates == before.duplicates + 2 and after.ranked_videos == before.ranked_videos
+    assert client.submission() == expected_csv
+
+
+def test_top_segments_paging(client, ingested):
+    rows = [row.split(",") for row in client.submission().decode().splitlines()[1:]]
+    class_id, segments = next((int(c), ids.split()) for c, ids in rows if len(ids.split()) >= 3)
+    total = len(segments)
+    full = client.top_segments(class_id, min(total, MAX_TOP_K))
+    assert [f"{e.video_id}:{e.start_seconds}" for e in full] == segments[:MAX_TOP_K]
+    assert [e.rank for e in full] == list(range(len(full)))
+    assert all(a.score >= b.score for a, b in zip(full[:-1], full[1:], strict=True))
+    assert client.top_segments(class_id, 2, offset=1) == full[1:3]
+    [last] = client.top_segments(class_id, MAX_TOP_K, offset=total - 1)
+    assert (last.rank, f"{last.video_id}:{last.start_seconds}") == (total - 1, segments[-1])
+    assert client.top_segments(class_id, MAX_TOP_K, offset=total) == []
+    for k, offset, code, fragment in ((0, 0, grpc.StatusCode.INVALID_ARGUMENT, "k=0 is outside"),
+                                      (MAX_TOP_K + 1, 0, grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"k={MAX_TOP_K + 1} is outside 1..{MAX_TOP_K}"),
+                                      (1, 100_000, grpc.StatusCode.OUT_OF_RANGE, "ranking depth")):
+        with pytest.raises(grpc.RpcError) as error:
+            client.top_segments(class_id, k, offset)
+        assert error.value.code() == code and fragment in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        client.top_segments(99_999, 1)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "class_id=99999" in error.value.details()
+
+
+def test_health_reflection_model_info(server, client, tiny_artifacts):
+    assert server.health() == SERVING and server.health("modloc.v1.Localization") == SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    [answer] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"modloc.v1.Localization", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    info = client.model_info()
+    assert info.video_manifest_json == (tiny_artifacts / "video/distill-fp32/manifest.json").read_text()
+    assert info.top_n == 20 and info.k == 100_000 and len(info.ranked_class_ids) == 1000
+
+
+# --- bad input -------------------------------------------------------------------------
+
+INVALID, RANGE, EXISTS, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                                     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _piece(**fields):
+    return chunk(**{"last": False, **fields})
+
+
+BAD = {  # name: (rpc, chunks or requests, code, message fragment)
+    "empty id": ("L", [chunk("")], INVALID, "video_id is empty"),
+    "id too long": ("L", [chunk("x" * 257)], INVALID, "257 bytes of UTF-8, more than the limit of 256"),
+    "id too long multibyte": ("L", [chunk("é" * 129)], INVALID, "258 bytes"),
+    "id newline": ("L", [chunk("a\nb")], INVALID, "control character"),
+    "id nul": ("L", [chunk("a\x00b")], INVALID, "control character"),
+    "id del": ("L", [chunk("a\x7fb")], INVALID, "control character"),
+    "id nel": ("L", [chunk("a\x85b")], INVALID, "control character"),
+    "id whitespace only": ("L", [chunk("   ")], INVALID, "only whitespace"),
+    "rgb short": ("L", [chunk(rgb=b"\0" * 1023, audio=b"\0" * 128)], INVALID, "video.rgb holds 1023 bytes"),
+    "rgb long": ("L", [chunk(rgb=b"\0" * 1025, audio=b"\0" * 128)], INVALID, "video.rgb holds 1025 bytes"),
+    "audio short": ("L", [chunk(rgb=b"\0" * 1024, audio=b"\0" * 127)], INVALID, "video.audio holds 127 bytes"),
+    "audio long": ("L", [chunk(rgb=b"\0" * 1024, audio=b"\0" * 129)], INVALID, "video.audio holds 129"),
+    "frames differ": ("L", [chunk(rgb=b"\0" * 2048, audio=b"\0" * 128)], INVALID, "2 frames but video.audio 1"),
+    "no frames": ("L", [chunk(rgb=b"", audio=b"")], INVALID, "has no frames"),
+    "too many frames": ("L", [chunk(count=MAX_FRAMES + 1)], RANGE, f"{MAX_FRAMES + 1} frames so far"),
+    "too many frames chunked": ("L", [_piece(count=300), chunk(count=101, continued=True)], RANGE,
+                                f"{MAX_FRAMES + 1} frames so far"),
+    "expected over limit": ("L", [chunk(expected_frames=MAX_FRAMES + 1)], RANGE, "expected_frames=401"),
+    "expected mismatch": ("L", [chunk(count=3, expected_frames=5)], INVALID, "video.expected_frames said 5"),
+    "expected passed midway": ("L", [_piece(count=3, expected_frames=2)], INVALID,
+                               "more than video.expected_frames=2"),
+    "expected changes": ("L", [_piece(count=1, expected_frames=4), chunk(count=3, continued=True,
+                                                                         expected_frames=5)],
+                         INVALID, "differs from the first piece's 4"),
+    "continued nothing open": ("L", [chunk(continued=True)], INVALID, "no video is open"),
+    "continued other id": ("L", [_piece(video_id="a"), chunk(video_id="b", continued=True)], INVALID,
+                           "another video than the open one, 'a'"),
+    "new video while open": ("L", [_piece(video_id="a"), chunk(video_id="b")], INVALID,
+                             "video 'a' is still open"),
+    "same id while open": ("L", [_piece(video_id="a"), chunk(video_id="a")], INVALID,
+                           "video 'a' is still open"),
+    "stream ends open": ("L", [_piece(video_id="a")], INVALID, "stream ended while video 'a' was open"),
+    "duplicate in stream": ("L", [chunk("a"), chunk("a")], EXISTS, "already sent in this stream"),
+    "message too large": ("L", [chunk(count=500)], EXHAUSTED, "larger than max"),
+    "missing video": ("L", [None], INVALID, "video field is missing"),
+    "threshold nan": ("L", [pb.LocalizeRequest(video=chunk(), threshold=math.nan)], INVALID, "threshold=nan"),
+    "threshold negative": ("L", [pb.LocalizeRequest(video=chunk(), threshold=-0.1)], INVALID, "threshold=-0.1"),
+    "threshold above one": ("L", [pb.LocalizeRequest(video=chunk(), threshold=1.5)], INVALID, "[0, 1]"),
+    "threshold inf": ("L", [pb.LocalizeRequest(video=chunk(), threshold=math.inf)], INVALID, "threshold=inf"),
+    "ingest id space": ("I", [chunk("a b")], INVALID, "whitespace, ':' or ','"),
+    "ingest id colon": ("I", [chunk("a:5")], INVALID, "whitespace, ':' or ','"),
+    "ingest id comma": ("I", [chunk("a,b")], INVALID, "whitespace, ':' or ','"),
+    "ingest id tab": ("I", [chunk("a\tb")], INVALID, "control character"),
+    "ingest empty id": ("I", [chunk("")], INVALID, "video_id is empty"),
+    "ingest rgb short": ("I", [chunk(rgb=b"\0" * 100, audio=b"")], INVALID, "video.rgb holds 100 bytes"),
+    "ingest no frames": ("I", [chunk(rgb=b"", audio=b"")], INVALID, "has no frames"),
+    "ingest too many frames": ("I", [chunk(count=MAX_FRAMES + 1)], RANGE, "401 frames so far"),
+    "ingest continued nothing open": ("I", [chunk(continued=True)], INVALID, "no video is open"),
+    "ingest ends open": ("I", [_piece(video_id="z")], INVALID, "stream ended while video 'z'"),
+    "ingest missing video": ("I", [None], INVALID, "video field is missing"),
+    "ingest frames differ": ("I", [chunk(rgb=b"\0" * 1024, audio=b"")], INVALID, "1 frames but video.audio 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD), ids=sorted(BAD))
+def test_bad_input_is_refused_and_nothing_applied(case, server, client, ingested):
+    rpc, items, code, fragment = BAD[case]
+    stub = pb_grpc.LocalizationStub(client.channel)
+    if rpc == "L":
+        method, wrap = stub.Localize, lambda c: pb.LocalizeRequest(video=c)
+    else:
+        method, wrap = stub.Ingest, lambda c: pb.IngestRequest(video=c)
+    requests = [item if not isinstance(item, pb.VideoChunk) and item is not None else
+                (wrap(item) if item is not None else (pb.LocalizeRequest() if rpc == "L" else pb.IngestRequest()))
+                for item in items]
+    before = wait_idle(client)
+    error = call(method, requests)
+    assert isinstance(error, grpc.RpcError), error
+    assert error.code() == code and fragment in error.details(), (error.code(), error.details())
+    after = wait_idle(client)
+    assert server.health() == SERVING
+    assert (after.videos_ingested, after.ranked_videos, after.videos_localized, after.inflight_videos) == \
+        (before.videos_ingested, before.ranked_videos, before.videos_localized, 0)
+
+
+def test_error_after_answered_videos_keeps_them(client, ingested):
+    stub = pb_grpc.LocalizationStub(client.channel)
+    good = Video("kept-1", frames(7, seed=9))
+    requests = iter([pb.IngestRequest(video=video_chunks(good)[0]), pb.IngestRequest(video=chunk(""))])
+    before = client.stats().ranked_videos
+    answers = stub.Ingest(requests, timeout=30)
+    with pytest.raises(grpc.RpcError) as error:
+        list(answers)
+    assert error.value.code() == INVALID
+    # the good video is either acknowledged or not, but never half-applied: re-sending it
+    # gives one consistent outcome and the rankings hold it exactly once
+    [ack] = client.ingest([good])
+    assert client.stats().ranked_videos == before + 1
+    assert ack.status in (pb.IngestAck.INGESTED, pb.IngestAck.DUPLICATE)
+
+
+def test_exactly_max_frames_accepted(client):
+    [response] = client.localize([Video("edge", frames(MAX_FRAMES))])
+    assert response.video_id == "edge" and response.num_frames == 300
+    [one_frame] = client.localize([Video("one", frames(1))])
+    assert one_frame.num_frames == 1
+    [long_id] = client.localize([Video("é" * 128, frames(2))])  # 256 bytes: the limit
+    assert long_id.video_id == "é" * 128
+
+
+# --- limits, deadline, crash, drain, processes --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_artifacts, tmp_path_factory):
+    """A server whose batcher holds each video 1.5 s (so videos stay in flight), with 3
+    in-flight videos and 2 streams at most; the drain test stops it."""
+    state = tmp_path_factory.mktemp("slow-state")
+    process = ServerProcess.start(tiny_artifacts, "--state-dir", str(state), "--batch-wait", "1.5",
+                                  "--max-inflight-videos", "3", "--max-streams", "2", "--grace", "20")
+    process.state = state
+    yield process
+    if process.process.poll() is None:
+        process.kill()
+
+
+def _localize_stream(address, videos, timeout=30):
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.LocalizationStub(channel)
+    return channel, stub.Localize(iter([pb.LocalizeRequest(video=video_chunks(v)[0]) for v in videos]),
+                                  timeout=timeout)
+
+
+def test_inflight_and_stream_limits_at_their_edges(slow_server):
+    videos = [Video(f"w{i}", frames(5, seed=i)) for i in range(4)]
+    channel, exact = _localize_stream(slow_server.address, videos[:3])  # exactly the limit
+    time.sleep(0.5)
+    other, over = _localize_stream(slow_server.address, videos[3:])  # one more: refused
+    with pytest.raises(grpc.RpcError) as error:
+        list(over)
+    assert error.value.code() == EXHAUSTED and "limit of 3" in error.value.details()
+    assert sorted(r.video_id for r in exact) == ["w0", "w1", "w2"]
+    # two streams open (the limit), a third is refused
+    held = [_localize_stream(slow_server.address, [Video(f"s{i}", frames(5))]) for i in range(2)]
+    time.sleep(0.5)
+    third, refused = _localize_stream(slow_server.address, [Video("s3", frames(5))])
+    with pytest.raises(grpc.RpcError) as error:
+        list(refused)
+    assert error.value.code() == EXHAUSTED and "server's limit is 2" in error.value.details()
+    for _, stream in held:
+        assert len(list(stream)) == 1
+    for c in (channel, other, third, *(c for c, _ in held)):
+        c.close()
+
+
+def test_deadline_exceeded(slow_server):
+    channel, stream = _localize_stream(slow_server.address, [Video("late", frames(5))], timeout=0.5)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    channel.close()
+
+
+def test_sigterm_drains_in_flight_work(slow_server):
+    channel, stream = _localize_stream(slow_server.address, [Video("drained", frames(5))])
+    time.sleep(0.3)  # the video waits in the batcher
+    slow_server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert slow_server.health() == NOT_SERVING
+    refused_channel, refused = _localize_stream(slow_server.address, [Video("new", frames(5))])
+    with pytest.raises(grpc.RpcError) as error:
+        list(refused)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [r.video_id for r in stream] == ["drained"]
+    assert slow_server.stop() == 0, slow_server.log()
+    assert list(slow_server.state.glob("snapshot-*.topk"))
+    assert "event=drain_finished" in slow_server.log()
+    channel.close()
+    refused_channel.close()
+
+
+def test_sigkill_mid_ingest_then_resend_tail(tiny_artifacts, tmp_path, test_videos, expected_csv):
+    state = str(tmp_path / "state")
+    first = ServerProcess.start(tiny_artifacts, "--state-dir", state)
+    channel = grpc.insecure_channel(first.address)
+    acks = pb_grpc.LocalizationStub(channel).Ingest(
+        iter([pb.IngestRequest(video=video_chunks(v)[0]) for v in test_videos]), timeout=60)
+    acked = [next(acks).video_id for _ in range(len(test_videos) // 2)]
+    assert first.kill() == -signal.SIGKILL
+    channel.close()
+    second = ServerProcess.start(tiny_artifacts, "--state-dir", state)
+    try:
+        with LocalizationClient(second.address, timeout=60) as client:
+            assert client.stats().ranked_videos >= len(acked)  # every acknowledged video survived
+            client.ingest(test_videos[len(acked):])  # the unacknowledged tail, in order
+            assert client.submission() == expected_csv
+    finally:
+        assert second.stop() == 0
+
+
+def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # the configuration is checked before any model loads
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", str(tiny_artifacts),
+                             "--processes", "2", "--state-dir", str(tmp_path), "--address",
+                             f"127.0.0.1:{port}"], capture_output=True, text=True)
+    assert result.returncode == 1 and "rankings need a single owner" in result.stderr
+    server = ServerProcess.start(tiny_artifacts, "--processes", "2", "--address", f"127.0.0.1:{port}")
+    try:
+        pids = set()
+        for _ in range(16):  # own connections: channels otherwise share one global subchannel
+            with grpc.insecure_channel(server.address, [("grpc.use_local_subchannel_pool", 1)]) as channel:
+                pids.add(pb_grpc.LocalizationStub(channel).Stats(pb.StatsRequest(), timeout=30).process_id)
+        assert len(pids) == 2
+        with LocalizationClient(server.address, timeout=30) as client, pytest.raises(grpc.RpcError) as error:
+            client.ingest([Video("x", frames(5))], retries=0)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_async_client(server, client, ingested, test_videos):
+    import asyncio
+
+    from engine.client import AsyncLocalizationClient
+
+    async def run():
+        async with AsyncLocalizationClient(server.address, timeout=30) as aclient:
+            responses = [r async for r in aclient.localize(test_videos[:2])]
+            acks = await aclient.ingest(test_videos[:2])
+            return responses, acks, await aclient.submission()
+
+    responses, acks, csv = asyncio.run(run())
+    assert sorted(r.video_id for r in responses) == sorted(v.id for v in test_videos[:2])
+    assert [a.status for a in acks] == [pb.IngestAck.DUPLICATE] * 2
+    assert csv == client.submission()
+
+
+def test_secured_server_tls_token_kserve_and_metrics(tiny_artifacts, pki, tmp_path, test_videos):
+    """One server with TLS, a bearer token and a metrics port: the front door as deployed."""
+    token = "s3cret-token-0123456789"
+    (tmp_path / "tokens").write_text(f"# the test's token\n{token}\n")
+    with socket.socket() as probe:  # a free port for /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    server = ServerProcess.start(tiny_artifacts, "--token-file", str(tmp_path / "tokens"),
+                                 "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                                 "--metrics-port", str(metrics_port))
+    try:
+        secured = LocalizationClient(server.address, token=token, tls_ca=pki / "ca.pem", timeout=30)
+        assert [r.video_id for r in secured.localize(test_videos[:1])] == [test_videos[0].id]
+        for wrong in (None, "not-the-token-at-all-000"):
+            with pytest.raises(grpc.RpcError) as refused:
+                LocalizationClient(server.address, token=wrong, tls_ca=pki / "ca.pem", timeout=30).stats()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as plaintext:
+            LocalizationClient(server.address, token=token, timeout=5).stats()
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+        with grpc.secure_channel(server.address, credentials) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            assert health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING  # no token
+            features = np.ascontiguousarray(test_videos[0].features[None, :20])
+            request = kpb.ModelInferRequest(model_name="modloc-segment", inputs=[
+                kpb.ModelInferRequest.InferInputTensor(name="features", datatype="UINT8", shape=[1, 20, 1152]),
+                kpb.ModelInferRequest.InferInputTensor(name="num_frames", datatype="INT32", shape=[1])],
+                raw_input_contents=[features.tobytes(), np.array([20], np.int32).tobytes()])
+            response = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, timeout=30, metadata=(("authorization", f"Bearer {token}"),))
+        with open_backend(tiny_artifacts / "segment" / "distill-fp32") as backend:
+            expected = backend.run(features, num_frames=np.array([20], np.int32))
+        served = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(expected.shape)
+        np.testing.assert_array_equal(served, expected)
+
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'method="/modloc.v1.Localization/Localize"' in exposition
+        assert 'code="UNAUTHENTICATED"' in exposition
+    finally:
+        assert server.stop() == 0
