@@ -1,0 +1,138 @@
+"""benchmarks/synthetic_tables.py: the smoke scale end to end, resuming, and its statistics."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def tables():
+    """The benchmark script as a module (benchmarks/ is not a package: scripts import _common)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        yield importlib.import_module("synthetic_tables")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+ROWS = ("dummy", "dbof", "mix_t20")
+
+
+def _result_files(work: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(work)): path.read_bytes()
+            for path in sorted((work / "results").rglob("*.json"))}
+
+
+def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
+    out, work = tmp_path / "out" / "tables.md", tmp_path / "work"
+    argv = ["--scale", "smoke", "--rows", ",".join(ROWS), "--out", str(out), "--work", str(work),
+            "--workers", "1", "--device", "cpu"]
+
+    started = time.perf_counter()
+    assert tables.main(argv) == 0
+    first_seconds = time.perf_counter() - started
+    report = json.loads(out.with_suffix(".json").read_text())
+    # the video model, DBoF from scratch, the mixture's pre-training and its fine-tuning
+    assert (report["trained"], report["evaluated"], report["cached"]) == (4, 3, 0)
+    assert list(report["rows"]) == list(ROWS)
+    for key, row in report["rows"].items():
+        assert 0.0 <= row["mean"] <= 1.0 and row["n"] == 1 and row["seeds"] == [0], key
+        assert row["scaled_parameters"] > 0 and row["paper_parameters"] > row["scaled_parameters"]
+    # the dummy row is the dummy prediction of the shared video model, as every row's is
+    dummy = report["results"]["dummy"][0]["map"]
+    assert all(r[0]["dummy_map"] == pytest.approx(dummy) for r in report["results"].values())
+    # the paper-scale column is the paper's (REFERENCE §9: 83M, 16M, 250M)
+    paper = {key: row["paper_parameters"] / 1e6 for key, row in report["rows"].items()}
+    assert paper == pytest.approx({"dummy": 83.0, "dbof": 15.7, "mix_t20": 249.1}, abs=0.1)
+
+    text = out.read_text()
+    for key, row in report["rows"].items():
+        line = next(line for line in text.splitlines() if f"(`{key}`)" in line)
+        assert f"{row['mean']:.4f}" in line
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = _result_files(work)
+    assert len(before) == len(ROWS)
+    started = time.perf_counter()
+    assert tables.main(argv) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert (again["trained"], again["evaluated"], again["cached"]) == (0, 0, 3)
+    assert _result_files(work) == before
+    assert again["rows"] == report["rows"]
+    assert time.perf_counter() - started < first_seconds
+
+
+def test_changed_settings_retrain_only_what_they_touch(tables, tmp_path, monkeypatch):
+    out, work = tmp_path / "tables.md", tmp_path / "work"
+    argv = ["--scale", "smoke", "--rows", "dummy,dbof", "--out", str(out), "--work", str(work),
+            "--workers", "1", "--device", "cpu"]
+    assert tables.main(argv) == 0
+    smoke = tables.SCALES["smoke"]
+    changed = tables.dataclasses.replace(smoke, dbof={**smoke.dbof, "hidden_size": 4})
+    monkeypatch.setitem(tables.SCALES, "smoke", changed)
+    assert tables.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    # only DBoF's run and result changed hash; the video model and the dummy are reused
+    assert (report["trained"], report["evaluated"], report["cached"]) == (1, 1, 1)
+
+
+def test_a_killed_run_is_retrained_and_a_torn_result_rescored(tables, tmp_path):
+    out, work = tmp_path / "tables.md", tmp_path / "work"
+    argv = ["--scale", "smoke", "--rows", "dummy", "--out", str(out), "--work", str(work),
+            "--workers", "1", "--device", "cpu"]
+    assert tables.main(argv) == 0
+    (run_json,) = (work / "runs").rglob("run.json")
+    run_json.unlink()  # as if killed after training, before the run was recorded
+    (result,) = (work / "results").rglob("*.json")
+    result.write_text('{"row": "dum')  # as if torn mid-write
+    assert tables.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert (report["trained"], report["evaluated"]) == (1, 1)
+
+
+def test_unknown_rows_are_refused(tables, capsys):
+    with pytest.raises(SystemExit):
+        tables.main(["--scale", "smoke", "--rows", "dummy,nonsense"])
+    assert "unknown row(s) ['nonsense']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dof", "expected"), [(1, 12.7062), (2, 4.3027), (3, 3.1824),
+                                               (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_the_tables(tables, dof, expected):
+    assert tables.t_quantile(0.95, dof) == pytest.approx(expected, abs=1e-4)
+
+
+def test_mean_interval(tables):
+    stats = tables.mean_interval([0.5, 0.6, 0.7])
+    assert stats["mean"] == pytest.approx(0.6) and stats["std"] == pytest.approx(0.1)
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert stats["ci"] == pytest.approx([0.6 - half, 0.6 + half], abs=1e-6)
+    assert tables.mean_interval([0.4]) == {"n": 1, "mean": 0.4, "std": None, "ci": None}
+
+
+def test_claims_are_paired_by_seed(tables):
+    rows = [row for row in tables.ROWS if row.key in ("nextvlad", "nextvlad_scratch")]
+    results = {
+        "nextvlad": [{"seed": s, "map": m, "scaled_parameters": 10, "device": "cpu",
+                      "train_seconds": {"pretrain": 1.0, "finetune": 1.0}}
+                     for s, m in ((0, 0.80), (1, 0.70), (2, 0.90))],
+        "nextvlad_scratch": [{"seed": s, "map": m, "scaled_parameters": 10, "device": "cpu",
+                              "train_seconds": {"pretrain": 0.0, "finetune": 1.0}}
+                             for s, m in ((2, 0.89), (0, 0.79), (1, 0.69))],
+    }
+    (claim,) = tables.summarize(rows, results)["claims"]
+    # the seeds' differences are all +0.01: a paired interval of zero width, though the rows'
+    # own spreads overlap completely
+    assert claim["difference"]["mean"] == pytest.approx(0.01)
+    assert claim["difference"]["ci"] == pytest.approx([0.01, 0.01], abs=1e-9)
