@@ -339,6 +339,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         infer = report["infer"]
         print(f"  modloc infer: {infer['map']:.4f} ({infer['videos_per_second']:,.0f} videos/s) -> "
               f"{infer['submission']}; timeline of {infer['timeline']['video']} -> {infer['timeline']['png']}")
+    if "serve" in report:
+        served = report["serve"]
+        print(f"  modloc serve: {served['map']:.4f} ({served['ingest_videos_per_second']:,.0f} videos/s "
+              f"ingested over gRPC) -> {served['submission']}")
     return 0
 
 

@@ -23,7 +23,12 @@ failed run still shows how far it got):
   the ensemble artifacts on ONNX Runtime, the native per-class top-K): writes
   ``<out>/submission.csv``, scores it, checks it against the export stage's MAP@K (1e-4)
   and the dummy prediction, and draws the timeline of the test video with the most
-  positive ratings to ``<out>/timeline.png`` (:func:`engine.timeline.show`).
+  positive ratings to ``<out>/timeline.png`` (:func:`engine.timeline.show`);
+- ``serve``: ``modloc serve`` on the same artifacts (a subprocess on a loopback port), the
+  test split streamed through ``Localize`` and ``Ingest`` with the Python client, the
+  submission fetched from the service (``<out>/served_submission.csv``) and scored: its
+  MAP@K must equal the ``infer`` stage's (1e-4); the server is stopped with SIGTERM and
+  must drain and exit 0.
 
 The training and export stages need the ``training`` and ``export`` packages (torch, onnx);
 they are imported inside them.
@@ -124,16 +129,16 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
     stage_done("systems", started)
 
     classes = manifest["segment_class_ids"] + manifest["extra_class_ids"]
-    with _single_threaded():
+    with single_threaded():
         started = time.perf_counter()
-        pretrained = _train_stage(out / "pretrain", "pretrain", {
+        pretrained = train_stage(out / "pretrain", "pretrain", {
             **DEMO_PRETRAIN, "data.train": [split_globs["train"]], "data.classes": classes,
             "seed": config.seed})
         report["pretrain"] = pretrained
         stage_done("pretrain", started)
 
         started = time.perf_counter()
-        report["finetune"] = _train_stage(out / "finetune", "finetune", {
+        report["finetune"] = train_stage(out / "finetune", "finetune", {
             **DEMO_FINETUNE, "data.train": [split_globs["validate"]],
             "init_from": pretrained["checkpoint"], "seed": config.seed})
         stage_done("finetune", started)
@@ -157,7 +162,50 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
     started = time.perf_counter()
     report["infer"] = _infer_stage(out, report, split_globs, manifest["segment_class_ids"], k)
     stage_done("infer", started)
+
+    started = time.perf_counter()
+    report["serve"] = _serve_stage(out, report, split_globs, k)
+    stage_done("serve", started)
     return report
+
+
+def _serve_stage(out: Path, report: dict, split_globs: dict, k: int) -> dict:
+    """The test split through the gRPC service; its submission must score as ``infer``'s."""
+    import shutil
+
+    from engine.client import LocalizationClient
+    from engine.server.process import ServerProcess
+
+    state = out / "serve-state"
+    shutil.rmtree(state, ignore_errors=True)  # a rerun starts from empty rankings
+    variants = report["infer"]["variants"]
+    server = ServerProcess.start(out / "export", "--video", variants["video"], "--segment",
+                                 variants["segment"], "--k", str(k), "--state-dir", str(state))
+    try:
+        videos = list(read_videos(split_globs["test"]))
+        with LocalizationClient(server.address, timeout=300) as client:
+            started = time.perf_counter()
+            localized = sum(1 for _ in client.localize(videos))
+            localize_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            acks = client.ingest(videos)
+            ingest_seconds = time.perf_counter() - started
+            path = out / "served_submission.csv"
+            client.submission(path)
+            stats = client.stats()
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise RuntimeError(f"modloc serve exited with status {status} after SIGTERM:\n{server.log()}")
+    scores = evaluate_submission(str(path), split_globs["test_truth"], k=k)
+    if abs(scores["map"] - report["infer"]["map"]) > MAP_AGREEMENT:
+        raise ValueError(f"the service's submission scores {scores['map']:.6f}, modloc infer's "
+                         f"{report['infer']['map']:.6f}")
+    return {"address": server.address, "submission": str(path), "map": scores["map"],
+            "classes": scores["classes"], "localized": localized, "ingested": len(acks),
+            "localize_videos_per_second": round(localized / localize_seconds, 1),
+            "ingest_videos_per_second": round(len(acks) / ingest_seconds, 1),
+            "windows_scored": stats.windows_scored, "exit_status": status}
 
 
 def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int], k: int) -> dict:
@@ -187,7 +235,7 @@ def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int
 
 
 @contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
+def single_threaded() -> Iterator[None]:
     """One torch thread for the training stages (data loading takes the other core).
 
     The demo's models are small: on a 2-core machine that is also busy, two intra-op
@@ -203,7 +251,7 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _train_stage(run_dir: Path, recipe: str, settings: dict) -> dict:
+def train_stage(run_dir: Path, recipe: str, settings: dict) -> dict:
     """Train with ``recipe`` and ``settings``; the report's summary of the run."""
     from training.checkpoint import read_checkpoint_config
     from training.config import load_config

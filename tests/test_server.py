@@ -19,7 +19,6 @@ from engine._proto.modloc.v1 import localization_pb2 as pb
 from engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_helpers import ServerProcess
 from tiny import split
 
 from engine.backends import open_backend
@@ -28,6 +27,7 @@ from engine.engine import Engine
 from engine.infer import infer
 from engine.io.examples import Video
 from engine.io.readers import read_videos
+from engine.server.process import ServerProcess
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_FRAMES = 400

@@ -1,4 +1,5 @@
-"""Start and stop a real ``modloc serve`` in a subprocess, for the server tests.
+"""A ``modloc serve`` in a subprocess, started and stopped from Python: what the demo, the
+service benchmark and the server tests use.
 
 ::
 
