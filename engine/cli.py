@@ -189,6 +189,10 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="runtime for both models (default onnxruntime)")
     parser.add_argument("--device", help="torch: cpu (default), cuda or cuda:N; onnxruntime: cuda "
                         "(the CUDA execution provider, needs onnxruntime-gpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch backend: run the models through torch.compile")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="torch backend on CUDA: replay CUDA graphs (one per batch shape)")
     parser.add_argument("--top-n", type=int, default=defaults.fusion.top_n,
                         help="candidate classes per video (default %(default)s)")
     parser.add_argument("--video-exponent", type=float, default=defaults.fusion.video_exponent,
@@ -216,10 +220,13 @@ def _pipeline_settings(args: argparse.Namespace) -> tuple:
                           include_partial=args.include_partial, k=args.k)
     config = PipelineConfig(fusion=fusion, video_batch_size=args.video_batch,
                             window_batch_size=args.window_batch)
+    if (args.compile or args.cuda_graphs) and args.backend != "torch":
+        raise ValueError("--compile and --cuda-graphs are options of the torch backend")
+    if args.backend == "torch":
+        options = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
+        return config, ({"device": args.device, **options} if args.device else options)
     if not args.device:
         return config, {}
-    if args.backend == "torch":
-        return config, {"device": args.device}
     if args.backend == "onnxruntime" and args.device.split(":")[0] == "cuda":
         # ONNX Runtime picks a CUDA device through its provider (needs onnxruntime-gpu)
         return config, {"providers": ("CUDAExecutionProvider", "CPUExecutionProvider")}

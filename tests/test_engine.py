@@ -131,3 +131,15 @@ def test_the_same_artifacts_rank_the_same_on_pytorch_and_onnx_runtime(tiny_artif
         onnx_rows, torch_rows = rankings["onnxruntime"][class_id], rankings["torch"][class_id]
         assert [(v, s) for v, s, _ in onnx_rows] == [(v, s) for v, s, _ in torch_rows], class_id
         np.testing.assert_allclose([x for *_, x in onnx_rows], [x for *_, x in torch_rows], rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile"], "options of the torch backend"),
+    (["--cuda-graphs"], "options of the torch backend"),
+    (["--device", "tpu"], "not an option of the onnxruntime backend"),
+    (["--backend", "tensorrt", "--device", "cuda"], "not an option of the tensorrt backend"),
+])
+def test_backend_flags_that_do_not_fit_are_refused(tmp_path, capsys, flags, message):
+    assert main(["infer", str(tmp_path), "--data", str(tmp_path / "x.tfrecord"), "--out",
+                 str(tmp_path / "s.csv"), *flags]) == 1
+    assert message in capsys.readouterr().err
