@@ -474,3 +474,38 @@ def test_secured_server_tls_token_kserve_and_metrics(tiny_artifacts, pki, tmp_pa
         assert 'code="UNAUTHENTICATED"' in exposition
     finally:
         assert server.stop() == 0
+
+
+def test_health_is_not_serving_while_the_models_load(tiny_artifacts):
+    """The port opens before the models load: probes see NOT_SERVING, the APIs UNAVAILABLE."""
+    import asyncio
+
+    from engine.server.app import _Server
+    from engine.server.config import ServerConfig
+
+    async def scenario():
+        server = _Server(ServerConfig(artifacts=tiny_artifacts, address="127.0.0.1:0", grace_seconds=1))
+        port = await server.bind()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            kserve_stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            stub = pb_grpc.LocalizationStub(channel)
+            for service in ("", "modloc.v1.Localization"):
+                answer = await health_stub.Check(health_pb2.HealthCheckRequest(service=service))
+                assert answer.status == NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as loading:
+                await stub.Stats(pb.StatsRequest())
+            assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading its models" in loading.value.details()
+            assert not (await kserve_stub.ServerReady(kpb.ServerReadyRequest())).ready
+            with pytest.raises(grpc.aio.AioRpcError) as model_loading:
+                await kserve_stub.ModelMetadata(kpb.ModelMetadataRequest(name="modloc-video"))
+            assert model_loading.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await server.load()
+            assert (await health_stub.Check(health_pb2.HealthCheckRequest())).status == SERVING
+            assert (await stub.Stats(pb.StatsRequest())).process_id > 0
+            assert (await kserve_stub.ServerReady(kpb.ServerReadyRequest())).ready
+        await server.drain("test")
+
+    asyncio.run(scenario())

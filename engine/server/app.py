@@ -1,9 +1,9 @@
 """``serve(config)``: the gRPC server process, from loading the models to a graceful drain.
 
-Start-up: the core loads the artifacts and restores the rankings, then the server binds
-and opens; health (``grpc.health.v1``, overall and per service) turns SERVING only then,
-and the bound address is announced (``on_ready``; ``modloc serve`` prints it). While the
-models load the port is closed, which probes read as not ready.
+Start-up: the server binds and opens first, health (``grpc.health.v1``, overall and per
+service) NOT_SERVING and the APIs answering UNAVAILABLE; then the core loads the artifacts
+and restores the rankings; health turns SERVING only then, and the bound address is
+announced (``on_ready``; ``modloc serve`` prints it).
 
 Services: ``modloc.v1.Localization``, ``grpc.health.v1.Health``, server reflection and
 KServe v2 (``inference.GRPCInferenceService`` over the same backends,
@@ -53,17 +53,13 @@ DRAIN_POLL_SECONDS = 0.05
 FEATURE_BYTES_WITH_MASK = FEATURE_SIZE + 4  # a KServe frame: uint8 features, an FP32 mask entry
 
 
-def _kserve_servicer(core: EngineCore, ready: Callable[[], bool]) -> kserve.KServeServicer:
-    """The KServe servicer over the engine's two backends, its batch bounded so that a
-    full request fits the server's message limit."""
-    per_video = core.config.pipeline.max_frames * FEATURE_BYTES_WITH_MASK
-    max_batch = max(1, (core.config.max_message_bytes - (64 << 10) - MESSAGE_OVERHEAD) // per_video)
-    # Engine keeps the backends it opened; the pipeline's scorers close over the same objects.
-    video_backend, segment_backend = core.engine.backends
-    return kserve.KServeServicer({kserve.DEFAULT_MODEL_NAMES["video"]: video_backend,
-                                  kserve.DEFAULT_MODEL_NAMES["segment"]: segment_backend},
-                                 ready=ready, max_batch=max_batch,
-                                 max_frames=core.config.pipeline.max_frames)
+def _kserve_servicer(config: ServerConfig, ready: Callable[[], bool]) -> kserve.KServeServicer:
+    """The KServe servicer (models attached once loaded), its batch bounded so that a full
+    request fits the server's message limit."""
+    per_video = config.pipeline.max_frames * FEATURE_BYTES_WITH_MASK
+    max_batch = max(1, (config.max_message_bytes - (64 << 10) - MESSAGE_OVERHEAD) // per_video)
+    return kserve.KServeServicer(None, ready=ready, max_batch=max_batch,
+                                 max_frames=config.pipeline.max_frames)
 
 
 class _Server:
@@ -72,7 +68,10 @@ class _Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.core: EngineCore | None = None
+        self.localization = LocalizationService()
+        self.kserve: kserve.KServeServicer | None = None
         self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
         self.health = health.aio.HealthServicer()
         self.services = [LOCALIZATION_SERVICE]
         self.metrics = None
@@ -80,22 +79,29 @@ class _Server:
         self.ready = False
 
     async def start(self) -> int:
-        """Load, bind, open; returns the bound port."""
+        """Bind and open (health NOT_SERVING), load the models, then serve; the bound port."""
+        port = await self.bind()
+        await self.load()
+        return port
+
+    async def bind(self) -> int:
+        """Open the port with every service registered, before the models load: health
+        answers NOT_SERVING and the APIs UNAVAILABLE until :meth:`load` is done."""
         config = self.config
-        tokens = security.load_tokens(config.token_file) if config.token_file is not None \
+        self.tokens = security.load_tokens(config.token_file) if config.token_file is not None \
             else security.tokens_from_env()
-        security.check_exposure(config.address, tokens, config.insecure_no_auth)
-        self.core = await asyncio.to_thread(EngineCore.load, config)
+        security.check_exposure(config.address, self.tokens, config.insecure_no_auth)
         self.metrics = metrics.ServerMetrics()
         interceptors = [self.metrics.interceptor()]  # first: counts refusals too
-        if tokens:
-            interceptors.append(security.BearerTokenInterceptor(tokens))
+        if self.tokens:
+            interceptors.append(security.BearerTokenInterceptor(self.tokens))
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", int(config.processes > 1))]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_LocalizationServicer_to_server(LocalizationService(self.core), self.server)
-        _kserve_servicer(self.core, lambda: self.ready).add_to_server(self.server)
+        pb_grpc.add_LocalizationServicer_to_server(self.localization, self.server)
+        self.kserve = _kserve_servicer(config, lambda: self.ready)
+        self.kserve.add_to_server(self.server)
         self.services.append(kserve.pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -105,10 +111,22 @@ class _Server:
         if config.tls_cert is not None:
             credentials = security.server_credentials(config.tls_cert, config.tls_key,
                                                       config.tls_client_ca)
-            port = self.server.add_secure_port(config.address, credentials)
+            self.port = self.server.add_secure_port(config.address, credentials)
         else:
-            port = self.server.add_insecure_port(config.address)
+            self.port = self.server.add_insecure_port(config.address)
         await self.server.start()
+        log_event("loading", address=f"{config.host}:{self.port}", pid=os.getpid())
+        return self.port
+
+    async def load(self) -> None:
+        """Load the models and the rankings, attach them to the services, turn SERVING."""
+        config = self.config
+        self.core = await asyncio.to_thread(EngineCore.load, config)
+        self.localization.core = self.core
+        # the engine's own backends: KServe clients call the very models the pipeline runs
+        video_backend, segment_backend = self.core.engine.backends
+        self.kserve.attach({kserve.DEFAULT_MODEL_NAMES["video"]: video_backend,
+                            kserve.DEFAULT_MODEL_NAMES["segment"]: segment_backend})
         self.core.start_background()
         if config.metrics_port is not None:
             self.metrics_http = self.metrics.start_http_server(config.metrics_port, config.host)
@@ -116,9 +134,8 @@ class _Server:
         self.ready = True
         for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log_event("serving", address=f"{config.host}:{port}", pid=os.getpid(),
+        log_event("serving", address=f"{config.host}:{self.port}", pid=os.getpid(),
                   services=",".join(self.services))
-        return port
 
     async def _refresh_metrics(self) -> None:
         """Copy the core's gauges into the metrics once a second."""
@@ -157,6 +174,8 @@ async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | No
     try:
         port = await server.start()
     except BaseException:
+        if server.server is not None:
+            await server.server.stop(0)
         if server.core is not None:
             await server.core.close()
         raise

@@ -134,7 +134,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     Args:
         models: model name → backend (e.g. :data:`DEFAULT_MODEL_NAMES` → the engine's
-            video-level and segment-level backends).
+            video-level and segment-level backends); None to :meth:`attach` them later.
         ready: whether the server is ready for inference (ServerReady, ModelReady; inference
             is refused with UNAVAILABLE while it is false, e.g. while draining).
         server_name, server_version: what ServerMetadata reports.
@@ -145,33 +145,41 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             lock the engine's own pipeline holds when it shares the backend object.
     """
 
-    def __init__(self, models: Mapping[str, Backend], ready: Callable[[], bool],
+    def __init__(self, models: Mapping[str, Backend] | None, ready: Callable[[], bool],
                  server_name: str = "modloc", server_version: str = engine.__version__,
                  max_batch: int = DEFAULT_MAX_BATCH, max_frames: int = MAX_FRAMES,
                  locks: Mapping[str, threading.Lock] | None = None):
-        if not models:
-            raise ValueError("KServeServicer needs at least one model")
-        if any(not name for name in models):
-            raise ValueError("model names must not be empty")
         for label, value in (("max_batch", max_batch), ("max_frames", max_frames)):
             if int(value) < 1:
                 raise ValueError(f"{label} must be >= 1, got {value}")
-        self.models = dict(models)
         self.ready = ready
         self.server_name = server_name
         self.server_version = server_version
         self.max_batch = int(max_batch)
         self.max_frames = int(max_frames)
+        self.models: dict[str, Backend] = {}
+        if models is not None:
+            self.attach(models, locks)
+
+    def attach(self, models: Mapping[str, Backend],
+               locks: Mapping[str, threading.Lock] | None = None) -> None:
+        """Serve ``models`` (a server registers the service before its models have loaded:
+        until then every model call answers UNAVAILABLE)."""
+        if not models:
+            raise ValueError("KServeServicer needs at least one model")
+        if any(not name for name in models):
+            raise ValueError("model names must not be empty")
         by_backend: dict[int, threading.Lock] = {}
         self._locks = {}
-        for name, backend in self.models.items():
+        for name, backend in models.items():
             if locks is not None and name in locks:
                 self._locks[name] = locks[name]
             else:
                 self._locks[name] = by_backend.setdefault(id(backend), threading.Lock())
         # the class ids parameter is the same string for every response of a model
         self._class_ids = {name: ",".join(map(str, backend.class_ids))
-                           for name, backend in self.models.items()}
+                           for name, backend in models.items()}
+        self.models = dict(models)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the service on a ``grpc.aio`` server."""
@@ -267,6 +275,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._response(request, probabilities, batch)
 
     def _model(self, name: str, version: str) -> Backend:
+        if not self.models:
+            raise KServeError(grpc.StatusCode.UNAVAILABLE, "the server is loading its models")
         backend = self.models.get(name)
         if backend is None:
             raise KServeError(grpc.StatusCode.NOT_FOUND,

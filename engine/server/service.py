@@ -362,10 +362,16 @@ class _Stream:
 class LocalizationService(pb_grpc.LocalizationServicer):
     """The modloc.v1 API over an :class:`EngineCore`."""
 
-    def __init__(self, core: EngineCore):
-        self.core = core
+    def __init__(self, core: EngineCore | None = None):
+        self.core = core  # None while the server loads its models
+
+    async def _loaded(self, context) -> None:
+        if self.core is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is loading its models; "
+                                "retry when its health reports SERVING")
 
     async def _enter(self, context, rpc: str) -> None:
+        await self._loaded(context)
         if self.core.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; "
                                 "retry on another server or later")
@@ -390,6 +396,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             yield answer
 
     async def Ingest(self, request_iterator, context):
+        await self._loaded(context)
         if self.core.rankings is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this server keeps no rankings (start it with a state directory)")
@@ -397,6 +404,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             yield answer
 
     async def TopSegments(self, request, context):
+        await self._loaded(context)
         k, offset = request.k, request.offset
         limit = self.core.config.top_k_limit
         if not 1 <= k <= limit:
@@ -416,6 +424,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             yield pb.RankedSegment(rank=rank, video_id=video_id, start_seconds=start, score=score)
 
     async def Submission(self, request, context):
+        await self._loaded(context)
         try:
             text = await asyncio.to_thread(self.core.submission_csv)
         except NoRankings as error:
@@ -425,6 +434,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             yield pb.SubmissionChunk(csv=data[begin: begin + SUBMISSION_PIECE_BYTES])
 
     async def Stats(self, request, context):
+        await self._loaded(context)
         stats = self.core.stats()
         return pb.StatsResponse(
             videos_localized=stats["videos_localized"], videos_ingested=stats["videos_ingested"],
@@ -437,6 +447,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             ranked_videos=self.core.ranked_videos)
 
     async def ModelInfo(self, request, context):
+        await self._loaded(context)
         return pb.ModelInfoResponse(**self.core.model_info())
 
 
