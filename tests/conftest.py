@@ -35,6 +35,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: tiny models gain nothing from intra-op threads,
+    and on a busy 2-core machine the threads' synchronization costs more than the arithmetic
+    (tenfold, measured; CPU BatchNorm's threaded kernel stalls ~40 ms per call)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
     """A tiny video-level tree pre-trained for 12 steps, and a segment-level one fine-tuned

@@ -40,14 +40,7 @@ TINY = NeXtVLADConfig(num_classes=7, cluster_size=4, groups=2, expansion=2, hidd
                       gating_reduction=4, drop_rate=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on busy cores CPU BatchNorm's
-    threaded kernel stalls ~40 ms per call; the spawned ranks set the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tree(branching, leaf=TINY) -> MODTree:

@@ -54,14 +54,7 @@ def pretrain_settings(dataset: Path, out: Path, **overrides) -> dict:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine the threads'
-    synchronization costs more than the arithmetic (tenfold, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
