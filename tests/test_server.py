@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import socket
@@ -509,3 +510,23 @@ def test_health_is_not_serving_while_the_models_load(tiny_artifacts):
         await server.drain("test")
 
     asyncio.run(scenario())
+
+
+def test_client_cli(server, ingested, expected_csv, tiny_dataset, tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["client", "ingest", server.address, "--data", split(tiny_dataset, "test")]) == 0
+    assert capsys.readouterr().out.strip() == f"ingested 0 videos ({len(ingested)} duplicates)"
+    assert main(["client", "submission", server.address, "--out", str(tmp_path / "s.csv")]) == 0
+    assert (tmp_path / "s.csv").read_bytes() == expected_csv
+    capsys.readouterr()
+    class_id, segments = next((int(row.split(",")[0]), row.split(",")[1].split())
+                              for row in expected_csv.decode().splitlines()[1:] if row.split(",")[1])
+    assert main(["client", "top", server.address, str(class_id), "--k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[1] for line in lines] == segments[:2]
+    assert main(["client", "localize", server.address, "--data", split(tiny_dataset, "test")]) == 0
+    responses = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(responses) == 24 and all(r["candidates"] for r in responses)
+    assert main(["client", "stats", server.address]) == 0
+    assert int(json.loads(capsys.readouterr().out)["videosIngested"]) >= len(ingested)
