@@ -83,6 +83,17 @@ GOALS = {"onnxruntime fp32": ("pytorch", 2.0), "onnxruntime int8": ("onnxruntime
 Run = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags :func:`random_checkpoint` reads (default: the paper's NeXtVLAD)."""
+    parser.add_argument("--branching", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=(1,), help="tree shape (default 1: one leaf, i.e. one NeXtVLAD)")
+    parser.add_argument("--cluster-size", type=int, default=128)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--expansion", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--gating-reduction", type=int, default=16)
+
+
 def random_checkpoint(directory: Path, kind: str, args) -> Path:
     """A tree with random weights and BatchNorm statistics (folding must have work to do)."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -200,13 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", choices=["segment", "video"], default=["segment", "video"])
     parser.add_argument("--graph", choices=["distill", "ensemble"], default="distill")
-    parser.add_argument("--branching", type=lambda text: tuple(int(v) for v in text.split(",")),
-                        default=(1,), help="tree shape (default 1: one leaf, i.e. one NeXtVLAD)")
-    parser.add_argument("--cluster-size", type=int, default=128)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--expansion", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--gating-reduction", type=int, default=16)
+    add_model_arguments(parser)
     parser.add_argument("--window-batch", type=int, default=256, help="windows per segment batch")
     parser.add_argument("--video-batch", type=int, default=8, help="videos per video batch")
     parser.add_argument("--videos", type=int, default=48, help="synthetic test videos timed")

@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime
 import torch
 from _common import RESULTS, provenance, write_section
-from bench_backends import random_checkpoint
+from bench_backends import add_model_arguments, random_checkpoint
 
 from engine.backends import open_backend
 from engine.datasets import pack_segment_windows
@@ -149,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median kept)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--branching", type=lambda text: tuple(int(v) for v in text.split(",")), default=(1,))
-    parser.add_argument("--cluster-size", type=int, default=128)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--expansion", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--gating-reduction", type=int, default=16)
+    add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_FILE)
     args = parser.parse_args(argv)

@@ -36,7 +36,6 @@ from engine.topk import TopK
 from engine.vocab import default_segment_class_ids
 
 MultiScorer = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
-VideoBatch = tuple[list[Video], np.ndarray, np.ndarray]
 
 
 def video_batches(patterns: Patterns, batch_size: int,
@@ -149,4 +148,4 @@ def _chunks(videos: Iterable[Video], size: int) -> Iterator[list[Video]]:
         yield chunk
 
 
-__all__ = ["MultiScorer", "Scorer", "VideoBatch", "localize_split", "score_windows", "video_batches"]
+__all__ = ["MultiScorer", "Scorer", "localize_split", "score_windows", "video_batches"]

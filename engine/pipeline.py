@@ -224,13 +224,14 @@ class Pipeline:
         self._lap("segment_model", started)
 
         started = time.perf_counter()
-        fused = self._fuse(candidate_ids, candidate_scores.astype(np.float64), window_scores,
+        candidate_scores = candidate_scores.astype(np.float64)
+        fused = self._fuse(candidate_ids, candidate_scores, window_scores,
                            np.diff(packed.offsets))
         results = [
             VideoLocalization(
                 video_id=video.id, num_frames=min(len(video.features), self.config.max_frames),
                 candidate_ids=candidate_ids[row],
-                candidate_scores=candidate_scores[row].astype(np.float64),
+                candidate_scores=candidate_scores[row],
                 window_starts=packed.starts[packed.offsets[row]: packed.offsets[row + 1]],
                 partial=packed.partial[packed.offsets[row]: packed.offsets[row + 1]],
                 fused=fused[packed.offsets[row]: packed.offsets[row + 1]],
