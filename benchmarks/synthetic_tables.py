@@ -1,6 +1,7 @@
 """The paper's Tables 1–2 (REFERENCE §9) reproduced on a synthetic benchmark, resumably.
 
     python benchmarks/synthetic_tables.py                         # the full run (hours on 2 cores)
+    python benchmarks/synthetic_tables.py --jobs 2                # the same, two seeds at a time
     python benchmarks/synthetic_tables.py --scale smoke --rows dummy,mix_t20 --out /tmp/t.md
     python benchmarks/synthetic_tables.py --time-steps 20          # measure s/step, estimate the run
 
@@ -55,7 +56,9 @@ Under ``--work``: ``data-<hash>/`` (the dataset), ``runs/seed-<s>/<run>-<hash>/`
 training run; ``run.json`` marks it finished) and ``results/<row>/seed-<s>.json`` (each
 (row, seed) result, written as soon as it is scored). A rerun skips every finished result
 and training run whose configuration hash still matches, and retrains what a change of
-settings touches; a run killed midway restarts from its beginning (runs are minutes long).
+settings touches; a training run killed midway resumes from its newest checkpoint (one
+every :data:`CHECKPOINT_EVERY` steps; the trainer's resume is exact, and the run's training
+time counts both parts), so the full run may be stopped and continued at any time.
 The hashes cover the settings, not the code: after changing a model or the trainer, give a
 fresh ``--work``.
 
@@ -90,6 +93,9 @@ from engine.metrics.segment import MAX_SEGMENTS_PER_CLASS
 from engine.synth import SynthConfig, config_from, generate
 
 RESULTS_FILE = RESULTS / "tables.md"
+# Steps between a training run's checkpoints, from which a killed run resumes: about five
+# minutes of the longest runs (the 12-leaf trees) on one CPU thread.
+CHECKPOINT_EVERY = 100
 
 # --- scales -----------------------------------------------------------------------------
 
@@ -461,13 +467,20 @@ class Benchmark:
             record["checkpoint"] = str(directory / Path(record["checkpoint"]).name)
             if Path(record["checkpoint"]).is_dir():
                 return record
+        from training.checkpoint import latest_checkpoint, list_checkpoints
+
         parent = self.ensure_run(run.parent, seed)["checkpoint"] if run.parent else None
-        # a run killed midway left a partial directory: start it over
-        shutil.rmtree(directory, ignore_errors=True)
+        # A run killed midway continues from its newest checkpoint (the trainer's resume is
+        # exact); one killed before its first checkpoint starts over.
+        resume = directory.is_dir() and bool(list_checkpoints(directory))
+        if not resume:
+            shutil.rmtree(directory, ignore_errors=True)
         recipe, settings = self.settings(run, seed, parent)
-        say(f"train {key} seed {seed}: start")
+        say(f"train {key} seed {seed}: " + (f"resume from {latest_checkpoint(directory).name}"
+                                            if resume else "start"))
         with self._threads():
-            summary = train_stage(directory, recipe, settings)
+            summary = train_stage(directory, recipe, settings, checkpoint_every=CHECKPOINT_EVERY,
+                                  resume=resume)
         record = {**summary, "run": key, "seed": seed, "hash": self.run_hash(key, seed),
                   "device": self.device_label, "parameters": self._parameters(summary["checkpoint"])}
         write_json(directory / "run.json", record)
@@ -794,6 +807,37 @@ def time_runs(bench: Benchmark, rows: list[Row], seeds: int, steps: int) -> int:
     return 0
 
 
+def score_seed(scale_name: str, dataset: Dataset, work: Path, device: str, row_keys: list[str],
+               seed: int) -> tuple[int, int]:
+    """One ``--jobs`` process: trains and scores every unfinished row of ``seed`` into the
+    cache under ``work``; returns (runs trained, rows scored)."""
+    bench = Benchmark(SCALES[scale_name], dataset, work, device)
+    for row in parse_rows(",".join(row_keys)):
+        if bench.cached_result(row, seed) is None:
+            bench.score(row, seed)
+    return bench.trained, bench.evaluated
+
+
+def score_seeds_in_parallel(bench: Benchmark, rows: list[Row], seeds: int, jobs: int) -> None:
+    """``--jobs``: the seeds with unfinished rows, one process per seed, ``jobs`` at a time
+    (seeds share nothing but the dataset); their results land in the cache."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pending = [seed for seed in range(seeds) if any(bench.cached_result(row, seed) is None for row in rows)]
+    if not pending:
+        return
+    say(f"seeds {pending}: {min(jobs, len(pending))} processes at a time")
+    with ProcessPoolExecutor(min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(score_seed, bench.scale.name, bench.data, bench.work, bench.device,
+                               [row.key for row in rows], seed) for seed in pending]
+        for seed, future in zip(pending, futures, strict=True):
+            trained, evaluated = future.result()
+            bench.trained += trained
+            bench.evaluated += evaluated
+            say(f"seed {seed}: every row finished")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -807,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset, training runs and per-(row, seed) results (default runs/tables)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating the dataset")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds trained at once, one process with one torch thread each "
+                             "(default 1; up to the CPU cores; CPU only)")
     parser.add_argument("--time-steps", type=int, metavar="N",
                         help="only measure: train every needed run of seed 0 for N steps in a "
                              "scratch directory and print the estimated time of the full run")
@@ -817,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     scale = SCALES[args.scale]
     seeds = scale.seeds if args.seeds is None else args.seeds
-    if seeds < 1 or (args.time_steps is not None and args.time_steps < 1):
-        parser.error("--seeds and --time-steps must be >= 1")
+    if seeds < 1 or args.jobs < 1 or (args.time_steps is not None and args.time_steps < 1):
+        parser.error("--seeds, --jobs and --time-steps must be >= 1")
 
     args.work.mkdir(parents=True, exist_ok=True)
     dataset = prepare_dataset(scale, args.work, args.workers)
@@ -828,6 +875,10 @@ def main(argv: list[str] | None = None) -> int:
             return time_runs(bench, rows, seeds, args.time_steps)
 
     bench = Benchmark(scale, dataset, args.work, args.device)
+    if args.jobs > 1:
+        if bench.device_label.startswith("CUDA"):
+            parser.error("--jobs is for CPU runs: on a GPU the seeds run one after another")
+        score_seeds_in_parallel(bench, rows, seeds, args.jobs)
     jobs = [(row, seed) for seed in range(seeds) for row in rows]
     results: dict[str, list[dict]] = {}
     cached = 0

@@ -251,27 +251,37 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def train_stage(run_dir: Path, recipe: str, settings: dict) -> dict:
-    """Train with ``recipe`` and ``settings``; the report's summary of the run."""
+def train_stage(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every: int | None = None,
+                resume: bool = False) -> dict:
+    """Train with ``recipe`` and ``settings``; the report's summary of the run.
+
+    ``checkpoint_every`` steps a checkpoint is written (besides the final one); ``resume``
+    continues the run from the newest checkpoint in ``run_dir``. ``seconds`` in the summary
+    is the run's training time since step 0, resumes included.
+    """
     from training.checkpoint import read_checkpoint_config
     from training.config import load_config
     from training.trainer import CURVES_FILE, train
 
     config = load_config(recipe, None, {**settings, "out": str(run_dir), "eval_every": None,
-                                        "checkpoint_every": None, "log_every": 10,
-                                        "progress": False})
+                                        "checkpoint_every": checkpoint_every, "keep_checkpoints": 1,
+                                        "resume": resume, "log_every": 10, "progress": False})
     result = train(config)
+    saved = read_checkpoint_config(result.checkpoint)
     sums = {kind: sum(value for name, value in result.final_terms.items()
                       if name.split("/")[0] == kind) for kind in ("bce", "kl", "l2")}
     return {
-        "model": read_checkpoint_config(result.checkpoint)["model"]["preset"],
+        "model": saved["model"]["preset"],
         "steps": result.steps,
         "epochs": result.epoch,
         "examples": result.examples,
-        "seconds": result.seconds,
-        "examples_per_second": round(result.examples / result.seconds, 1),
-        "first_loss": result.losses[0],
-        "final_loss": result.final_loss,
+        "seconds": result.total_seconds,
+        "resumed_at_step": result.start_step,
+        "examples_per_second": round(result.examples / result.total_seconds, 1),
+        # step 1's loss is known to a call that began there; a resume that found the run
+        # already at its end ran no step, and its final loss is the checkpoint's
+        "first_loss": result.losses[0] if result.start_step == 0 else None,
+        "final_loss": result.final_loss if result.losses else saved["training"]["state"]["loss"],
         "final_terms": sums,
         "loss_terms": len(result.final_terms),
         "temperatures": list(config.loss.temperatures),

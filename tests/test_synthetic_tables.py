@@ -87,18 +87,72 @@ def test_changed_settings_retrain_only_what_they_touch(tables, tmp_path, monkeyp
     assert (report["trained"], report["evaluated"], report["cached"]) == (1, 1, 1)
 
 
-def test_a_killed_run_is_retrained_and_a_torn_result_rescored(tables, tmp_path):
+def test_an_unrecorded_run_is_resumed_and_a_torn_result_rescored(tables, tmp_path):
     out, work = tmp_path / "tables.md", tmp_path / "work"
     argv = ["--scale", "smoke", "--rows", "dummy", "--out", str(out), "--work", str(work),
             "--workers", "1", "--device", "cpu"]
     assert tables.main(argv) == 0
     (run_json,) = (work / "runs").rglob("run.json")
-    run_json.unlink()  # as if killed after training, before the run was recorded
+    run_json.unlink()  # as if killed after its last checkpoint, before the run was recorded
     (result,) = (work / "results").rglob("*.json")
     result.write_text('{"row": "dum')  # as if torn mid-write
     assert tables.main(argv) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert (report["trained"], report["evaluated"]) == (1, 1)
+
+
+class _Killed(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def test_a_run_killed_midway_resumes_from_its_checkpoint(tables, tmp_path, monkeypatch):
+    from training.trainer import Trainer
+
+    def argv(work: Path) -> list[str]:
+        return ["--scale", "smoke", "--rows", "dummy", "--out", str(work / "tables.md"),
+                "--work", str(work), "--workers", "1", "--device", "cpu"]
+
+    monkeypatch.setattr(tables, "CHECKPOINT_EVERY", 2)
+    assert tables.main(argv(tmp_path / "whole")) == 0
+    whole = json.loads((tmp_path / "whole" / "tables.json").read_text())
+
+    step = Trainer._step
+
+    def dies_after_step_5(self, batch):
+        if self.state.step == 5:  # past the checkpoint of step 4, before step 6's
+            raise _Killed
+        return step(self, batch)
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", dies_after_step_5)
+        with pytest.raises(_Killed):
+            tables.main(argv(killed))
+    (run_dir,) = (killed / "runs" / "seed-0").iterdir()
+    assert [path.name for path in run_dir.glob("step-*")] == ["step-00000004"]
+    assert not (run_dir / "run.json").exists()
+
+    assert tables.main(argv(killed)) == 0
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["resumed_at_step"] == 4 and record["steps"] == 6 and record["seconds"] > 0
+    resumed = json.loads((killed / "tables.json").read_text())
+    # the trainer's resume is exact: the same weights, so the same score
+    assert resumed["results"]["dummy"][0]["map"] == whole["results"]["dummy"][0]["map"]
+
+
+def test_jobs_train_seeds_in_parallel_processes(tables, tmp_path):
+    def argv(work: Path, *extra: str) -> list[str]:
+        return ["--scale", "smoke", "--rows", "dummy", "--seeds", "2", "--out", str(work / "tables.md"),
+                "--work", str(work), "--workers", "1", "--device", "cpu", *extra]
+
+    assert tables.main(argv(tmp_path / "parallel", "--jobs", "2")) == 0
+    parallel = json.loads((tmp_path / "parallel" / "tables.json").read_text())
+    assert (parallel["trained"], parallel["evaluated"], parallel["cached"]) == (2, 2, 2)
+    assert tables.main(argv(tmp_path / "serial")) == 0
+    serial = json.loads((tmp_path / "serial" / "tables.json").read_text())
+    assert ([r["map"] for r in parallel["results"]["dummy"]]
+            == [r["map"] for r in serial["results"]["dummy"]])
+    assert parallel["results"]["dummy"][0]["map"] != parallel["results"]["dummy"][1]["map"]
 
 
 def test_unknown_rows_are_refused(tables, capsys):

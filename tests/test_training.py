@@ -173,7 +173,9 @@ def test_checkpoint_round_trip_and_mismatch_errors(pretrained, tmp_path):
     assert config["model"]["preset"] == "mod_4x3" and len(config["classes"]) == 18
     assert config["training"]["state"] == {"phase": "pretrain", "step": 10, "epoch": 1,
                                            "batch_in_epoch": 4, "examples": 80,
-                                           "loss": result.final_loss}
+                                           "loss": result.final_loss,
+                                           "seconds": config["training"]["state"]["seconds"]}
+    assert 0 < config["training"]["state"]["seconds"] <= result.total_seconds
     rebuilt = build_model(model_config_from_dict(config["model"]["config"]))
     rebuilt.load_state_dict(saved)
     rebuilt.eval()
@@ -215,6 +217,10 @@ def test_resume_repeats_the_uninterrupted_run_exactly(pretrained, tiny_dataset, 
     rest = train(load_config("pretrain", None, pretrain_settings(tiny_dataset, out, resume=True)))
     assert rest.start_step == 5 and rest.steps == 10
     assert first.losses + rest.losses == uninterrupted.losses  # bitwise
+    # the run's training time counts both calls: the first up to its checkpoint
+    before = read_checkpoint_config(first.checkpoint)["training"]["state"]["seconds"]
+    assert 0 < before <= first.total_seconds
+    assert rest.total_seconds == pytest.approx(before + rest.seconds, abs=0.01)
     assert [e["gap"] for e in rest.evaluations] == [e["gap"] for e in uninterrupted.evaluations[1:]]
     resumed = load_file(Path(rest.checkpoint) / "model.safetensors")
     reference = load_file(Path(uninterrupted.checkpoint) / "model.safetensors")

@@ -70,6 +70,8 @@ class TrainingState:
         batch_in_epoch: batches of that epoch already consumed; a resumed run skips them.
         examples: examples consumed since step 0.
         loss: the loss of the last update, if any.
+        seconds: wall time spent training since step 0, summed over every call that trained
+            the run (an interrupted run's time up to its checkpoint, then the resumed call's).
     """
 
     phase: str
@@ -78,6 +80,7 @@ class TrainingState:
     batch_in_epoch: int = 0
     examples: int = 0
     loss: float | None = None
+    seconds: float = 0.0
 
 
 @dataclass(eq=False)

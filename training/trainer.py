@@ -131,6 +131,8 @@ class TrainResult:
         epoch: the epoch in progress at the end (epochs completed, if it ended on a boundary).
         examples: examples consumed since step 0.
         seconds: wall time of this call.
+        total_seconds: wall time since step 0 over every call that trained the run (this
+            call's plus, after a resume, the time up to the checkpoint it resumed from).
         losses: the loss of every step this call ran, in order.
         final_terms: every loss term of the last step this call ran, by name (the last step
             is always logged).
@@ -145,6 +147,7 @@ class TrainResult:
     epoch: int
     examples: int
     seconds: float
+    total_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     final_terms: dict[str, float] = field(default_factory=dict)
     evaluations: list[dict] = field(default_factory=list)
@@ -387,6 +390,7 @@ class Trainer:
 
         config, state = self.config, self.state
         started = time.perf_counter()
+        self._seconds_at = (started, state.seconds)
         result = TrainResult(run_dir=str(self.run_dir), checkpoint="", phase=config.phase,
                              start_step=state.step, steps=state.step, epoch=state.epoch,
                              examples=state.examples, seconds=0.0)
@@ -412,7 +416,13 @@ class Trainer:
         result.checkpoint = str(self.last_checkpoint)
         result.steps, result.epoch, result.examples = state.step, state.epoch, state.examples
         result.seconds = round(time.perf_counter() - started, 3)
+        result.total_seconds = self._total_seconds()
         return result
+
+    def _total_seconds(self) -> float:
+        """Training wall time since step 0, resumes included (see TrainingState.seconds)."""
+        call_started, before = self._seconds_at
+        return round(before + time.perf_counter() - call_started, 3)
 
     def _run_epoch(self, writer, bar: tqdm, rate: _Rate, result: TrainResult) -> None:
         """Train on the rest of the current epoch, or until the run is finished."""
@@ -515,6 +525,7 @@ class Trainer:
         """Write a checkpoint (under torchrun: a collective; rank 0 writes)."""
         directory = step_directory(self.run_dir, self.state.step)
         self.last_checkpoint = directory
+        self.state.seconds = self._total_seconds()
         model, optimizer = self._full_model()
         if not self.writes:
             return
