@@ -107,6 +107,20 @@ def test_torchrun_ranks_equal_the_single_process_run_and_resume(settings, single
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
+def test_torchrun_ranks_draw_their_own_dropout_masks_and_resume_them(settings, tmp_path):
+    """With dropout each rank has its own stream (the towers of different ranks must not share
+    masks), the checkpoint keeps every rank's, and a run stopped and resumed on as many ranks
+    repeats the uninterrupted one exactly."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    torchrun(settings, whole, "--dropout", "0.5")
+    torchrun(settings, resumed, "--dropout", "0.5", "--max-steps", "2")
+    torchrun(settings, resumed, "--dropout", "0.5", "--resume")
+    assert_same_run(resumed, whole, tolerance=0.0)
+    state = load_file(whole / "step-00000004" / "state.safetensors")
+    assert not torch.equal(state["rng/rank/0/cpu"], state["rng/rank/1/cpu"])
+    assert torch.equal(state["rng/rank/0/cpu"], state["rng/cpu"])
+
+
 def test_parallel_runs_need_a_tree_with_towers(settings, tmp_path):
     with pytest.raises(ValueError, match="not a tree"):
         train(load_config("pretrain", settings, {

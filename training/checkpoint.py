@@ -8,7 +8,8 @@ A checkpoint is a directory::
                         model.safetensors
     state.safetensors   what an exact resume needs besides the weights: the optimizer's
                         slots keyed by parameter name ("optimizer/<param>/<slot>") and the
-                        torch RNG states ("rng/cpu", "rng/cuda/<i>")
+                        torch RNG states ("rng/cpu", "rng/cuda/<i>"); under torchrun also
+                        every rank's own ("rng/rank/<r>/cpu", "rng/rank/<r>/cuda")
 
 A directory is written under a temporary name and renamed into place, so a reader sees
 either the previous checkpoint or the complete new one. :func:`load_checkpoint` checks the
@@ -166,6 +167,7 @@ def save_checkpoint(
     training: dict | None = None,
     state: TrainingState | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    rank_rng_states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint of ``model`` (and, with ``optimizer``, the resume state) atomically.
 
@@ -177,6 +179,8 @@ def save_checkpoint(
         preset: the registry name it was created from, for the record.
         training: the run's config as a dict; ``state``: where the run stands.
         optimizer: its slots (by parameter name) and the RNG states go to state.safetensors.
+        rank_rng_states: under torchrun, every rank's :func:`rng_state`, in rank order (with
+            ``optimizer``): each rank draws its own dropout masks, and resumes its own stream.
     """
     directory = Path(directory)
     if len(class_ids) != num_classes_of(model.config):
@@ -202,7 +206,10 @@ def save_checkpoint(
         config["training"] = {"config": training,
                               "state": dataclasses.asdict(state) if state is not None else None}
     if optimizer is not None:
-        save_file(_resume_tensors(model, optimizer), tmp / STATE_FILE)
+        tensors = _resume_tensors(model, optimizer)
+        for rank, states in enumerate(rank_rng_states or ()):
+            tensors.update({f"rng/rank/{rank}/{kind}": value for kind, value in states.items()})
+        save_file(tensors, tmp / STATE_FILE)
         config["optimizer"] = {
             "type": type(optimizer).__name__,
             "param_groups": [{k: v for k, v in group.items() if k != "params"}
@@ -230,6 +237,26 @@ def _resume_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{index}"] = rng
     return tensors
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states that dropout on ``device`` draws from: ``cpu`` (and ``cuda``)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def load_rank_rng_state(directory: str | os.PathLike, rank: int,
+                        world_size: int) -> dict[str, torch.Tensor] | None:
+    """Rank ``rank``'s RNG states saved by a torchrun run of ``world_size`` ranks, or None when
+    the checkpoint holds none or was written by another number of ranks."""
+    tensors = load_file(Path(directory) / STATE_FILE)
+    saved_ranks = {key.split("/")[2] for key in tensors if key.startswith("rng/rank/")}
+    if len(saved_ranks) != world_size:
+        return None
+    prefix = f"rng/rank/{rank}/"
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def _config_text(config: dict) -> str:

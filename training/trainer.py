@@ -41,10 +41,11 @@ Model parallelism (a MOD tree of two or more layers; :mod:`training.parallel`):
   gate's gradients are summed over the ranks before clipping, and clipping and Adam stay
   per rank. The logged loss is the gathered total. Rank 0 alone writes the run directory:
   checkpoints hold the whole tree and every Adam slot (gathered), in the single-process
-  format, so a run may resume with another world size or none. Resume restores rank 0's
-  RNG state on every rank: all ranks are seeded alike, so with equal tower blocks their
-  dropout streams stay equal and the resume is exact; with uneven blocks and dropout it is
-  not. Every rank reads the checkpoints: the run directory must be shared.
+  format, so a run may resume with another world size or none. Each rank draws its own
+  dropout masks (rank 0 the run's stream, rank r a stream seeded from (seed, r)), and
+  checkpoints keep every rank's RNG state: a resume on as many ranks is exact, one on
+  another number is exact without dropout. Every rank reads the checkpoints: the run
+  directory must be shared.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -75,9 +77,11 @@ from training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_rank_rng_state,
     model_config_from_dict,
     read_checkpoint_config,
     restore_resume_state,
+    rng_state,
     save_checkpoint,
     step_directory,
 )
@@ -351,10 +355,35 @@ class Trainer:
             self.model.load_full_state_dict(tree.state_dict())
             self.model.to(self.env.device)
             self.device = self.env.device
+            self._seed_rank(config)
         # rank 0 keeps a whole tree to assemble checkpoints in; a PlacedTree shares its modules
         self.tree = tree if self.writes else None
         self.optimizer = self._make_optimizer(config)
         _load_optimizer_slots(self.model, self.optimizer, slots)
+
+    def _seed_rank(self, config: TrainConfig) -> None:
+        """Under torchrun, every rank its own dropout stream: towers on different ranks must
+        not share masks (in one process they draw one after another from one stream).
+
+        Rank 0 keeps the run's stream; rank r > 0 starts from a seed of (seed, r). A resume
+        with the world size of the checkpoint restores every rank's saved stream (exact); with
+        another, ranks r > 0 start afresh from (seed, r, step).
+        """
+        rank = self.env.rank
+        saved = (load_rank_rng_state(self.resumed_from, rank, self.env.world_size)
+                 if self.resumed_from is not None else None)
+        if saved is not None:
+            torch.set_rng_state(saved["cpu"])
+            if "cuda" in saved and self.device.type == "cuda":
+                torch.cuda.set_rng_state(saved["cuda"], self.device)
+            return
+        if self.resumed_from is not None:
+            log.warning("%s holds no RNG state for %d ranks: dropout of ranks > 0 starts afresh, "
+                        "so the resumed run is not the uninterrupted one", self.resumed_from,
+                        self.env.world_size)
+        if rank > 0:
+            key = (config.seed, rank) if self.resumed_from is None else (config.seed, rank, self.state.step)
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
     def _dataset(self, patterns: tuple[str, ...], shuffle: bool) -> FrameDataset:
         data = self.config.data
@@ -527,11 +556,16 @@ class Trainer:
         self.last_checkpoint = directory
         self.state.seconds = self._total_seconds()
         model, optimizer = self._full_model()
+        rank_rng_states = None
+        if isinstance(self.model, DistributedMOD):
+            rank_rng_states = [None] * self.env.world_size if self.writes else None
+            dist.gather_object(rng_state(self.device), rank_rng_states, dst=0)
         if not self.writes:
             return
         save_checkpoint(directory, model, class_ids=self.class_ids,
                         max_frames=self.config.data.max_frames, preset=self.preset,
-                        training=self.config.to_dict(), state=self.state, optimizer=optimizer)
+                        training=self.config.to_dict(), state=self.state, optimizer=optimizer,
+                        rank_rng_states=rank_rng_states)
         for old in list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         self.curves.plot(self.run_dir / CURVES_FILE, f"{self.config.phase} ({self.preset})")
