@@ -20,6 +20,7 @@ whole pipeline at 300 frames.
 
     python benchmarks/bench_pipeline.py                        # ~6 min on 2 cores
     python benchmarks/bench_pipeline.py --backends onnxruntime --window-batches 1024
+    python benchmarks/bench_pipeline.py --backends --compile   # a GPU machine: the GPU section only
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def render_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"],
-                        choices=["onnxruntime", "torch"], help="CPU backends timed")
+    parser.add_argument("--backends", nargs="*", default=["onnxruntime", "torch"],
+                        choices=["onnxruntime", "torch"],
+                        help="CPU backends timed (none: only the GPU section)")
     parser.add_argument("--window-batches", nargs="+", type=int, default=[256, 1024, 4096],
                         help="windows per segment-model call")
     parser.add_argument("--video-batch", type=int, default=32, help="videos per video-model call")
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
+    if not args.backends and not cuda:
+        parser.error("nothing to time: no CPU backend given and no CUDA device here")
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -163,20 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         print("building and exporting the models ...", flush=True)
         root = export_models(scratch, args, ("fp32", "bf16") if cuda else ("fp32",))
         videos = list(read_videos(str(scratch / "data" / "test" / "*.tfrecord")))
-        rows = []
+        rows, sections = [], []
         for backend in args.backends:
             # torch's threads are process-wide (set above); ONNX Runtime's idle threads must
             # not spin while the rest of the pipeline runs on the same cores
             options = {} if backend == "torch" else {
                 "threads": args.threads, "session_config": {"session.intra_op.allow_spinning": "0"}}
             rows += bench_backend(root, videos, backend, args.window_batches, args, options)
-        section = (f"## CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n"
-                   f"{provenance()}\n- Python {platform.python_version()}, torch {torch.__version__}, "
-                   f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}\n"
-                   f"- {len(videos)} synthetic videos of 60-300 frames; {args.video_batch} videos per "
-                   f"video-model call, {args.chunk} per engine call; median of {args.repeats} passes\n\n"
-                   f"{render_table(rows)}\n")
-        sections = [section]
+        if rows:
+            sections.append(
+                f"## CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n"
+                f"{provenance()}\n- Python {platform.python_version()}, torch {torch.__version__}, "
+                f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}\n"
+                f"- {len(videos)} synthetic videos of 60-300 frames; {args.video_batch} videos per "
+                f"video-model call, {args.chunk} per engine call; median of {args.repeats} passes\n\n"
+                f"{render_table(rows)}\n")
         if cuda:
             long_videos = [video for video in videos if len(video.features) >= 300] or videos
             gpu_videos = [long_videos[i % len(long_videos)] for i in range(args.gpu_videos)]

@@ -229,6 +229,33 @@ def test_resume_repeats_the_uninterrupted_run_exactly(pretrained, tiny_dataset, 
     assert [json.loads(row)["step"] for row in history if "terms" in row] == list(range(1, 11))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_on_cuda_resumes_and_loads_on_the_cpu(tiny_dataset, tmp_path):
+    """The GPU recipe (bf16 autocast, fused Adam's device) end to end: finite losses, fp32
+    master weights in the checkpoint, the CUDA RNG state saved and restored on resume, and a
+    checkpoint that scores alike on the GPU and on the CPU."""
+    out = tmp_path / "run"
+    settings = pretrain_settings(tiny_dataset, out, device="cuda", bf16=True, max_steps=5,
+                                 eval_every=None)
+    first = train(load_config("pretrain", None, settings))
+    assert first.steps == 5 and all(math.isfinite(loss) for loss in first.losses)
+    state = load_file(Path(first.checkpoint) / "state.safetensors")
+    assert any(key.startswith("rng/cuda/") for key in state)
+    rest = train(load_config("pretrain", None, {**settings, "max_steps": 8, "resume": True}))
+    assert rest.start_step == 5 and rest.steps == 8 and all(math.isfinite(x) for x in rest.losses)
+
+    weights = load_file(Path(rest.checkpoint) / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+    on_gpu, on_cpu = load_checkpoint(rest.checkpoint, "cuda"), load_checkpoint(rest.checkpoint, "cpu")
+    features = torch.randint(0, 256, (4, 30, 1152), dtype=torch.uint8)
+    frames = torch.tensor([30, 12, 5, 1])
+    with torch.no_grad():
+        expected = on_cpu.model(features, frames).root
+        actual = on_gpu.model(features.cuda(), frames.cuda()).root.cpu()
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_finetuning_restores_weights_and_adam_state(pretrained, tiny_dataset, tmp_path):
     _, result = pretrained
     segment_ids = synth_manifest(tiny_dataset)["segment_class_ids"]
