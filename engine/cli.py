@@ -212,6 +212,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
 
 def _pipeline_settings(args: argparse.Namespace) -> tuple:
     """``(PipelineConfig, backend options)`` from :func:`_add_pipeline_options`' flags."""
+    from engine.distributed import rank_device
     from engine.fusion import FusionConfig
     from engine.pipeline import PipelineConfig
 
@@ -222,14 +223,17 @@ def _pipeline_settings(args: argparse.Namespace) -> tuple:
                             window_batch_size=args.window_batch)
     if (args.compile or args.cuda_graphs) and args.backend != "torch":
         raise ValueError("--compile and --cuda-graphs are options of the torch backend")
+    device = rank_device(args.device) if args.device else None
     if args.backend == "torch":
         options = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
-        return config, ({"device": args.device, **options} if args.device else options)
-    if not args.device:
+        return config, ({"device": device, **options} if device else options)
+    if not device:
         return config, {}
-    if args.backend == "onnxruntime" and args.device.split(":")[0] == "cuda":
+    if args.backend == "onnxruntime" and device.split(":")[0] == "cuda":
         # ONNX Runtime picks a CUDA device through its provider (needs onnxruntime-gpu)
-        return config, {"providers": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+        index = int(device.partition(":")[2] or 0)
+        return config, {"providers": (("CUDAExecutionProvider", {"device_id": index}),
+                                      "CPUExecutionProvider")}
     raise ValueError(f"--device {args.device} is not an option of the {args.backend} backend "
                      "(torch: cpu, cuda, cuda:N; onnxruntime: cuda; tensorrt picks its device itself)")
 

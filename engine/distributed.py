@@ -38,6 +38,15 @@ class Shard:
         return cls(rank, world_size)
 
 
+def rank_device(device: str) -> str:
+    """``device`` for this process: a bare ``cuda`` under torchrun is the rank's own GPU,
+    ``cuda:LOCAL_RANK`` (every rank on ``cuda:0`` would share one device); anything else
+    is kept."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 def shard_files(files: list[str], shard: Shard) -> list[tuple[int, str]]:
     """``(global file index, path)`` of the files this shard reads: every ``world_size``-th,
     so each file is read by exactly one rank."""

@@ -133,6 +133,27 @@ def test_the_same_artifacts_rank_the_same_on_pytorch_and_onnx_runtime(tiny_artif
         np.testing.assert_allclose([x for *_, x in onnx_rows], [x for *_, x in torch_rows], rtol=1e-5)
 
 
+def test_onnxruntime_refuses_to_run_without_a_provider_it_was_asked_for(tiny_artifacts):
+    import onnxruntime
+
+    from engine.artifacts import ArtifactError
+    from engine.backends import open_backend
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    cuda = (("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider")
+    with pytest.raises(ArtifactError, match="has no CUDAExecutionProvider here .* onnxruntime-gpu"):
+        open_backend(tiny_artifacts / "segment" / "distill-fp32", "onnxruntime", providers=cuda)
+
+
+def test_a_bare_cuda_device_is_the_ranks_own_gpu_under_torchrun(monkeypatch):
+    from engine.distributed import rank_device
+
+    assert rank_device("cuda") == "cuda" and rank_device("cuda:1") == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (rank_device("cuda"), rank_device("cuda:1"), rank_device("cpu")) == ("cuda:3", "cuda:1", "cpu")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--compile"], "options of the torch backend"),
     (["--cuda-graphs"], "options of the torch backend"),

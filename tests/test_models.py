@@ -340,6 +340,14 @@ def test_bce_forms_agree_for_moderate_logits():
     torch.testing.assert_close(bce(logits, labels, None, "probabilities"), manual)
 
 
+def test_bce_on_probabilities_of_bf16_logits_is_computed_in_fp32():
+    # under bf16 autocast the logits are bf16; p = sigmoid(9.25) = 0.99990 must not round to 1
+    logits = torch.tensor([[9.25, -9.25, 0.5]], dtype=torch.bfloat16)
+    labels = torch.tensor([[0.0, 1.0, 1.0]])
+    expected = bce(logits.float(), labels, None, "probabilities")
+    assert bce(logits, labels, None, "probabilities").item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("form", ["logits", "probabilities"])
 def test_label_weights_mask_bce_exactly(form):
     torch.manual_seed(0)

@@ -192,7 +192,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, cases) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # see one_thread
-    env = init_from_env()
+    env = init_from_env("cpu")
     assert (env.rank, env.world_size, env.device) == (rank, world_size, torch.device("cpu"))
     try:
         for reference, loss_config, grouped, ranks in cases:

@@ -393,6 +393,58 @@ def test_sigkill_mid_ingest_then_resend_tail(tiny_artifacts, tmp_path, test_vide
         assert second.stop() == 0
 
 
+@pytest.mark.parametrize("flavor", ["blocking", "asyncio"])
+def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts, tmp_path, test_videos,
+                                                          expected_csv):
+    """The server is killed (SIGKILL) halfway through an ingest and a new one starts on the
+    same address and state; the client reconnects by itself, resends its unacknowledged tail
+    in order and goes on. Every video is acknowledged once, and the rankings end equal to
+    offline inference over the same videos."""
+    import asyncio
+    import threading
+
+    from engine.client import AsyncLocalizationClient
+
+    state = str(tmp_path / "state")
+    first = ServerProcess.start(tiny_artifacts, "--state-dir", state)
+    servers = []
+
+    def restart():
+        assert first.kill() == -signal.SIGKILL
+        servers.append(ServerProcess.start(tiny_artifacts, "--state-dir", state, "--address", first.address))
+
+    restarter = threading.Thread(target=restart)
+
+    def videos():
+        for index, video in enumerate(test_videos):
+            if index == len(test_videos) // 2:
+                restarter.start()  # in the background: the client must see the stream break
+            yield video
+
+    try:
+        if flavor == "blocking":
+            with LocalizationClient(first.address, timeout=60) as client:
+                acks = client.ingest(videos(), window=4)
+        else:
+            async def ingest():
+                async with AsyncLocalizationClient(first.address, timeout=60) as client:
+                    return await client.ingest(videos(), window=4)
+
+            acks = asyncio.run(ingest())
+        restarter.join()
+        assert sorted(ack.video_id for ack in acks) == sorted(video.id for video in test_videos)
+        with LocalizationClient(first.address, timeout=60) as client:
+            stats = client.stats()
+            # the restarted server answers; it ingested the part the first one had not
+            assert stats.process_id == servers[0].process.pid
+            assert 0 < stats.videos_ingested < len(test_videos) == stats.ranked_videos
+            assert client.submission() == expected_csv
+    finally:
+        restarter.join()
+        for server in servers:
+            assert server.stop() == 0, server.log()
+
+
 def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

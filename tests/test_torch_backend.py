@@ -200,6 +200,7 @@ def test_compiled_program_matches_eager_on_the_cpu(artifacts):
                                    eager.run(features, num_frames=num_frames), rtol=AGREEMENT)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_program_agrees_with_the_cpu(artifacts):
     artifact = load_artifact(artifacts["segment"])
@@ -210,6 +211,7 @@ def test_cuda_program_agrees_with_the_cpu(artifacts):
                                       cpu.run(features, num_frames=num_frames)) <= 1e-4
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_graphs_replay_each_shape(artifacts):
     artifact = load_artifact(artifacts["video"])

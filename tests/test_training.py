@@ -124,6 +124,15 @@ def test_clipping_is_per_variable():
     assert torch.allclose(other.grad, torch.tensor([0.0, -1.0]))  # not scaled by the global norm
 
 
+def test_clipping_takes_gradients_on_several_devices():
+    # a tree placed on several devices has gradients on each: clipped per device, no stacking
+    # across them ("meta" stands in for a second device: shapes only)
+    here, there = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))
+    here.grad, there.grad = torch.tensor([0.0, -2.0]), torch.ones(2, device="meta")
+    clip_by_norm_([here, there], 1.0)
+    assert torch.allclose(here.grad, torch.tensor([0.0, -1.0])) and there.grad.device.type == "meta"
+
+
 # --- pre-training, logging, checkpoints -----------------------------------------------
 
 

@@ -378,7 +378,8 @@ def restore_resume_state(
                         _class_selection(saved_ids, class_ids), directory)
     if rng:
         torch.set_rng_state(tensors["rng/cpu"])
-        cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+        cuda_states = [tensors[key] for key in sorted((k for k in tensors if k.startswith("rng/cuda/")),
+                                                      key=lambda k: int(k.rpartition("/")[2]))]
         if cuda_states and torch.cuda.is_available():
             if len(cuda_states) != torch.cuda.device_count():
                 raise CheckpointError(f"{path}: RNG states of {len(cuda_states)} GPUs, "

@@ -127,7 +127,10 @@ def bce(
     """BCE of ``(B, C)`` logits in the chosen form."""
     if form == "logits":
         return bce_with_logits(logits, labels, label_weights)
-    return bce_on_probabilities(torch.sigmoid(logits), labels, label_weights)
+    # at least fp32: under bf16 autocast the logits are bf16, and a bf16 sigmoid rounds
+    # p = 0.9999 to 1, which the ε form then scores as log(1e-5)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return bce_on_probabilities(torch.sigmoid(wide), labels, label_weights)
 
 
 def distillation_kl(

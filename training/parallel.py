@@ -296,12 +296,13 @@ class DistEnv:
     device: torch.device
 
 
-def init_from_env() -> DistEnv:
+def init_from_env(device: str | torch.device = "auto") -> DistEnv:
     """Join the process group ``torchrun`` describes in the environment.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
-    With CUDA: backend NCCL and device ``cuda:LOCAL_RANK`` (made current); else gloo on the
-    CPU. Joining twice is a no-op.
+    ``device`` is the run's: ``cuda`` (or ``auto`` where CUDA is present) gives backend NCCL
+    and device ``cuda:LOCAL_RANK`` (made current; a device index is the rank's, not the
+    caller's), ``cpu`` gloo on the CPU. Joining twice is a no-op.
     """
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     missing = [name for name in names if name not in os.environ]
@@ -309,7 +310,10 @@ def init_from_env() -> DistEnv:
         raise RuntimeError(f"{', '.join(missing)} not set: launch with torchrun "
                            "(e.g. torchrun --nproc-per-node=4 ...)")
     rank, world_size, local_rank = (int(os.environ[name]) for name in names[:3])
-    if torch.cuda.is_available():
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else torch.device(device).type
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"torchrun ranks run on cuda or cpu, not {device}")
+    if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local_rank} but only "
                                f"{torch.cuda.device_count()} CUDA devices")
@@ -562,7 +566,9 @@ class DistributedMOD(nn.Module):
 def _seeded(seed: int, part: int, build):
     """``build()`` with the global RNG seeded from ``(seed, part)``, restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.random.SeedSequence((seed, part)).generate_state(1)[0]))
+        # the CPU generator only: fork_rng restores no CUDA state, and a resumed run's
+        # CUDA dropout streams must go on where the checkpoint left them
+        torch.default_generator.manual_seed(int(np.random.SeedSequence((seed, part)).generate_state(1)[0]))
         return build()
 
 

@@ -183,13 +183,16 @@ def clip_by_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
     clipped on its own (not by the global norm), and a gradient already within the norm is
     multiplied by exactly 1.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    # the fused kernels torch's own clip_grad_norm_ uses: no host sync, a few launches
-    norms = torch.stack(torch._foreach_norm(grads))
-    scales = max_norm / norms.clamp(min=max_norm)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            by_device.setdefault(parameter.grad.device, []).append(parameter.grad)
+    # the fused kernels torch's own clip_grad_norm_ uses: no host sync, a few launches per
+    # device (a tree placed on several devices has gradients on each)
+    for grads in by_device.values():
+        norms = torch.stack(torch._foreach_norm(grads))
+        scales = max_norm / norms.clamp(min=max_norm)
+        torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 def build_run_model_config(name: str, overrides: dict, num_classes: int, dropout: float | None,
@@ -222,7 +225,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         if not config.data.train:
             raise ValueError("no training data: set data.train (--data)")
-        self.env = init_from_env() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.env = init_from_env(config.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         if self.env is not None and config.devices:
             raise ValueError("devices places a tree's towers in one process; under torchrun "
                              "each rank owns a block of towers on its own device: leave it empty")

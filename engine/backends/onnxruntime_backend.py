@@ -40,7 +40,8 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, artifact: Artifact, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    def __init__(self, artifact: Artifact,
+                 providers: tuple[str | tuple[str, dict], ...] = ("CPUExecutionProvider",),
                  threads: int | None = None, session_config: Mapping[str, str] | None = None):
         super().__init__(artifact)
         try:
@@ -55,7 +56,9 @@ class OnnxRuntimeBackend(Backend):
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         model: str | bytes = str(artifact.onnx_path)
-        self.uint8_activations = artifact.precision == "int8" and list(providers) == ["CPUExecutionProvider"]
+        # a provider is a name or (name, provider options), as InferenceSession takes them
+        names = [provider if isinstance(provider, str) else provider[0] for provider in providers]
+        self.uint8_activations = artifact.precision == "int8" and names == ["CPUExecutionProvider"]
         if self.uint8_activations:
             model = uint8_activations(artifact.onnx_path)
         try:
@@ -70,6 +73,14 @@ class OnnxRuntimeBackend(Backend):
         check_io(artifact, "outputs", [_spec(node) for node in self.session.get_outputs()],
                  "ONNX Runtime session")
         self.providers = tuple(self.session.get_providers())
+        # ONNX Runtime only warns when a provider is not in its build (the CPU package has no
+        # CUDA) and runs on the rest: a run asked for a GPU must not silently use the CPU
+        missing = [name for name in names if name not in self.providers]
+        if missing:
+            raise ArtifactError(f"{artifact.path}: ONNX Runtime {onnxruntime.__version__} has no "
+                                f"{', '.join(missing)} here (available: "
+                                f"{', '.join(onnxruntime.get_available_providers())}); CUDA needs "
+                                "the onnxruntime-gpu package in place of onnxruntime")
 
     def run(self, features: np.ndarray, mask: np.ndarray | None = None,
             num_frames: np.ndarray | None = None) -> np.ndarray:
