@@ -540,14 +540,19 @@ class Benchmark:
         per_frame = sum(count_parameters(m) for m in model.modules() if isinstance(m, NeXtVLAD))
         return per_frame or count_parameters(model)
 
-    def remaining_seconds(self, pending: list[tuple[str, int]], scorings: int) -> float | None:
-        """Seconds the pending runs should take at the rate of the runs finished so far, plus
-        ``scorings`` results at the mean scoring time so far."""
+    def remaining_seconds(self, later: list[tuple[Row, int]]) -> float | None:
+        """Seconds the unfinished (row, seed) results of ``later`` should take: their runs
+        not trained yet (steps × batch × frames × per-frame parameters) at this invocation's
+        training rate, plus their scorings at its mean scoring time; None before it has
+        trained and scored anything."""
         if not self.timings or not self.scorings:
             return None
+        later = [(row, seed) for row, seed in later if self.cached_result(row, seed) is None]
+        pending = dict.fromkeys((key, seed) for row, seed in later for key in self.runs_needed(row)
+                                if read_json(self.run_dir(key, seed) / "run.json") is None)
         rate = sum(t["seconds"] for t in self.timings) / sum(t["units"] for t in self.timings)
         return (rate * sum(self.work_units(key) for key, _ in pending)
-                + scorings * statistics.fmean(self.scorings))
+                + len(later) * statistics.fmean(self.scorings))
 
     # rows ---------------------------------------------------------------------------------
 
@@ -812,9 +817,14 @@ def score_seed(scale_name: str, dataset: Dataset, work: Path, device: str, row_k
     """One ``--jobs`` process: trains and scores every unfinished row of ``seed`` into the
     cache under ``work``; returns (runs trained, rows scored)."""
     bench = Benchmark(SCALES[scale_name], dataset, work, device)
-    for row in parse_rows(",".join(row_keys)):
+    rows = parse_rows(",".join(row_keys))
+    for index, row in enumerate(rows):
         if bench.cached_result(row, seed) is None:
             bench.score(row, seed)
+            eta = bench.remaining_seconds([(later, seed) for later in rows[index + 1:]])
+            if eta is not None and index + 1 < len(rows):
+                say(f"seed {seed}: {index + 1}/{len(rows)} rows done, about {eta / 60:.0f} min "
+                    "left for this seed")
     return bench.trained, bench.evaluated
 
 
@@ -890,11 +900,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{row.key} seed {seed}: finished earlier, MAP@K {result['map']:.4f}")
         else:
             result = bench.score(row, seed)
-            later = [(r, s) for r, s in jobs[index + 1:] if bench.cached_result(r, s) is None]
-            pending = [(key, s) for r, s in later for key in bench.runs_needed(r)
-                       if read_json(bench.run_dir(key, s) / "run.json") is None]
-            eta = bench.remaining_seconds(list(dict.fromkeys(pending)), len(later))
-            if eta is not None:
+            eta = bench.remaining_seconds(jobs[index + 1:])
+            if eta is not None and index + 1 < len(jobs):
                 # the pending runs' steps × batch × frames × per-frame parameters at this
                 # invocation's training rate, plus its mean scoring time per result
                 say(f"{index + 1}/{len(jobs)} done, about {eta / 60:.0f} min left")
