@@ -62,6 +62,11 @@ time counts both parts), so the full run may be stopped and continued at any tim
 The hashes cover the settings, not the code: after changing a model or the trainer, give a
 fresh ``--work``.
 
+Parallel: ``--jobs N`` runs N processes (one torch thread each), one per seed, and gives
+the last seeds a second process that works through their rows from the end, so that the
+cores stay busy to the last seed. A ``<path>.lock`` beside each run and result (``flock``)
+keeps two processes from training one run or scoring one result at once.
+
 Progress: a line when each (row, seed) starts and finishes and for each training run, and
 after every result an estimate of the time left (the pending runs' steps × batch × frames ×
 per-frame parameters at this invocation's measured rate, plus its mean scoring time).
@@ -72,7 +77,9 @@ scratch directory and prints each run's seconds per step and the extrapolated to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -82,6 +89,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,6 +366,21 @@ def device_name(device: str) -> str:
     return f"CPU: {cpu_model()}, 1 torch thread"
 
 
+@contextlib.contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` while the block runs (``flock``: the kernel drops
+    it when the process dies). Processes sharing a ``--work`` (``--jobs``) thus never train
+    one run or score one result twice at once: the second waits, then finds it done."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # --- the benchmark ----------------------------------------------------------------------
 
 
@@ -461,34 +484,45 @@ class Benchmark:
     def ensure_run(self, key: str, seed: int) -> dict:
         """The finished run's record (``run.json``), training it (and its parent) if needed."""
         run, directory = self.runs[key], self.run_dir(key, seed)
-        record = read_json(directory / "run.json")
+        record = self._finished_run(directory)
         if record is not None:
-            # the checkpoint is found beside run.json, whatever path --work was given as
-            record["checkpoint"] = str(directory / Path(record["checkpoint"]).name)
-            if Path(record["checkpoint"]).is_dir():
-                return record
+            return record
         from training.checkpoint import latest_checkpoint, list_checkpoints
 
         parent = self.ensure_run(run.parent, seed)["checkpoint"] if run.parent else None
-        # A run killed midway continues from its newest checkpoint (the trainer's resume is
-        # exact); one killed before its first checkpoint starts over.
-        resume = directory.is_dir() and bool(list_checkpoints(directory))
-        if not resume:
-            shutil.rmtree(directory, ignore_errors=True)
-        recipe, settings = self.settings(run, seed, parent)
-        say(f"train {key} seed {seed}: " + (f"resume from {latest_checkpoint(directory).name}"
-                                            if resume else "start"))
-        with self._threads():
-            summary = train_stage(directory, recipe, settings, checkpoint_every=CHECKPOINT_EVERY,
-                                  resume=resume)
-        record = {**summary, "run": key, "seed": seed, "hash": self.run_hash(key, seed),
-                  "device": self.device_label, "parameters": self._parameters(summary["checkpoint"])}
-        write_json(directory / "run.json", record)
+        with claimed(directory):
+            record = self._finished_run(directory)  # trained by another process meanwhile
+            if record is not None:
+                return record
+            # A run killed midway continues from its newest checkpoint (the trainer's resume
+            # is exact); one killed before its first checkpoint starts over.
+            resume = directory.is_dir() and bool(list_checkpoints(directory))
+            if not resume:
+                shutil.rmtree(directory, ignore_errors=True)
+            recipe, settings = self.settings(run, seed, parent)
+            say(f"train {key} seed {seed}: " + (f"resume from {latest_checkpoint(directory).name}"
+                                                if resume else "start"))
+            with self._threads():
+                summary = train_stage(directory, recipe, settings, checkpoint_every=CHECKPOINT_EVERY,
+                                      resume=resume)
+            record = {**summary, "run": key, "seed": seed, "hash": self.run_hash(key, seed),
+                      "device": self.device_label, "parameters": self._parameters(summary["checkpoint"])}
+            write_json(directory / "run.json", record)
         self.trained += 1
         self.timings.append({"units": self.work_units(key), "seconds": summary["seconds"]})
         say(f"train {key} seed {seed}: done, {summary['steps']} steps in {summary['seconds']:.0f} s, "
             f"final loss {summary['final_loss']:.4g}")
         return record
+
+    @staticmethod
+    def _finished_run(directory: Path) -> dict | None:
+        """``run.json`` of a finished run, its checkpoint found beside it (whatever path
+        ``--work`` was given as when it was written); None when not finished."""
+        record = read_json(directory / "run.json")
+        if record is None:
+            return None
+        record["checkpoint"] = str(directory / Path(record["checkpoint"]).name)
+        return record if Path(record["checkpoint"]).is_dir() else None
 
     def _threads(self):
         """One torch thread on the CPU (the demo's reasoning: small models, shared cores)."""
@@ -586,7 +620,12 @@ class Benchmark:
         return {"pretrain": 0.0, "finetune": seconds[row.run]}
 
     def score(self, row: Row, seed: int) -> dict:
-        """Train what ``row`` needs for ``seed``, score it on ``test`` and store the result."""
+        """Train what ``row`` needs for ``seed``, score it on ``test`` and store the result
+        (unless another process has meanwhile)."""
+        with claimed(self.result_path(row, seed)):
+            return self.cached_result(row, seed) or self._score(row, seed)
+
+    def _score(self, row: Row, seed: int) -> dict:
         from engine.fusion import FusionConfig
         from training.checkpoint import load_checkpoint
         from training.evaluate import evaluate_segments, resolve_device
@@ -813,11 +852,12 @@ def time_runs(bench: Benchmark, rows: list[Row], seeds: int, steps: int) -> int:
 
 
 def score_seed(scale_name: str, dataset: Dataset, work: Path, device: str, row_keys: list[str],
-               seed: int) -> tuple[int, int]:
+               seed: int, reverse: bool = False) -> tuple[int, int]:
     """One ``--jobs`` process: trains and scores every unfinished row of ``seed`` into the
-    cache under ``work``; returns (runs trained, rows scored)."""
+    cache under ``work`` (last row first with ``reverse``); returns (runs trained, rows
+    scored)."""
     bench = Benchmark(SCALES[scale_name], dataset, work, device)
-    rows = parse_rows(",".join(row_keys))
+    rows = parse_rows(",".join(row_keys))[::-1 if reverse else 1]
     for index, row in enumerate(rows):
         if bench.cached_result(row, seed) is None:
             bench.score(row, seed)
@@ -829,23 +869,26 @@ def score_seed(scale_name: str, dataset: Dataset, work: Path, device: str, row_k
 
 
 def score_seeds_in_parallel(bench: Benchmark, rows: list[Row], seeds: int, jobs: int) -> None:
-    """``--jobs``: the seeds with unfinished rows, one process per seed, ``jobs`` at a time
-    (seeds share nothing but the dataset); their results land in the cache."""
+    """``--jobs``: ``jobs`` processes over the seeds with unfinished rows, one seed each;
+    the last ``jobs - 1`` seeds get a second process that runs their rows in reverse, so
+    that no core idles while the last seed trains (their locks keep them from doing the same
+    run twice). Results land in the cache."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pending = [seed for seed in range(seeds) if any(bench.cached_result(row, seed) is None for row in rows)]
     if not pending:
         return
-    say(f"seeds {pending}: {min(jobs, len(pending))} processes at a time")
-    with ProcessPoolExecutor(min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    tasks = [(seed, False) for seed in pending] + [(seed, True) for seed in pending[max(0, len(pending) - jobs + 1):]]
+    say(f"seeds {pending}: {jobs} processes")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(score_seed, bench.scale.name, bench.data, bench.work, bench.device,
-                               [row.key for row in rows], seed) for seed in pending]
-        for seed, future in zip(pending, futures, strict=True):
+                               [row.key for row in rows], seed, reverse) for seed, reverse in tasks]
+        for (seed, reverse), future in zip(tasks, futures, strict=True):
             trained, evaluated = future.result()
             bench.trained += trained
             bench.evaluated += evaluated
-            say(f"seed {seed}: every row finished")
+            say(f"seed {seed}{' (reversed)' if reverse else ''}: every row finished")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -862,8 +905,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating the dataset")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds trained at once, one process with one torch thread each "
-                             "(default 1; up to the CPU cores; CPU only)")
+                        help="processes training at once, one torch thread each, one seed each "
+                             "(the last seeds two) (default 1; up to the CPU cores; CPU only)")
     parser.add_argument("--time-steps", type=int, metavar="N",
                         help="only measure: train every needed run of seed 0 for N steps in a "
                              "scratch directory and print the estimated time of the full run")

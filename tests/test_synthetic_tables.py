@@ -128,7 +128,7 @@ def test_a_run_killed_midway_resumes_from_its_checkpoint(tables, tmp_path, monke
         patch.setattr(Trainer, "_step", dies_after_step_5)
         with pytest.raises(_Killed):
             tables.main(argv(killed))
-    (run_dir,) = (killed / "runs" / "seed-0").iterdir()
+    (run_dir,) = [path for path in (killed / "runs" / "seed-0").iterdir() if path.is_dir()]
     assert [path.name for path in run_dir.glob("step-*")] == ["step-00000004"]
     assert not (run_dir / "run.json").exists()
 
@@ -147,12 +147,26 @@ def test_jobs_train_seeds_in_parallel_processes(tables, tmp_path):
 
     assert tables.main(argv(tmp_path / "parallel", "--jobs", "2")) == 0
     parallel = json.loads((tmp_path / "parallel" / "tables.json").read_text())
+    # seed 1 also had a second process, from its last row: each run is trained, each result
+    # scored exactly once (the locks), and the main process found them all done
     assert (parallel["trained"], parallel["evaluated"], parallel["cached"]) == (2, 2, 2)
     assert tables.main(argv(tmp_path / "serial")) == 0
     serial = json.loads((tmp_path / "serial" / "tables.json").read_text())
     assert ([r["map"] for r in parallel["results"]["dummy"]]
             == [r["map"] for r in serial["results"]["dummy"]])
     assert parallel["results"]["dummy"][0]["map"] != parallel["results"]["dummy"][1]["map"]
+
+
+def test_two_jobs_share_one_seed_without_doing_anything_twice(tables, tmp_path):
+    # one seed, two processes: one from the first row, one from the last; the rows need the
+    # video model (both), DBoF from scratch and the mixture's pre-training and fine-tuning
+    rows = "dummy,dbof,mix_t20"
+    work = tmp_path / "work"
+    assert tables.main(["--scale", "smoke", "--rows", rows, "--out", str(work / "tables.md"),
+                        "--work", str(work), "--workers", "1", "--device", "cpu", "--jobs", "2"]) == 0
+    report = json.loads((work / "tables.json").read_text())
+    assert (report["trained"], report["evaluated"], report["cached"]) == (4, 3, 3)
+    assert len(list((work / "runs" / "seed-0").glob("*/run.json"))) == 4
 
 
 def test_unknown_rows_are_refused(tables, capsys):
