@@ -494,10 +494,12 @@ class RecordingBackend:
         self.fail = fail
         self.overlap = Overlap()
         self.everyone = everyone or Overlap()
+        self.threads: set[int] = set()
 
     def run(self, features, mask=None, num_frames=None):
         if self.fail:
             raise RuntimeError("device lost")
+        self.threads.add(threading.get_ident())
         with self.overlap, self.everyone:
             time.sleep(0.05)
         return np.zeros((len(features), 2), np.float32)
@@ -517,6 +519,8 @@ def test_each_backend_is_called_by_one_thread_at_a_time():
     assert shared.overlap.most == 1  # "a" and "b" share the backend, so they share its lock
     assert other.overlap.most == 1
     assert everyone.most == 2  # while "c" ran beside them: one lock per backend, not one in all
+    # and one thread per backend (per-thread state such as CUDA graphs is made once)
+    assert len(shared.threads) == len(other.threads) == 1 and shared.threads != other.threads
 
 
 def test_backend_failure_is_internal_and_the_stream_goes_on():

@@ -54,6 +54,7 @@ import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -176,6 +177,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._locks[name] = locks[name]
             else:
                 self._locks[name] = by_backend.setdefault(id(backend), threading.Lock())
+        # Calls that share a lock run on one thread of their own: they are serialized anyway,
+        # and a backend keeps per-thread state (torch's CUDA graphs are recorded per thread,
+        # so a pool of threads would record and hold them once per thread).
+        by_lock: dict[int, ThreadPoolExecutor] = {}
+        self._threads = {name: by_lock.setdefault(id(lock), ThreadPoolExecutor(
+                             1, thread_name_prefix=f"kserve-{name}")) for name, lock in self._locks.items()}
         # the class ids parameter is the same string for every response of a model
         self._class_ids = {name: ",".join(map(str, backend.class_ids))
                            for name, backend in models.items()}
@@ -265,7 +272,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise KServeError(grpc.StatusCode.UNAVAILABLE, "the server is not ready for inference")
         batch = self._parse(request)
         try:
-            probabilities = await asyncio.to_thread(self._run, request.model_name, backend, batch)
+            probabilities = await asyncio.get_running_loop().run_in_executor(
+                self._threads[request.model_name], self._run, request.model_name, backend, batch)
         except Exception as error:
             # the request was valid, so this is the server's fault: INTERNAL, logged in full,
             # and (on a stream) answered like any other failed request
