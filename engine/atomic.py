@@ -12,8 +12,10 @@ from pathlib import Path
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory (created
+    with its parents when missing, as every ``--out`` of the CLI is)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if isinstance(data, str):
         tmp.write_text(data, encoding="utf-8")

@@ -81,6 +81,9 @@ def evaluate_video_predictions(predictions: str, labels: Patterns, top_k: int = 
     flush()
     if not videos:
         raise ValueError("the label files hold no labelled video")
+    if unpredicted == videos:
+        raise ValueError(f"none of the {videos} labelled videos has a prediction in {predictions} "
+                         f"({len(predicted)} videos predicted): are they of the same split?")
     result = metrics.get()
     return {
         "gap": result.gap,

@@ -27,6 +27,7 @@ Pure numpy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,10 @@ class FusionConfig:
     def __post_init__(self):
         if self.top_n < 1 or self.k < 1:
             raise ValueError(f"top_n and k must be >= 1, got {self.top_n}, {self.k}")
-        if self.video_exponent < 0 or self.segment_exponent < 0:
-            raise ValueError("the exponents must be >= 0")
+        for name, value in (("video", self.video_exponent), ("segment", self.segment_exponent)):
+            # not (value >= 0) also refuses NaN, which would fuse every score to NaN
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"the {name} exponent must be a finite number >= 0, got {value}")
 
 
 def top_candidates(

@@ -451,7 +451,11 @@ def _open_text(path_or_file: PathOrFile, mode: str) -> Iterator[TextIO]:
         return
     if mode == "r":
         with open(path_or_file, encoding="utf-8") as handle:
-            yield handle
+            try:
+                yield handle
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{os.fspath(path_or_file)}: not UTF-8 text ({error.reason} at "
+                                 f"byte {error.start}): expected a CSV file") from None
         return
     partial = f"{os.fspath(path_or_file)}.partial"
     try:

@@ -387,6 +387,14 @@ def test_perr_zero_scores_and_unlabelled_videos():
     assert precision_at_equal_recall_rate(predictions, labels) == 0.0
 
 
+def test_hit_at_one_needs_a_positive_score():
+    # video 1 has nothing predicted (an all-zero row): argmax picks class 0, one of its
+    # labels, but a zero score is no prediction, as PERR rules
+    predictions = np.array([[0.2, 0.9], [0.0, 0.0]])
+    labels = np.array([[0, 1], [1, 0]])
+    assert hit_at_one(predictions, labels) == 0.5
+
+
 def test_gap_by_hand():
     predictions = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]])
     labels = np.array([[1, 0, 1], [0, 1, 0]])

@@ -118,6 +118,24 @@ def test_lenient_read_accepts_content_problems_but_not_structural_ones():
         )
 
 
+def test_a_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "records.tfrecord"
+    path.write_bytes(b"\xd7\x01\x00\x00\x00\x00\x00\x00")
+    for read in (lambda: read_submission(path, class_ids=CLASSES), lambda: read_video_predictions(path)):
+        with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text .* byte 0\): expected a CSV file"):
+            read()
+
+
+def test_video_predictions_of_another_split_are_refused(tmp_path, tiny_dataset):
+    from engine.evaluation import evaluate_video_predictions
+
+    predictions = tmp_path / "predictions.csv"
+    write_video_predictions(predictions, {"not-in-the-split": [(1, 0.5)]})
+    with pytest.raises(ValueError, match=r"none of the \d+ labelled videos has a prediction .* "
+                                         r"\(1 videos predicted\): are they of the same split\?"):
+        evaluate_video_predictions(str(predictions), str(tiny_dataset / "train" / "*.tfrecord"))
+
+
 def test_crlf_line_endings_are_read():
     text = "Class,Segments\r\n3,a:0 b:5\r\n7,\r\n"
     assert validate_submission(io.StringIO(text), class_ids=CLASSES) == []
