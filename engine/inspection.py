@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from engine.features import SEGMENT_FRAMES
 from engine.io.examples import VideoLevelRecord
 from engine.io.readers import Patterns, read_any
 from engine.io.tfrecord import ReadStats, expand_paths
@@ -38,6 +39,10 @@ class InspectReport:
     rated_segments: int = 0  # rated (segment, class) pairs
     positive_segments: int = 0
     unique_rated_segments: int = 0  # distinct (video, start time)
+    # rated pairs no submission can match: a start not a multiple of 5 (REFERENCE §1.2), or
+    # one past the video's last frame (in records that carry frames)
+    misaligned_segments: int = 0
+    segments_past_the_end: int = 0
     stream_mismatches: int = 0  # videos whose rgb and audio frame counts differ
     errors: list[str] = field(default_factory=list)
 
@@ -76,6 +81,10 @@ def inspect(
             report.rated_segments += len(record.segment_labels)
             report.positive_segments += int(np.count_nonzero(record.segment_scores > 0.5))
             report.unique_rated_segments += record.num_rated_segments
+            starts = record.segment_start_times
+            report.misaligned_segments += int(np.count_nonzero(starts % SEGMENT_FRAMES))
+            if frames:  # truth files carry ratings without frames
+                report.segments_past_the_end += int(np.count_nonzero(starts >= frames))
             report.stream_mismatches += record.rgb_frames != record.audio_frames
         if on_file is not None:
             on_file(path)
