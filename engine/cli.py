@@ -5,7 +5,8 @@ Every verb is a thin wrapper over a library function of the same name (``synth``
 :func:`engine.evaluation.evaluate`, ``infer`` → :func:`engine.infer.infer`, ``demo`` →
 :func:`engine.demo.run_demo`, ``serve`` → :func:`engine.server.app.serve`, ``client`` →
 :class:`engine.client.LocalizationClient`). On failure a
-verb prints one line, ``modloc VERB: error: …``, and exits non-zero.
+verb prints one line, ``modloc VERB: error: …``, and exits non-zero; with
+``MODLOC_TRACEBACK=1`` in the environment the traceback is shown instead.
 """
 
 from __future__ import annotations
@@ -327,8 +328,15 @@ def _add_demo(subparsers) -> None:
         "demo",
         help="run the whole product end to end on built-in synthetic data",
         description=(
-            "Generate the demo dataset, inspect it, and score baseline systems; writes "
-            "everything under --out and a machine-readable summary to --out/report.json."
+            "Every stage of the product on a synthetic dataset: generate it (synth) and read it "
+            "back (inspect); pre-train a small MOD tree on its video labels (train) and "
+            "fine-tune it on its rated segments (finetune); score the fused system, the dummy, "
+            "random and perfect submissions with the Kaggle MAP@K; export both checkpoints to "
+            "ONNX (fp32, INT8) and check ONNX Runtime against PyTorch; localize the test split "
+            "offline (infer, plus a timeline PNG); serve the artifacts over gRPC and fetch the "
+            "submission from the service (serve, client). Writes everything under --out and a "
+            "machine-readable summary, one key per stage, to --out/report.json (engine/demo.py "
+            "documents the stages and where the demo departs from the paper's recipes)."
         ),
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -425,7 +433,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port)
     # the server's events (one key=value line each) go to stderr whatever -v says
     logging.getLogger("modloc.server").setLevel(logging.INFO)
-    return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
+    try:
+        return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
+    except RuntimeError as error:
+        # grpc reports an address it cannot bind as a bare RuntimeError
+        if str(error).startswith("Failed to bind"):
+            raise OSError(f"--address {args.address}: cannot listen there (the port is in use, "
+                          "or the host is not an address of this machine)") from error
+        raise
 
 
 def _add_client(subparsers) -> None:
@@ -459,6 +474,28 @@ def _add_client(subparsers) -> None:
 
 
 def _run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        return _client_action(args)
+    except grpc.RpcError as error:
+        raise RuntimeError(_rpc_failure(error, args)) from error
+
+
+def _rpc_failure(error, args: argparse.Namespace) -> str:
+    """A failed call in one line: the status code's name and what the server said."""
+    import grpc
+
+    code, details = error.code(), error.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"UNAVAILABLE: the server at {args.address} could not be reached ({details})"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout is not None:
+        return (f"DEADLINE_EXCEEDED: the server at {args.address} did not answer within "
+                f"--timeout {args.timeout:g} s")
+    return f"{code.name}: {details}"
+
+
+def _client_action(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from engine.client import LocalizationClient
@@ -493,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modloc",
         description="Temporal concept localization on YouTube-8M features (the MOD system).",
+        epilog="On failure a verb prints one line (modloc VERB: error: ...) and exits 1; set "
+               "MODLOC_TRACEBACK=1 in the environment to see the traceback instead.",
     )
     parser.add_argument("--version", action="version", version=f"modloc {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -534,9 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"modloc {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as error:
-        # Bad input (CorruptRecordError and RecordFormatError are ValueErrors) or a file
-        # problem: one line for the user, the traceback only with -vv.
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
+        # Bad input (CorruptRecordError and RecordFormatError are ValueErrors), a file or
+        # network problem, a device or server failure, a missing optional package: one line
+        # for the user; the traceback with MODLOC_TRACEBACK=1 (raised) or -vv (logged).
+        if os.environ.get("MODLOC_TRACEBACK", "") not in ("", "0"):
+            raise
         log.debug("failure", exc_info=True)
         print(f"modloc {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -285,7 +285,7 @@ def train_stage(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every:
         "final_terms": sums,
         "loss_terms": len(result.final_terms),
         "temperatures": list(config.loss.temperatures),
-        "lambdas": list(config.loss.lambdas or ()),
+        "lambdas": list(config.loss.lambdas),
         "checkpoint": result.checkpoint,
         "loss_curves": str(run_dir / CURVES_FILE),
     }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from engine.baselines import oracle_rankings, random_rankings, video_segment_ids
@@ -144,3 +146,127 @@ def test_demo_writes_report(capsys, tmp_path):
         (kind, graph, precision) for kind in ("video", "segment")
         for graph in ("distill", "ensemble") for precision in ("fp32", "int8")}
     assert all((Path(a["path"]) / "manifest.json").is_file() for a in export["artifacts"])
+
+
+# --- failures a user meets: one line each ---------------------------------------------
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run a verb expected to fail; its stderr must be one ``modloc VERB: error: …`` line."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"modloc {argv[0]}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("action", [["stats"], ["top", "3", "--k", "5"]])
+def test_client_names_an_unreachable_server(capsys, action):
+    line = one_error_line(capsys, ["client", action[0], "127.0.0.1:1", *action[1:], "--timeout", "10"])
+    assert "UNAVAILABLE: the server at 127.0.0.1:1 could not be reached" in line
+
+
+class _RpcFailure(grpc.RpcError):
+    """A failed call as grpc raises it: a status code and the server's details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, expected", [
+    (grpc.StatusCode.INVALID_ARGUMENT, "k=0 is outside 1..10000",
+     "INVALID_ARGUMENT: k=0 is outside 1..10000"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded",
+     "DEADLINE_EXCEEDED: the server at 127.0.0.1:1 did not answer within --timeout 0.5 s"),
+])
+def test_client_refusals_are_one_line(capsys, monkeypatch, code, details, expected):
+    from engine.client import LocalizationClient
+
+    def refuse(*args, **kwargs):
+        raise _RpcFailure(code, details)
+
+    monkeypatch.setattr(LocalizationClient, "top_segments", refuse)
+    line = one_error_line(capsys, ["client", "top", "127.0.0.1:1", "3", "--k", "0", "--timeout", "0.5"])
+    assert line.endswith(f"error: {expected}")
+
+
+def test_serve_names_an_address_in_use(capsys, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        # the bind comes before the artifacts are read: an empty directory does
+        line = one_error_line(capsys, ["serve", str(tmp_path), "--address", address])
+    assert f"--address {address}: cannot listen there" in line
+
+
+def _backend_failure(backend: str) -> Exception:
+    """What opening ``backend`` raises on this machine; skips where it would work."""
+    if backend == "tensorrt":
+        from engine.backends.tensorrt_backend import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except ImportError as error:
+            return error
+        pytest.skip("TensorRT is installed")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    from engine.backends.torch_backend import _device
+
+    with pytest.raises(RuntimeError) as raised:
+        _device(torch, "cuda")
+    return raised.value
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "torch on cuda"])
+def test_backend_failures_are_one_line(capsys, monkeypatch, backend):
+    """The ImportError (no TensorRT) and RuntimeError (no CUDA) the backends raise from inside
+    ``infer`` reach the user as one line."""
+    failure = _backend_failure(backend)
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("engine.infer.infer", fail)
+    line = one_error_line(capsys, ["infer", "artifacts", "--data", "x.tfrecord", "--out", "s.csv"])
+    assert line.endswith(str(failure))
+
+
+def test_traceback_on_request(monkeypatch):
+    monkeypatch.setenv("MODLOC_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        main(["inspect", "/nonexistent/*.tfrecord"])
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate"])
+@pytest.mark.parametrize("device", ["tpu", "cuda:64"])
+def test_unusable_device_is_refused_up_front(capsys, tmp_path, verb, device):
+    pytest.importorskip("torch")
+    argv = (["train", "--data", "x.tfrecord", "--out", str(tmp_path / "run")] if verb == "train"
+            else ["evaluate", "--checkpoint", str(tmp_path), "--labels", "x.tfrecord"])
+    line = one_error_line(capsys, [*argv, "--device", device])
+    assert f"device '{device}' is not usable here" in line and "runs on auto, cpu" in line
+
+
+@pytest.mark.parametrize("classes", ["-5", "0"])
+def test_models_refuses_a_class_count_below_one(capsys, classes):
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "--classes", classes])
+    assert exit_info.value.code == 2
+    assert f"argument --classes: expected an integer >= 1, got {classes}" in capsys.readouterr().err
+
+
+def test_demo_help_names_every_stage(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for stage in ("inspect", "pre-train", "fine-tune", "export", "infer", "serve"):
+        assert stage in shown, stage

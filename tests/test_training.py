@@ -96,8 +96,32 @@ def test_config_file_then_flags(tmp_path):
         load_config("pretrain", tmp_path / "bad.json")
     with pytest.raises(ValueError, match="batch_size: expected int"):
         load_config("pretrain", None, {"batch_size": "many"})
-    with pytest.raises(ValueError, match="set init_from"):
+    with pytest.raises(ValueError, match=r"set init_from \(--from\)$"):
         load_config("finetune")
+
+
+def test_lambdas_default_to_the_square_of_the_temperatures(capsys):
+    """λ = T² per layer unless given (REFERENCE §4), whatever the recipe's temperatures."""
+    for recipe, extra in (("pretrain", {}), ("finetune", {"init_from": "ckpt"})):
+        assert load_config(recipe, None, {**extra, "loss.temperatures": [5.0]}).loss.lambdas == (25.0,)
+        assert load_config(recipe, None, {**extra, "loss.temperatures": [2.0, 3.0]}).loss.lambdas == (
+            4.0, 9.0)
+        given = load_config(recipe, None, {**extra, "loss.temperatures": [2.0, 3.0],
+                                           "loss.lambdas": [1.0, 5.0]})
+        assert given.loss.lambdas == (1.0, 5.0)
+    # the resolved values are what --print-config shows
+    assert main(["train", "--temperatures", "2", "3", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"]["lambdas"] == [4.0, 9.0]
+    assert main(["train", "--temperatures", "2", "3", "--lambdas", "1", "--print-config"]) == 1
+    assert "loss.lambdas (--lambdas) [1.0] and loss.temperatures (--temperatures) [2.0, 3.0]" in (
+        capsys.readouterr().err)
+
+
+def test_bn_momentum_none_keeps_the_models(capsys):
+    assert main(["train", "--bn-momentum", "0.1", "--bn-momentum", "none", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["bn_momentum"] is None
+    assert main(["train", "--bn-momentum", "0.1", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["bn_momentum"] == 0.1
 
 
 def test_staircase_learning_rate_at_the_boundaries():
@@ -192,6 +216,12 @@ def test_checkpoint_round_trip_and_mismatch_errors(pretrained, tmp_path):
     frames = torch.tensor([7, 4, 1])
     assert torch.equal(rebuilt(features, frames).root, checkpoint.model(features, frames).root)
 
+    truncated = tmp_path / "truncated"
+    shutil.copytree(directory, truncated)
+    (truncated / "config.json").write_text((directory / "config.json").read_text()[:2])
+    with pytest.raises(CheckpointError, match=r"truncated/config.json: not valid JSON \(Expecting"):
+        load_checkpoint(truncated)
+
     corrupt = tmp_path / "corrupt"
     shutil.copytree(directory, corrupt)
     raw = bytearray((corrupt / "model.safetensors").read_bytes())
@@ -236,6 +266,29 @@ def test_resume_repeats_the_uninterrupted_run_exactly(pretrained, tiny_dataset, 
     assert all(torch.equal(resumed[name], reference[name]) for name in reference)
     history = (out / "history.jsonl").read_text().splitlines()
     assert [json.loads(row)["step"] for row in history if "terms" in row] == list(range(1, 11))
+
+
+def test_resuming_a_finished_run_checks_the_config_and_trains_nothing(pretrained, tiny_dataset,
+                                                                     tmp_path, capsys):
+    _, finished = pretrained
+    out = tmp_path / "run"
+    shutil.copytree(finished.run_dir, out)
+    settings = pretrain_settings(tiny_dataset, out, resume=True)
+    for change in ({"batch_size": 4}, {"model.overrides": {**TINY_MODEL, "hidden_size": 32}}):
+        with pytest.raises(ValueError, match=f"differs in {next(iter(change))}$"):
+            Trainer(load_config("pretrain", None, {**settings, **change}))
+
+    # the same run on the command line
+    flags = [*(f"--model-override={key}={json.dumps(value)}" for key, value in TINY_MODEL.items()),
+             "--classes", ",".join(map(str, settings["data.classes"])), "--pad-to", "longest",
+             "--batch-size", "8", "--lr", "1e-3", "--decay-examples", "40", "--max-steps", "10",
+             "--data", split(tiny_dataset, "train"), "--out", str(out), "--resume", "--no-progress"]
+    assert main(["train", *flags, "--batch-size", "4"]) == 1
+    assert "differs in batch_size" in capsys.readouterr().err
+    assert main(["train", *flags]) == 0
+    shown = capsys.readouterr().out
+    assert "nothing left to train: the run is already at step 10" in shown
+    assert "final loss" not in shown
 
 
 @pytest.mark.cuda

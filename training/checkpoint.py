@@ -282,7 +282,12 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a {FORMAT} config (a JSON {type(config).__name__})")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} config (format {config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:

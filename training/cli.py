@@ -49,10 +49,20 @@ def _add_models(subparsers) -> None:
                     "count (BN γ/β included, running statistics not). The paper's counts match "
                     "1000-way classifiers: --classes 1000.",
     )
-    parser.add_argument("--classes", type=int, default=3862,
+    parser.add_argument("--classes", type=_positive_int, default=3862,
                         help="classifier width the counts assume (default 3862)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run_models)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -115,12 +125,24 @@ def _add_option(parser: argparse.ArgumentParser, option: Option, recipe: str) ->
     elif option.kind in ("floats", "strs"):
         parser.add_argument(option.flag, nargs="+", type=float if option.kind == "floats" else str,
                             metavar=metavar, **common)
-    elif option.kind == "int?":
-        parser.add_argument(option.flag, metavar="N|none", **common)
+    elif option.kind in ("int?", "float?"):
+        parser.add_argument(option.flag, type=_number_or_none(option.kind),
+                            metavar="N|none" if option.kind == "int?" else "X|none", **common)
     else:
         parser.add_argument(option.flag, type={"int": int, "float": float}.get(option.kind, str),
                             choices=option.choices, metavar=None if option.choices else metavar,
                             **common)
+
+
+def _number_or_none(kind: str):
+    """The argparse type of an ``int?`` or ``float?`` option: a number, or ``none`` for null."""
+    number = int if kind == "int?" else float
+
+    def parse(text: str) -> int | float | None:
+        return None if text.lower() == "none" else number(text)
+
+    parse.__name__ = f"{number.__name__}-or-none"  # argparse's "invalid int-or-none value"
+    return parse
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -142,8 +164,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.to_json())
     else:
-        print(f"{result.phase}: {result.steps} steps ({result.steps - result.start_step} in this "
-              f"run, {result.seconds:.1f} s), final loss {result.final_loss}")
+        if result.losses:
+            print(f"{result.phase}: {result.steps} steps ({result.steps - result.start_step} in "
+                  f"this run, {result.seconds:.1f} s), final loss {result.final_loss}")
+        else:  # a resume that found the run already at its max_steps or epochs
+            print(f"{result.phase}: nothing left to train: the run is already at step "
+                  f"{result.steps} (raise --max-steps or --epochs to continue it)")
         for evaluation in result.evaluations[-1:]:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()
                               if isinstance(v, float))

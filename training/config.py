@@ -15,6 +15,10 @@ The recipes (:data:`RECIPES`) are plain nested dicts in the config-file layout, 
   every 1M examples, dropout 0.75, L2 1e-4, T = 20 and λ = 400, 10 epochs; the model and its
   class space come from the pre-trained checkpoint.
 
+Neither recipe sets λ: it is T² per layer (REFERENCE §4) unless given, so that a run that
+changes only the temperatures keeps the recipes' rule; the loaded config holds the resolved
+values (:class:`training.losses.LossConfig`).
+
 This module imports no torch (the CLI reads :data:`OPTIONS` at startup); the loss settings
 are :class:`training.losses.LossConfig`, imported when a config is built.
 """
@@ -74,9 +78,13 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.learning_rate <= 0 or self.decay_examples <= 0 or not 0 < self.decay_rate <= 1:
-            raise ValueError("need learning_rate > 0, decay_examples > 0 and 0 < decay_rate <= 1")
+            raise ValueError("need optimizer.learning_rate (--lr) > 0, optimizer.decay_examples "
+                             "(--decay-examples) > 0 and 0 < optimizer.decay_rate (--decay-rate) "
+                             f"<= 1, got {self.learning_rate}, {self.decay_examples} and "
+                             f"{self.decay_rate}")
         if self.clip_norm < 0:
-            raise ValueError(f"clip_norm must be >= 0 (0: off), got {self.clip_norm}")
+            raise ValueError(f"optimizer.clip_norm (--clip-norm) must be >= 0 (0: off), got "
+                             f"{self.clip_norm}")
 
     def learning_rate_at(self, step: int, batch_size: int) -> float:
         """The learning rate of the update that follows ``step`` earlier updates."""
@@ -153,29 +161,37 @@ class TrainConfig:
     progress: bool | None = None
 
     def __post_init__(self):
+        # each problem names the config key and, for the command line, its flag
         problems = []
         if self.batch_size < 1:
-            problems.append("batch_size must be >= 1")
+            problems.append(f"{_named('batch_size')} must be >= 1, got {self.batch_size}")
         if self.epochs is None and self.max_steps is None:
-            problems.append("set epochs or max_steps (or both)")
+            problems.append(f"set {_named('epochs')} or {_named('max_steps')} (or both)")
         for name in ("epochs", "max_steps", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1 or null")
-        if self.log_every < 1 or self.keep_checkpoints < 1:
-            problems.append("log_every and keep_checkpoints must be >= 1")
+                problems.append(f"{_named(name)} must be >= 1 or none, got {value}")
+        for name in ("log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{_named(name)} must be >= 1, got {getattr(self, name)}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
-            problems.append("dropout must be in [0, 1)")
+            problems.append(f"{_named('dropout')} must be in [0, 1), got {self.dropout}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
-            problems.append("bn_momentum must be in (0, 1]")
-        if self.phase == "finetune" and self.init_from is None and not self.resume:
-            problems.append("fine-tuning starts from a pre-trained checkpoint: set init_from")
+            problems.append(f"{_named('bn_momentum')} must be in (0, 1] or none, got "
+                            f"{self.bn_momentum}")
         if self.phase == "pretrain" and self.init_from is not None:
-            problems.append("init_from is for fine-tuning (phase 'finetune')")
-        if self.model is None and self.init_from is None and not self.resume:
-            problems.append("no model: name a preset or start from a checkpoint")
-        if self.data.classes is None and self.init_from is None and not self.resume:
-            problems.append("classes: null keeps a checkpoint's class space, and there is none")
+            problems.append("init_from is for fine-tuning (modloc finetune --from)")
+        if self.init_from is None and not self.resume:
+            # a fine-tuning run lacking its checkpoint lacks its model and classes too: one problem
+            if self.phase == "finetune":
+                problems.append("fine-tuning starts from a pre-trained checkpoint: set "
+                                f"{_named('init_from')}")
+            else:
+                if self.model is None:
+                    problems.append(f"no model: set {_named('model.name')}")
+                if self.data.classes is None:
+                    problems.append(f"{_named('data.classes')}: null keeps a checkpoint's class "
+                                    "space, and there is none")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -190,6 +206,12 @@ def _loss_config_class():
     return LossConfig
 
 
+def _named(path: str) -> str:
+    """A config key with the flag that sets it, e.g. ``init_from (--from)``."""
+    flags = [option.flag for option in OPTIONS if option.path == path]
+    return f"{path} ({flags[0]})" if flags else path
+
+
 # --- recipes --------------------------------------------------------------------------
 
 RECIPES: dict[str, dict] = {
@@ -199,7 +221,7 @@ RECIPES: dict[str, dict] = {
         "data": {"mode": "video", "classes": "all"},
         "batch_size": 80,
         "optimizer": {"learning_rate": 2e-4, "decay_rate": 0.8, "decay_examples": 2_500_000},
-        "loss": {"temperatures": [1.0], "lambdas": [1.0], "l2_penalty": 1e-5,
+        "loss": {"temperatures": [1.0], "l2_penalty": 1e-5,
                  "cumulative_l2": False, "bce": "logits"},
         "dropout": 0.5,
         "epochs": 15,
@@ -214,7 +236,7 @@ RECIPES: dict[str, dict] = {
         "data": {"mode": "segment", "classes": None},
         "batch_size": 512,
         "optimizer": {"learning_rate": 2e-4, "decay_rate": 0.8, "decay_examples": 1_000_000},
-        "loss": {"temperatures": [20.0], "lambdas": [400.0], "l2_penalty": 1e-4,
+        "loss": {"temperatures": [20.0], "l2_penalty": 1e-4,
                  "cumulative_l2": False, "bce": "logits"},
         "dropout": 0.75,
         "epochs": 10,
@@ -423,8 +445,9 @@ class Option:
     """A command-line flag that sets one config path.
 
     ``kind``: ``int``, ``float``, ``str``, ``bool`` (``--x/--no-x``), ``floats``/``strs``
-    (one or more values), ``csv`` (comma-separated strings), ``int?`` (a number or ``none``) or ``assign`` (repeatable
-    ``KEY=VALUE`` into a dict, VALUE read as JSON when it parses).
+    (one or more values), ``csv`` (comma-separated strings), ``int?``/``float?`` (a number
+    or ``none``) or ``assign`` (repeatable ``KEY=VALUE`` into a dict, VALUE read as JSON
+    when it parses). ``default_help`` describes a default the recipes do not spell out.
     """
 
     flag: str
@@ -433,6 +456,7 @@ class Option:
     help: str
     choices: tuple[str, ...] | None = None
     phases: tuple[str, ...] = ("pretrain", "finetune")
+    default_help: str | None = None
 
 
 def recipe_default(phase: str, path: str) -> Any:
@@ -489,14 +513,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("--epochs", "epochs", "int?", "passes over the training data (none: until max-steps)"),
     Option("--max-steps", "max_steps", "int?", "stop after this many steps (none: after the epochs)"),
     Option("--dropout", "dropout", "float", "dropout rate before the hidden layer of every NeXtVLAD"),
-    Option("--bn-momentum", "bn_momentum", "float",
+    Option("--bn-momentum", "bn_momentum", "float?",
            "momentum of the BatchNorm moving averages (none: the models' 0.001, slim's decay "
            "0.999; short runs need more)"),
     Option("--l2", "loss.l2_penalty", "float", "L2 scale on the classifier weights and biases"),
     Option("--temperatures", "loss.temperatures", "floats",
            "distillation temperature per tree layer, root layer first (one value: every layer; "
            "0: no distillation)"),
-    Option("--lambdas", "loss.lambdas", "floats", "KL weight per tree layer (default T²)"),
+    Option("--lambdas", "loss.lambdas", "floats",
+           "KL weight per tree layer, root layer first, as many as --temperatures",
+           default_help="T² of each layer's temperature"),
     Option("--cumulative-l2", "loss.cumulative_l2", "bool",
            "count tower t's classifier L2 once per tower from t on, as V3 does by accident"),
     Option("--bce", "loss.bce", "str", "BCE on logits (stable) or on probabilities (G's form)",
@@ -524,6 +550,8 @@ OPTIONS: tuple[Option, ...] = (
 
 def option_help(option: Option, phase: str) -> str:
     """The option's help with the recipe's default."""
+    if option.default_help is not None:
+        return f"{option.help} (default: {option.default_help})"
     default = recipe_default(phase, option.path)
     if isinstance(default, (list, tuple, dict)):
         default = " ".join(map(str, default))
@@ -532,9 +560,8 @@ def option_help(option: Option, phase: str) -> str:
 
 
 def parse_option_value(option: Option, raw: Any) -> dict[str, Any]:
-    """A flag's argparse value → ``{dotted path: config value}`` overrides."""
-    if option.kind == "int?":
-        return {option.path: None if str(raw).lower() == "none" else int(raw)}
+    """A flag's argparse value (``int?``/``float?``: already a number or None) →
+    ``{dotted path: config value}`` overrides."""
     if option.kind == "assign":
         return dict(parse_assignment(item, option.path) for item in raw)
     if option.kind == "csv":

@@ -42,10 +42,29 @@ LossFunction = Callable[[object, TorchBatch], torch.Tensor]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
+    """``"auto"`` → CUDA when available, else CPU; any other device is checked here, so that
+    one this torch cannot run fails at once with its name (torch's own failure comes later,
+    an AssertionError from deep inside the first tensor moved).
+
+    Raises:
+        ValueError: not ``cpu``, ``cuda`` or ``cuda:N``, or a CUDA device this machine lacks.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device name at all
+        parsed = None
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parsed is not None and parsed.type == "cpu":
+        return parsed
+    if parsed is not None and parsed.type == "cuda" and (parsed.index or 0) < cuda_devices:
+        return parsed
+    usable = ["auto", "cpu", *(["cuda"] if cuda_devices else []),
+              *(f"cuda:{index}" for index in range(cuda_devices))]
+    build = "" if torch.backends.cuda.is_built() else " (built without CUDA)"
+    raise ValueError(f"device {str(device)!r} is not usable here: torch {torch.__version__}"
+                     f"{build} runs on {', '.join(usable)}")
 
 
 def forward(model: nn.Module, features: torch.Tensor, num_frames: torch.Tensor,

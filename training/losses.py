@@ -47,7 +47,9 @@ class LossConfig:
         temperatures: distillation temperature per tree layer, indexed by the parent's depth
             (root first); a single value applies to every layer. ``0`` turns that layer's
             distillation off.
-        lambdas: KL weight per layer, same indexing; ``None`` means ``T²`` per layer.
+        lambdas: KL weight per layer, same indexing; ``None`` (the recipes') resolves to
+            ``T²`` per layer when the config is built, so the config, and the checkpoints
+            that record it, always hold the weights in use.
         l2_penalty: scale of ``scale · Σw²/2`` over the classifier weights and biases.
         cumulative_l2: reproduce V3's cumulative L2 (REFERENCE §4): tower ``t`` also counts
             the classifier L2 of every tower before it, so in a 4-tower tree tower 0's is
@@ -64,20 +66,20 @@ class LossConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "temperatures", tuple(self.temperatures))
-        if self.lambdas is not None:
-            object.__setattr__(self, "lambdas", tuple(self.lambdas))
-            if len(self.lambdas) != len(self.temperatures):
-                raise ValueError("lambdas and temperatures must have the same length")
+        lambdas = tuple(t * t for t in self.temperatures) if self.lambdas is None else self.lambdas
+        object.__setattr__(self, "lambdas", tuple(lambdas))
+        if len(self.lambdas) != len(self.temperatures):
+            raise ValueError(f"loss.lambdas (--lambdas) {list(self.lambdas)} and loss.temperatures "
+                             f"(--temperatures) {list(self.temperatures)} must have the same "
+                             "length (or leave the lambdas out: T² per layer)")
         if self.bce not in ("logits", "probabilities"):
-            raise ValueError(f"bce must be 'logits' or 'probabilities', got {self.bce!r}")
+            raise ValueError(f"loss.bce (--bce) must be 'logits' or 'probabilities', got {self.bce!r}")
 
     def temperature(self, depth: int) -> float:
         return self._per_layer(self.temperatures, depth)
 
     def kl_weight(self, depth: int) -> float:
         """λ of the layer whose parents sit at ``depth`` (``T²`` unless given)."""
-        if self.lambdas is None:
-            return self.temperature(depth) ** 2
         return self._per_layer(self.lambdas, depth)
 
     @staticmethod

@@ -248,7 +248,8 @@ class Trainer:
             self._resume(config, resume_from)
         elif config.phase == "finetune":
             if config.init_from is None:
-                raise ValueError(f"nothing to resume in {self.run_dir} and no init_from checkpoint")
+                raise ValueError(f"nothing to resume in {self.run_dir} and no checkpoint to fine-tune from "
+                                 "(init_from, --from)")
             self._start_finetuning(config)
         else:
             self._start_pretraining(config)
