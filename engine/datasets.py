@@ -41,8 +41,8 @@ from typing import Literal
 import numpy as np
 
 from engine.features import FEATURE_SIZE, MAX_FRAMES, SEGMENT_FRAMES, num_segments
-from engine.io.examples import Video, decode_video
-from engine.io.readers import Patterns, decode_records, read_videos
+from engine.io.examples import Video
+from engine.io.readers import Patterns, decode_frame_records, read_videos
 from engine.io.tfrecord import ReadStats, expand_paths, iter_records
 from engine.vocab import NUM_VIDEO_CLASSES
 
@@ -282,13 +282,20 @@ class FrameDataset(abc.ABC):
         return [self.paths[i] for i in order]
 
     def _shard_videos(self, epoch: int, stats: DatasetStats) -> Iterator[tuple[str, Video]]:
-        """``(path, video)`` for every video of this shard in the epoch's file order."""
+        """``(path, video)`` for every video of this shard in the epoch's file order.
+
+        A record without frames (or a video-level ``Example``) raises
+        :class:`~engine.io.readers.RecordKindError` naming its file and record: an example
+        of it would be all padding.
+        """
         paths = self._epoch_paths(epoch)
         index, count = self.shard
         if len(paths) >= count:
             for path in paths[index::count]:
                 stats.files += 1
-                for video in read_videos(path, self.skip_corrupt, stats.read, self.decoder):
+                for video in read_videos(
+                    path, self.skip_corrupt, stats.read, self.decoder, require_frames=True
+                ):
                     yield path, video
             return
         # Fewer files than shards: shard i takes records i, i + count, ... of the
@@ -300,13 +307,17 @@ class FrameDataset(abc.ABC):
                 iter_records(path, self.skip_corrupt, stats.read) for path in paths
             )
             for record in itertools.islice(records, index, None, count):
-                for video in decode_records([record], decode_video, self.skip_corrupt, stats.read):
+                for video in decode_frame_records(
+                    [record], self.skip_corrupt, stats.read, require_frames=True
+                ):
                     yield record.source, video
         else:
             videos = (
                 (path, video)
                 for path in paths
-                for video in read_videos(path, self.skip_corrupt, stats.read, self.decoder)
+                for video in read_videos(
+                    path, self.skip_corrupt, stats.read, self.decoder, require_frames=True
+                )
             )
             yield from itertools.islice(videos, index, None, count)
 
@@ -388,8 +399,8 @@ class VideoLevelDataset(FrameDataset):
     def _batch_frames(self, examples: list[_Example]) -> int:
         if self.pad_to == "max_frames":
             return self.max_frames
-        # at least one frame: an all-empty batch of M = 0 would make frame means NaN
-        return max(1, max(len(example.frames) for example in examples))
+        # never 0 (frame means would be NaN): the reader refuses videos without frames
+        return max(len(example.frames) for example in examples)
 
 
 class SegmentDataset(FrameDataset):

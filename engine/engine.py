@@ -29,7 +29,13 @@ import numpy as np
 from engine.features import SEGMENT_FRAMES
 from engine.io.examples import Video
 from engine.metrics.segment import segment_id
-from engine.pipeline import Pipeline, PipelineConfig, ScoringModel, VideoLocalization
+from engine.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    ScoringModel,
+    VideoLocalization,
+    check_rankable_id,
+)
 from engine.submission import write_submission
 from engine.topk import TopK
 from engine.vocab import default_segment_class_ids
@@ -125,6 +131,8 @@ class Engine:
         """Stage 4: add localized videos to the per-class rankings."""
         if orders is not None and len(orders) != len(results):
             raise ValueError(f"{len(orders)} orders for {len(results)} videos")
+        for result in results:  # all or nothing: a refused id leaves the rankings as they were
+            check_rankable_id(result.video_id)
         include_partial = self.pipeline.config.fusion.include_partial
         for row, result in enumerate(results):
             order = None if orders is None else int(orders[row])

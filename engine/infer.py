@@ -35,7 +35,7 @@ from engine.io.examples import Video
 from engine.io.readers import Patterns, read_videos
 from engine.io.tfrecord import expand_paths
 from engine.metrics import SegmentTruth, segment_map
-from engine.pipeline import PipelineConfig
+from engine.pipeline import PipelineConfig, check_rankable_id
 from engine.topk import TopK
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,18 @@ class _Ratings:
 
 
 def ordered_chunks(files: list[tuple[int, str]], size: int) -> Iterator[tuple[list[Video], list[int]]]:
-    """``(videos, orders)`` chunks of the given files, each video with its global order."""
+    """``(videos, orders)`` chunks of the given files, each video with its global order.
+
+    A record without frames, a video-level record, or a video id that a segment id
+    ``'<video id>:<start>'`` cannot carry is refused here, naming its file and record,
+    before any work is spent on it (the CSV would otherwise fail only at the very end).
+    """
     videos: list[Video] = []
     orders: list[int] = []
     for file_index, path in files:
-        for record_index, video in enumerate(read_videos(path)):
+        # no skip_corrupt: the position in the file is the record index
+        for record_index, video in enumerate(read_videos(path, require_frames=True)):
+            check_rankable_id(video.id, f"{path}: record {record_index}: ")
             videos.append(video)
             orders.append(video_order(file_index, record_index))
             if len(videos) == size:
@@ -69,25 +76,61 @@ def ordered_chunks(files: list[tuple[int, str]], size: int) -> Iterator[tuple[li
         yield videos, orders
 
 
-def prefetched(chunks: Iterator, depth: int = PREFETCH_CHUNKS) -> Iterator:
+class Prefetcher:
     """``chunks`` produced by a reader thread ``depth`` ahead (the native decoder releases
-    the GIL, so decoding overlaps the models); its errors are raised here."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    the GIL, so decoding overlaps the models); its errors are raised to the consumer.
 
-    def produce() -> None:
+    Use it as a context manager: :meth:`close` stops the reader and joins it when the
+    consumer stops early (an error, an interrupt). A reader left running inside the native
+    decoder while the interpreter exits is torn down mid-call, which aborts the process.
+    """
+
+    _DONE = object()
+
+    def __init__(self, chunks: Iterator, depth: int = PREFETCH_CHUNKS):
+        self._chunks = chunks
+        self._slots: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="modloc-reader", daemon=True)
+        self.thread.start()
+
+    def _produce(self) -> None:
         try:
-            for chunk in chunks:
-                slots.put(chunk)
+            while not self._stop.is_set():
+                try:
+                    chunk = next(self._chunks)
+                except StopIteration:
+                    self._slots.put(self._DONE)
+                    return
+                self._slots.put(chunk)
         except BaseException as error:  # handed over to the consumer
-            slots.put(error)
-        slots.put(done)
+            self._slots.put(error)
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:  # the reader's files are closed by the thread that reads
+                close()
 
-    threading.Thread(target=produce, name="modloc-reader", daemon=True).start()
-    while (item := slots.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def __iter__(self) -> Iterator:
+        while (item := self._slots.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the reader after its current chunk and wait for it to end."""
+        self._stop.set()
+        while self.thread.is_alive():
+            try:  # a reader blocked on a full queue is freed by taking its chunk
+                self._slots.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def infer(
@@ -137,14 +180,16 @@ def infer(
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
         with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
                   file=sys.stderr, position=shard.rank) as bar:
-            for videos, orders in prefetched(ordered_chunks(mine, chunk_videos)):
-                engine.localize(videos, orders)
-                if truth is None:
-                    ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times, v.segment_scores)
-                                   for v in videos if len(v.segment_labels))
-                bar.update(len(videos))
-                elapsed = max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix(segments_per_s=f"{engine.pipeline.times.windows / elapsed:,.0f}")
+            with Prefetcher(ordered_chunks(mine, chunk_videos)) as chunks:
+                for videos, orders in chunks:
+                    engine.localize(videos, orders)
+                    if truth is None:
+                        ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times,
+                                                v.segment_scores)
+                                       for v in videos if len(v.segment_labels))
+                    bar.update(len(videos))
+                    elapsed = max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix(segments_per_s=f"{engine.pipeline.times.windows / elapsed:,.0f}")
         local = {"rank": shard.rank, "files": len(mine), "ranking": engine.ranking.to_bytes(),
                  "fallback": engine.fallback.to_bytes() if engine.fallback is not None else None,
                  "times": engine.pipeline.times.to_json(), "ratings": ratings}
@@ -183,4 +228,4 @@ def infer(
     return report
 
 
-__all__ = ["infer", "ordered_chunks", "prefetched"]
+__all__ = ["Prefetcher", "infer", "ordered_chunks"]

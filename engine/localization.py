@@ -29,8 +29,9 @@ from engine.features import FEATURE_SIZE, MAX_FRAMES
 from engine.fusion import dummy_pairs
 from engine.io.examples import Video
 from engine.io.readers import Patterns, read_videos
+from engine.io.tfrecord import expand_paths
 from engine.metrics import SegmentTruth, segment_map
-from engine.pipeline import Pipeline, PipelineConfig, Scorer, ScoringModel
+from engine.pipeline import Pipeline, PipelineConfig, Scorer, ScoringModel, check_rankable_id
 from engine.submission import write_submission
 from engine.topk import TopK
 from engine.vocab import default_segment_class_ids
@@ -41,9 +42,10 @@ MultiScorer = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 def video_batches(patterns: Patterns, batch_size: int,
                   max_frames: int = MAX_FRAMES) -> Iterator[tuple[list[Video], np.ndarray, np.ndarray]]:
     """``(videos, features, num_frames)``: videos capped at ``max_frames``, their frames
-    zero-padded to ``max_frames`` in a ``(B, max_frames, 1152)`` uint8 batch."""
+    zero-padded to ``max_frames`` in a ``(B, max_frames, 1152)`` uint8 batch. A record
+    without frames raises, naming its file and record."""
     chunk: list[Video] = []
-    for video in read_videos(patterns):
+    for video in read_videos(patterns, require_frames=True):
         chunk.append(video)
         if len(chunk) == batch_size:
             yield _padded(chunk, max_frames)
@@ -111,7 +113,7 @@ def localize_split(
     rankers = {"fused": TopK(targets, fusion.k), "dummy": TopK(targets, fusion.k)}
     with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
-        for chunk in _chunks(read_videos(test), chunk_videos):
+        for chunk in _chunks(_rankable_videos(test), chunk_videos):
             for result in pipeline.localize(chunk):
                 rankers["fused"].add(result.video_id, *result.ranking_pairs(fusion.include_partial))
                 rankers["dummy"].add(result.video_id, *dummy_pairs(
@@ -135,6 +137,16 @@ def localize_split(
             result[name]["submission"] = str(path)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def _rankable_videos(patterns: Patterns) -> Iterator[Video]:
+    """The videos of ``patterns``; one without frames, or whose id a segment id
+    ``'<video id>:<start>'`` cannot carry, raises naming its file and record."""
+    for path in expand_paths(patterns):
+        # no skip_corrupt: the position in the file is the record index
+        for record_index, video in enumerate(read_videos(path, require_frames=True)):
+            check_rankable_id(video.id, f"{path}: record {record_index}: ")
+            yield video
 
 
 def _chunks(videos: Iterable[Video], size: int) -> Iterator[list[Video]]:

@@ -55,6 +55,20 @@ def check_video(video: Video) -> None:
         raise ValueError(f"video {video.id!r} has no frames")
 
 
+def check_rankable_id(video_id: str, where: str = "") -> None:
+    """Refuse a video id that a ranked segment id ``'<video id>:<start>'`` (REFERENCE §7,
+    the Kaggle CSV) cannot carry: empty, or holding whitespace, ':' or ','.
+
+    Only ranking needs this: such a video can still be localized (``modloc show``, the
+    Localize service). ``where`` (e.g. ``"file.tfrecord: record 3: "``) prefixes the message.
+    """
+    if video_id and not any(c.isspace() or c in ":," for c in video_id):
+        return
+    raise ValueError(f"{where}video id {video_id!r} cannot be ranked: a Kaggle segment id "
+                     "'<video id>:<start>' needs a non-empty video id without whitespace, "
+                     "':' or ','")
+
+
 @dataclass(frozen=True)
 class ScoringModel:
     """A scorer and the classes of its output columns.
@@ -302,4 +316,4 @@ class Pipeline:
         return fused
 
 
-__all__ = ["check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]
+__all__ = ["check_rankable_id", "check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]

@@ -50,6 +50,15 @@ Every shard is generated from its own seed (derived from ``seed``, the split and
 index), one video at a time, and written as it is made: memory stays bounded whatever the
 size, and the bytes do not depend on ``workers``. ``synth.json`` records the configuration,
 the class lists and the counts.
+
+Writing into an existing directory
+----------------------------------
+A split that is generated replaces that split: before its shards are written, the shard
+files an earlier run left in its directory (``<split>/<split>NNNN.tfrecord`` and, for
+``test``, ``test_truth/testNNNN.tfrecord``, with their ``.tmp`` leftovers) are deleted, so
+a run with fewer shards leaves none of the old ones behind to be read as duplicate videos.
+Only names this generator writes are touched: any other file stays, and splits not
+generated in this run are left as they are.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -351,6 +361,21 @@ def truth_path(out_dir: Path, shard: int) -> Path:
     return out_dir / "test_truth" / f"test{shard:04d}.tfrecord"
 
 
+def _old_shards(out_dir: Path, split: str) -> list[Path]:
+    """The files an earlier run wrote for ``split`` (:func:`shard_path`, :func:`truth_path`),
+    by their exact names: nothing else in those directories matches."""
+    places = [(out_dir / split, split)]
+    if split == "test":
+        places.append((out_dir / "test_truth", "test"))
+    found = []
+    for directory, stem in places:
+        pattern = re.compile(rf"{stem}[0-9]{{4,}}\.tfrecord(?:\.tmp)?")
+        if directory.is_dir():
+            found += [path for path in directory.iterdir()
+                      if pattern.fullmatch(path.name) and path.is_file()]
+    return sorted(found)
+
+
 def write_shard(config: SynthConfig, out_dir: str | os.PathLike, split: str, shard: int) -> ShardSummary:
     """Generate and write one shard (and, for ``test``, its truth file)."""
     out_dir = Path(out_dir)
@@ -400,10 +425,14 @@ def generate(config: SynthConfig, out_dir: str | os.PathLike, workers: int = 1,
     """Write every shard of ``splits`` under ``out_dir`` and ``synth.json`` beside them.
 
     Shards are independent, so ``workers`` processes write them in parallel; the bytes are
-    the same for any ``workers``.
+    the same for any ``workers``. The shard files an earlier run wrote for ``splits`` are
+    deleted first (module docstring, "Writing into an existing directory").
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        for path in _old_shards(out_dir, split):
+            path.unlink()
     jobs = [(split, shard) for split in splits for shard in range(config.shards(split))
             if config.videos(split) > 0]
     summaries: list[ShardSummary] = []

@@ -27,7 +27,7 @@ from engine.vocab import Vocabulary, default_vocabulary
 
 def find_video(video_id: str, patterns: Patterns) -> Video:
     """The first record of ``patterns`` with id ``video_id`` (files in sorted order)."""
-    for video in read_videos(patterns):
+    for video in read_videos(patterns, require_frames=True):
         if video.id == video_id:
             return video
     raise ValueError(f"no video {video_id!r} in {patterns}")

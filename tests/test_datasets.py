@@ -18,8 +18,15 @@ from engine.datasets import (
     segment_windows,
 )
 from engine.features import MAX_FRAMES, masked_model_input, padding_input
-from engine.io.examples import FEATURE_SIZE, Video, encode_video
-from engine.io.readers import read_videos
+from engine.io.examples import (
+    FEATURE_SIZE,
+    Video,
+    VideoLevelRecord,
+    encode_truth,
+    encode_video,
+    encode_video_level,
+)
+from engine.io.readers import RecordKindError, read_videos
 from engine.io.tfrecord import write_records
 
 PB = {"decoder": "protobuf"}
@@ -92,15 +99,15 @@ def test_video_level_features_padding_and_labels(tmp_path):
 
 
 def test_video_level_pad_to_longest(tmp_path):
-    path = write(tmp_path / "v.tfrecord", [make_video("a", 3), make_video("b", 7), make_video("c", 0)])
+    path = write(tmp_path / "v.tfrecord", [make_video("a", 3), make_video("b", 7), make_video("c", 1)])
     batch = only_batch(VideoLevelDataset(path, shuffle=False, pad_to="longest", **PB))
     assert batch.features.shape == (3, 7, FEATURE_SIZE)
-    assert batch.num_frames.tolist() == [3, 7, 0]
-    assert not batch.features[0, 3:].any() and not batch.features[2].any()
-    # a batch of empty videos still has one (padding) frame per row
+    assert batch.num_frames.tolist() == [3, 7, 1]
+    assert not batch.features[0, 3:].any() and not batch.features[2, 1:].any()
+    # a video without frames never makes an all-padding example: the reader refuses it
     empty_path = write(tmp_path / "e.tfrecord", [make_video("z", 0)])
-    empty = only_batch(VideoLevelDataset(empty_path, shuffle=False, pad_to="longest", **PB))
-    assert empty.features.shape == (1, 1, FEATURE_SIZE) and empty.num_frames.tolist() == [0]
+    with pytest.raises(RecordKindError, match=r"e\.tfrecord: record 0 .* 'z' has no frames"):
+        only_batch(VideoLevelDataset(empty_path, shuffle=False, pad_to="longest", **PB))
 
 
 def test_video_level_class_space_drops_and_counts(tmp_path):
@@ -208,6 +215,33 @@ def test_segment_window_capped_at_max_frames(tmp_path):
     assert dataset.stats.invalid_ratings == 1
 
 
+@pytest.fixture
+def unusable_files(tmp_path):
+    """Two files whose record 1 cannot be trained on: a video-level Example, and a
+    ratings-only (test_truth) record without frames."""
+    good = encode_video(RATED)
+    video_level = encode_video_level(VideoLevelRecord("02aa", np.zeros(1024), np.zeros(128), [3]))
+    paths = {"video-level": tmp_path / "video_level.tfrecord", "no frames": tmp_path / "truth.tfrecord"}
+    write_records(paths["video-level"], [good, video_level, good])
+    write_records(paths["no frames"], [good, encode_truth(RATED), good])
+    return paths
+
+
+@pytest.mark.parametrize("kind, reason", [("video-level", "'02aa' is a video-level Example"),
+                                          ("no frames", "'seg' has no frames")])
+@pytest.mark.parametrize("dataset_class", [VideoLevelDataset, SegmentDataset])
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])
+@pytest.mark.parametrize("shards", [1, 2])  # 2 shards of 1 file: the record-interleaved path
+def test_records_without_frames_are_refused_naming_file_and_record(
+        unusable_files, kind, reason, dataset_class, decoder, shards):
+    path = unusable_files[kind]
+    with pytest.raises(RecordKindError, match=rf"{path}: record 1 at byte offset \d+: video {reason}"):
+        for shard in range(shards):  # record 1 belongs to shard 1 when interleaved
+            dataset = dataset_class(str(path), decoder=decoder, shard=(shard, shards),
+                                    skip_corrupt=True)
+            list(dataset.batches(2))
+
+
 # --- order, determinism, sharding -----------------------------------------------------
 
 
@@ -251,7 +285,8 @@ def test_every_example_once_across_shards(many_files, count, decoder_path, monke
     if decoder_path == "native-path":
         # exercise the decode-then-skip branch used by decoders without record access
         real = read_videos
-        monkeypatch.setattr(datasets, "read_videos", lambda p, s, st, d: real(p, s, st, "protobuf"))
+        monkeypatch.setattr(datasets, "read_videos",
+                            lambda p, s, st, d, **options: real(p, s, st, "protobuf", **options))
         decoder = "native"
     videos, segments = Counter(), Counter()
     read_videos_total = 0

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ from engine.cli import main
 from engine.engine import Engine, artifact_paths
 from engine.evaluation import evaluate_submission
 from engine.fusion import FusionConfig
-from engine.infer import infer
-from engine.io.readers import read_videos
-from engine.pipeline import PipelineConfig
+from engine.infer import Prefetcher, infer
+from engine.io.examples import Video, encode_truth, encode_video
+from engine.io.readers import RecordKindError, read_videos
+from engine.io.tfrecord import write_records
+from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
 from engine.submission import read_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,3 +167,88 @@ def test_backend_flags_that_do_not_fit_are_refused(tmp_path, capsys, flags, mess
     assert main(["infer", str(tmp_path), "--data", str(tmp_path / "x.tfrecord"), "--out",
                  str(tmp_path / "s.csv"), *flags]) == 1
     assert message in capsys.readouterr().err
+
+
+# --- infer's reading, over an engine of constant models (no artifacts) -----------------
+
+
+def constant_engine(*args, **options) -> Engine:
+    """Stands in for Engine.from_artifacts: two models that score every class 0.5."""
+    model = ScoringModel(lambda features, num_frames: np.full((len(features), 3), 0.5, np.float32),
+                         (3, 4, 5))
+    return Engine(Pipeline(model, model), class_ids=[3, 4, 5])
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "modloc-reader"]
+
+
+def write_videos(path: Path, ids: list[str], frames: int = 10) -> str:
+    write_records(path, [encode_video(Video(i, np.full((frames, 1152), 7, np.uint8))) for i in ids])
+    return str(path)
+
+
+def test_infer_stops_and_joins_its_reader_when_the_engine_fails(tmp_path, monkeypatch):
+    data = write_videos(tmp_path / "test.tfrecord", [f"v{i}" for i in range(12)])
+    calls = []
+
+    def failing_engine(*args, **options):
+        engine = constant_engine()
+
+        def localize(videos, orders=None):
+            calls.append(len(videos))
+            if len(calls) == 2:
+                raise RuntimeError("device lost")
+            return Engine.localize(engine, videos, orders)
+
+        engine.localize = localize
+        return engine
+
+    monkeypatch.setattr(Engine, "from_artifacts", failing_engine)
+    with pytest.raises(RuntimeError, match="device lost"):
+        infer("unused", data, tmp_path / "s.csv", chunk_videos=1, progress=False)
+    # the reader, with chunks still to read, was stopped and joined, not left running
+    # (a reader inside the native decoder at interpreter exit aborts the process)
+    assert calls == [1, 1] and reader_threads() == []
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_infer_over_a_file_that_fails_midway_names_the_record(tmp_path, monkeypatch):
+    path = tmp_path / "test.tfrecord"
+    good = [encode_video(Video(f"v{i}", np.full((10, 1152), 7, np.uint8))) for i in range(3)]
+    write_records(path, [*good, encode_truth(Video("t0", np.zeros((10, 1152), np.uint8))), *good])
+    monkeypatch.setattr(Engine, "from_artifacts", constant_engine)
+    with pytest.raises(RecordKindError, match=rf"{path}: record 3 at byte offset \d+: video 't0' "
+                       "has no frames"):
+        infer("unused", str(path), tmp_path / "s.csv", chunk_videos=1, progress=False)
+    assert reader_threads() == []
+    assert main(["infer", "unused", "--data", str(path), "--out", str(tmp_path / "s.csv")]) == 1
+
+
+def test_infer_refuses_a_video_id_a_segment_id_cannot_carry_when_it_is_read(tmp_path, monkeypatch):
+    data = write_videos(tmp_path / "test.tfrecord", ["a", "b", "D:/videos/v2.mp4", "c"])
+    monkeypatch.setattr(Engine, "from_artifacts", constant_engine)
+    with pytest.raises(ValueError, match=rf"{data}: record 2: video id 'D:/videos/v2.mp4' cannot "
+                       "be ranked: a Kaggle segment id '<video id>:<start>' needs"):
+        infer("unused", data, tmp_path / "s.csv", chunk_videos=8, progress=False)
+    assert not (tmp_path / "s.csv").exists() and reader_threads() == []
+    good = write_videos(tmp_path / "good.tfrecord", ["a", "b", "c"])
+    report = infer("unused", good, tmp_path / "s.csv", chunk_videos=2, progress=False)
+    assert report["videos"] == 3 and read_submission(str(tmp_path / "s.csv"))[3][:2] == ["a:0", "a:5"]
+
+
+def test_prefetcher_overlaps_and_stops_its_reader_when_the_consumer_stops_early():
+    closed = threading.Event()
+
+    def chunks():
+        try:
+            yield from range(100)
+        finally:
+            closed.set()
+
+    with Prefetcher(chunks(), depth=2) as prefetcher:
+        assert next(iter(prefetcher)) == 0
+    assert not prefetcher.thread.is_alive() and closed.is_set()
+    with Prefetcher(iter(range(5)), depth=2) as prefetcher:
+        assert list(prefetcher) == [0, 1, 2, 3, 4]
+    assert not prefetcher.thread.is_alive()

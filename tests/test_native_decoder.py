@@ -23,10 +23,15 @@ from engine.io import (
     CorruptRecordError,
     ReadStats,
     RecordFormatError,
+    RecordKindError,
     Video,
+    VideoLevelRecord,
     decode_video,
     encode_record,
+    encode_truth,
     encode_video,
+    encode_video_level,
+    iter_records,
     read_videos,
     write_records,
 )
@@ -582,6 +587,36 @@ def test_skip_corrupt_counts_like_the_reference(corrupt_file, videos_per_batch):
     assert all(identical(a, b) for a, b in zip(native, protobuf, strict=True))
     assert native_stats == protobuf_stats
     assert native_stats.corrupt_records == 2 and native_stats.records == 4
+
+
+@pytest.mark.parametrize("refused, require_frames, reason", [
+    ("video-level", False, "'v3' is a video-level Example"),
+    ("no frames", True, "'v3' has no frames"),
+])
+@pytest.mark.parametrize("videos_per_batch", [1, 4, 64])
+def test_a_refused_record_after_a_skipped_one_raises_like_the_reference(
+        corrupt_file, tmp_path, refused, require_frames, reason, videos_per_batch):
+    records = [record.payload for record in iter_records(corrupt_file)]
+    records[3] = (encode_video_level(VideoLevelRecord("v3", np.zeros(1024), np.zeros(128)))
+                  if refused == "video-level" else encode_truth(video(2, seed=3, id="v3")))
+    path = tmp_path / "refused.tfrecord"
+    write_records(path, records)
+    seen, stats = {}, {}
+    for decoder in ("native", "protobuf"):
+        seen[decoder], stats[decoder] = [], ReadStats()
+        with pytest.raises(RecordKindError, match=rf"record 3 at byte offset \d+: video {reason}"):
+            if decoder == "native":
+                for batch in read_frame_batches(path, skip_corrupt=True, stats=stats[decoder],
+                                                videos_per_batch=videos_per_batch,
+                                                require_frames=require_frames):
+                    seen[decoder] += [v.id for v in batch.videos()]
+            else:
+                seen[decoder].extend(v.id for v in read_videos(
+                    path, skip_corrupt=True, stats=stats[decoder], decoder="protobuf",
+                    require_frames=require_frames))
+    # record 2 is skipped and counted; record 4, after the refused one, is never reached
+    assert seen["native"] == seen["protobuf"] == ["v0", "v1"]
+    assert stats["native"].errors == stats["protobuf"].errors and len(stats["native"].errors) == 1
 
 
 def test_framing_error_after_the_videos_before_it(tmp_path):

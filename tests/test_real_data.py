@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.datasets import SegmentDataset, VideoLevelDataset
+from engine.infer import ordered_chunks
 from engine.inspection import inspect
-from engine.io import read_video_level, read_videos
+from engine.io import RecordKindError, read_video_level, read_videos
+from engine.localization import localize_split
+from engine.pipeline import Pipeline, ScoringModel
 
 # file → (records, labels, sum of label ids, float64 sum of mean_rgb, of mean_audio, first id)
 VIDEO_LEVEL = {
@@ -59,3 +63,29 @@ def test_inspect_counts_real_files(real_data):
     assert report.frames == 184 + 141
     assert report.labels == 920 + 929 + 3
     assert report.corrupt_records == 0
+
+
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])
+def test_frame_level_readers_refuse_a_real_video_level_shard(real_data, decoder):
+    path = real_data / "video_level_v2_2018" / "validate0000.tfrecord"
+    located = rf"{path}: record 0 at byte offset 0: video '02aa' is a video-level Example"
+    with pytest.raises(RecordKindError, match=located):
+        next(read_videos(path, decoder=decoder))
+    for dataset in (VideoLevelDataset, SegmentDataset):  # modloc train / finetune / evaluate
+        with pytest.raises(RecordKindError, match=located):
+            next(dataset(str(path), decoder=decoder, skip_corrupt=True).batches(8))
+
+
+def test_the_extractor_ids_are_localized_but_refused_for_a_submission(real_data):
+    # Their ids ('D:/…/v1.mp4') hold ':', which a segment id '<video id>:<start>' cannot carry.
+    files = sorted((real_data / "frame_level_extractor").glob("*.tfrecord"))
+    model = ScoringModel(lambda features, num_frames: np.full((len(features), 2), 0.5, np.float32),
+                         (1, 2))
+    videos = list(read_videos(files))
+    results = Pipeline(model, model).localize(videos)  # `modloc show`, the Localize service
+    assert [r.video_id for r in results] == [v.id for v in videos]
+    refused = rf"{files[0]}: record 0: video id 'D:/codeFile/pyFile/ve/test_data/v1.mp4' cannot be ranked"
+    with pytest.raises(ValueError, match=refused):
+        next(ordered_chunks(list(enumerate(map(str, files))), 8))  # modloc infer
+    with pytest.raises(ValueError, match=refused):
+        localize_split(model, model, [str(f) for f in files], [str(f) for f in files], class_ids=[1, 2])

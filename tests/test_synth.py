@@ -53,6 +53,27 @@ def test_bytes_do_not_depend_on_workers(tmp_path):
         tmp_path / "one/train/train0000.tfrecord").read_bytes()
 
 
+def test_a_rerun_replaces_its_splits_shards_and_leaves_other_files(tmp_path):
+    small = replace(TINY, train_videos=24, validate_videos=8, test_videos=24, videos_per_shard=8)
+    generate(small, tmp_path)  # 3 train, 1 validate, 3 test and 3 truth shards
+    (tmp_path / "train" / "train0009.tfrecord.tmp").write_bytes(b"left by a crashed run")
+    keep = [tmp_path / "train" / name for name in ("mine.tfrecord", "train0001.csv", "notes.txt")]
+    for path in keep:
+        path.write_text("the user's own file")
+    generate(replace(small, videos_per_shard=16), tmp_path, splits=("train", "test"))
+
+    def names(directory: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / directory).iterdir())
+
+    assert names("train") == ["mine.tfrecord", "notes.txt", "train0000.tfrecord",
+                              "train0001.csv", "train0001.tfrecord"]
+    assert names("test") == names("test_truth") == ["test0000.tfrecord", "test0001.tfrecord"]
+    assert names("validate") == ["validate0000.tfrecord"]  # a split not generated is kept
+    train = [v.id for v in read_videos(str(tmp_path / "train" / "train*.tfrecord"))]
+    assert len(train) == len(set(train)) == 24  # no duplicate videos from the first run
+    assert all(path.read_text() == "the user's own file" for path in keep)
+
+
 def test_rating_policy_follows_the_truth():
     config = config_from("demo", validate_videos=150, videos_per_shard=150)
     space = build_class_space(config)

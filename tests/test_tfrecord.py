@@ -14,10 +14,14 @@ import pytest
 from engine.io import (
     CorruptRecordError,
     ReadStats,
+    RecordKindError,
     Video,
+    VideoLevelRecord,
     decode_video,
     encode_record,
+    encode_truth,
     encode_video,
+    encode_video_level,
     iter_buffer_records,
     iter_records,
     masked_crc32c,
@@ -192,6 +196,45 @@ def test_wrong_frame_size_is_a_format_error(tmp_path):
     payload = hand_built_sequence_example("x", [], [b"\x00" * 1000], [b"\x00" * 128])
     with pytest.raises(ValueError, match="frame 0 of 'rgb' has 1000 bytes, expected one of 1024"):
         decode_video(payload)
+
+
+def _video_level_payload(video_id: str) -> bytes:
+    return encode_video_level(VideoLevelRecord(video_id, np.zeros(1024), np.zeros(128), labels=[3]))
+
+
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])
+@pytest.mark.parametrize("skip_corrupt", [False, True])
+def test_a_video_level_example_is_refused_by_the_frame_level_reader(tmp_path, decoder, skip_corrupt):
+    # An Example parses as a SequenceExample (field 1 is Features in both): unchecked, it
+    # would be read as a video with no frames.
+    path = tmp_path / "mixed.tfrecord"
+    good = [encode_video(Video(id=f"v{i}", features=np.full((2, 1152), i, np.uint8))) for i in range(2)]
+    write_records(path, [*good, _video_level_payload("02aa"), good[0]])
+    seen = []
+    with pytest.raises(RecordKindError) as info:
+        seen.extend(read_videos(path, skip_corrupt=skip_corrupt, decoder=decoder))
+    assert [v.id for v in seen] == ["v0", "v1"]  # the records before it are handed out
+    assert info.value.source == str(path) and info.value.index == 2
+    assert f"{path}: record 2 at byte offset" in str(info.value)
+    assert "'02aa' is a video-level Example" in str(info.value)
+    assert "needs frame-level SequenceExample records" in str(info.value)
+
+
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])
+def test_frameless_records_are_read_but_refused_where_frames_are_needed(tmp_path, decoder):
+    path = tmp_path / "truth.tfrecord"
+    rated = Video(id="t1", features=np.zeros((10, 1152), np.uint8), segment_labels=[4],
+                  segment_start_times=[5], segment_scores=[1.0])
+    with_frames = Video(id="f0", features=np.ones((3, 1152), np.uint8))
+    write_records(path, [encode_video(with_frames), encode_truth(rated)])
+    # a test_truth record: ratings without frames, legitimately read
+    (_, truth) = read_videos(path, decoder=decoder)
+    assert truth.num_frames == 0 and truth.segment_labels.tolist() == [4]
+    seen = []
+    with pytest.raises(RecordKindError, match=rf"{path}: record 1 at byte offset \d+: video 't1' "
+                       r"has no frames \(0 rgb, 0 audio\)"):
+        seen.extend(read_videos(path, decoder=decoder, skip_corrupt=True, require_frames=True))
+    assert [v.id for v in seen] == ["f0"]
 
 
 def test_buffer_reader_matches_file_reader(tmp_path):

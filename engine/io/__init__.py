@@ -14,7 +14,7 @@ from engine.io.examples import (
     encode_video_level,
     is_frame_level,
 )
-from engine.io.readers import iter_all_records, read_video_level, read_videos
+from engine.io.readers import RecordKindError, iter_all_records, read_video_level, read_videos
 from engine.io.tfrecord import (
     CorruptRecordError,
     ReadStats,
@@ -30,8 +30,9 @@ from engine.io.tfrecord import (
 
 __all__ = [
     "AUDIO_SIZE", "FEATURE_SIZE", "RGB_SIZE", "CorruptRecordError", "ReadStats", "Record",
-    "RecordFormatError", "TFRecordWriter", "Video", "VideoLevelRecord", "decode_video",
-    "decode_video_level", "encode_record", "encode_truth", "encode_video", "encode_video_level",
+    "RecordFormatError", "RecordKindError", "TFRecordWriter", "Video", "VideoLevelRecord",
+    "decode_video", "decode_video_level", "encode_record", "encode_truth", "encode_video",
+    "encode_video_level",
     "expand_paths", "is_frame_level", "iter_all_records", "iter_buffer_records", "iter_records",
     "masked_crc32c", "read_video_level", "read_videos", "write_records",
 ]

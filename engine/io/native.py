@@ -22,7 +22,7 @@ import numpy as np
 
 from engine import _native
 from engine.io.examples import RecordFormatError, Video, decode_video
-from engine.io.readers import Patterns, iter_all_records
+from engine.io.readers import Patterns, RecordKindError, frame_record_problem, iter_all_records
 from engine.io.tfrecord import CorruptRecordError, ReadStats, Record, iter_buffer_records
 
 # A payload the protobuf runtime rejects for each of its two errors that the native decoder
@@ -159,31 +159,66 @@ def decode_payloads(payloads: Sequence[bytes]) -> tuple[FrameBatch, list[tuple[i
     return batch, errors
 
 
+def _first_refused(
+    batch: FrameBatch, positions: list[int], records: list[Record], require_frames: bool
+) -> tuple[int, RecordKindError] | None:
+    """``(batch index, error)`` of the first decoded video a frame-level reader refuses
+    (:func:`engine.io.readers.frame_record_problem`); ``positions[i]`` is video ``i``'s record."""
+    # without require_frames only a video with no frame in either stream can be refused
+    # (a video-level Example); most batches have none, and skip the per-record check
+    combine = np.minimum if require_frames else np.maximum
+    suspects = np.flatnonzero(combine(batch.rgb_frames, batch.audio_frames) == 0)
+    for i in suspects.tolist():
+        problem = frame_record_problem(
+            records[positions[i]], batch.ids[i], int(batch.rgb_frames[i]),
+            int(batch.audio_frames[i]), require_frames,
+        )
+        if problem is not None:
+            return i, problem
+    return None
+
+
 def _decode_chunk(
-    records: list[Record], skip_corrupt: bool, stats: ReadStats | None
+    records: list[Record], skip_corrupt: bool, stats: ReadStats | None, require_frames: bool
 ) -> Iterator[FrameBatch]:
     """The good videos of ``records``; a bad one raises (after the videos before it) or is
-    counted, as :func:`engine.io.readers.decode_records` does."""
+    counted, as :func:`engine.io.readers.decode_frame_records` does."""
     batch, errors = decode_payloads([record.payload for record in records])
-    if errors and not skip_corrupt:
+    failed = {position for position, _ in errors}
+    positions = [position for position in range(len(records)) if position not in failed]
+    refused = _first_refused(batch, positions, records, require_frames)
+    # records from the refused one on are never reached, as in the record-by-record path
+    stop = positions[refused[0]] if refused is not None else len(records)
+    if errors and not skip_corrupt and errors[0][0] < stop:
         position, reason = errors[0]
         record = records[position]
         if position:  # no record before the first bad one is bad: they are the batch's head
             yield batch.head(position)
         raise CorruptRecordError(record.source, record.index, record.offset, reason)
     for position, reason in errors:
+        if position > stop:
+            break
         record = records[position]
         if stats is not None:
             stats.records -= 1
             stats.add_corrupt(
                 CorruptRecordError(record.source, record.index, record.offset, reason)
             )
+    if refused is not None:
+        index, error = refused
+        if index:
+            yield batch.head(index)
+        raise error
     if len(batch):
         yield batch
 
 
 def _batches(
-    records: Iterable[Record], skip_corrupt: bool, stats: ReadStats | None, videos_per_batch: int
+    records: Iterable[Record],
+    skip_corrupt: bool,
+    stats: ReadStats | None,
+    videos_per_batch: int,
+    require_frames: bool,
 ) -> Iterator[FrameBatch]:
     """Decodes ``records`` ``videos_per_batch`` at a time.
 
@@ -204,7 +239,7 @@ def _batches(
         except CorruptRecordError as error:
             framing_error = error
         if chunk:
-            yield from _decode_chunk(chunk, skip_corrupt, stats)
+            yield from _decode_chunk(chunk, skip_corrupt, stats, require_frames)
         if framing_error is not None:
             raise framing_error
         if len(chunk) < videos_per_batch:
@@ -216,16 +251,22 @@ def read_frame_batches(
     skip_corrupt: bool = False,
     stats: ReadStats | None = None,
     videos_per_batch: int = 64,
+    require_frames: bool = False,
 ) -> Iterator[FrameBatch]:
     """Frame-level videos of every file named by ``patterns``, ``videos_per_batch`` at a time.
 
     Same files, order, errors and ``stats`` as ``read_videos(..., decoder="protobuf")``: a
     record that fails framing, its CRC or decoding raises :class:`CorruptRecordError` naming
     the file, the record and its byte offset, or with ``skip_corrupt=True`` is counted in
-    ``stats`` and left out.
+    ``stats`` and left out; a video-level ``Example`` (or, with ``require_frames``, a record
+    without frames) raises :class:`~engine.io.readers.RecordKindError` in either mode.
     """
     yield from _batches(
-        iter_all_records(patterns, skip_corrupt, stats), skip_corrupt, stats, videos_per_batch
+        iter_all_records(patterns, skip_corrupt, stats),
+        skip_corrupt,
+        stats,
+        videos_per_batch,
+        require_frames,
     )
 
 
@@ -235,6 +276,7 @@ def decode_buffer(
     skip_corrupt: bool = False,
     stats: ReadStats | None = None,
     videos_per_batch: int = 64,
+    require_frames: bool = False,
 ) -> Iterator[FrameBatch]:
     """Frame-level videos of an in-memory buffer of framed records (a TFRecord file's
     bytes), like :func:`read_frame_batches`; errors name ``source``."""
@@ -243,4 +285,5 @@ def decode_buffer(
         skip_corrupt,
         stats,
         videos_per_batch,
+        require_frames,
     )
