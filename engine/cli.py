@@ -433,14 +433,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port)
     # the server's events (one key=value line each) go to stderr whatever -v says
     logging.getLogger("modloc.server").setLevel(logging.INFO)
-    try:
-        return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
-    except RuntimeError as error:
-        # grpc reports an address it cannot bind as a bare RuntimeError
-        if str(error).startswith("Failed to bind"):
-            raise OSError(f"--address {args.address}: cannot listen there (the port is in use, "
-                          "or the host is not an address of this machine)") from error
-        raise
+    return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
 
 
 def _add_client(subparsers) -> None:

@@ -108,12 +108,16 @@ class _Server:
             [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if config.tls_cert is not None:
-            credentials = security.server_credentials(config.tls_cert, config.tls_key,
-                                                      config.tls_client_ca)
-            self.port = self.server.add_secure_port(config.address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(config.address)
+        try:
+            if config.tls_cert is not None:
+                credentials = security.server_credentials(config.tls_cert, config.tls_key,
+                                                          config.tls_client_ca)
+                self.port = self.server.add_secure_port(config.address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(config.address)
+        except RuntimeError as error:  # gRPC's way of saying the address cannot be bound
+            raise OSError(f"--address {config.address}: cannot listen there (the port is in use, "
+                          f"or the host is not an address of this machine): {error}") from None
         await self.server.start()
         log_event("loading", address=f"{config.host}:{self.port}", pid=os.getpid())
         return self.port
