@@ -126,6 +126,9 @@ def test_parallel_runs_need_a_tree_with_towers(settings, tmp_path):
         train(load_config("pretrain", settings, {
             "out": str(tmp_path / "dbof"), "model.name": "dbof", "model.overrides": {},
             "devices": ["cpu", "cpu"]}))
+    with pytest.raises(ValueError, match="device 'tpu' is not usable here"):
+        train(load_config("pretrain", settings, {
+            "out": str(tmp_path / "tpu"), "devices": ["cpu", "tpu"]}))
     with pytest.raises(ValueError, match="cannot split 2 towers over 3"):
         train(load_config("pretrain", settings, {
             "out": str(tmp_path / "three"), "devices": ["cpu", "cpu", "cpu"]}))

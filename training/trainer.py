@@ -353,7 +353,8 @@ class Trainer:
         slots = _optimizer_slots(self.model, self.optimizer)
         tree = self.model
         if self.env is None:
-            self.model = PlacedTree(tree, config.devices)
+            # every device checked as the first was (resolve_device names one this torch lacks)
+            self.model = PlacedTree(tree, [resolve_device(device) for device in config.devices])
         else:
             self.model = DistributedMOD(tree.config, config.seed)
             self.model.load_full_state_dict(tree.state_dict())
