@@ -34,6 +34,17 @@ def _print_json(payload: dict) -> None:
     sys.stdout.write("\n")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 # --- synth ----------------------------------------------------------------------------
 
 
@@ -49,12 +60,13 @@ def _add_synth(subparsers) -> None:
             "and the rating policy are documented in engine/synth.py. Presets: "
             + ", ".join(f"{name} ({cfg.train_videos}/{cfg.validate_videos}/{cfg.test_videos} videos)"
                         for name, cfg in PRESETS.items())
-            + "; any field can be overridden."
+            + "; any field can be overridden. A split written into an existing --out replaces "
+            "that split's earlier shard files (other files are left alone)."
         ),
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="processes writing shards in parallel (the bytes do not depend on it)")
     parser.add_argument("--splits", default="train,validate,test",
                         help="comma-separated splits to write (default: all three)")

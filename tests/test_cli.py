@@ -255,6 +255,12 @@ def test_unusable_device_is_refused_up_front(capsys, tmp_path, verb, device):
     assert f"device '{device}' is not usable here" in line and "runs on auto, cpu" in line
 
 
+def test_synth_refuses_no_workers(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path), "--workers", "0"])
+    assert "--workers: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("classes", ["-5", "0"])
 def test_models_refuses_a_class_count_below_one(capsys, classes):
     pytest.importorskip("torch")

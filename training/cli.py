@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from engine.cli import positive_int
 from training.config import OPTIONS, Option, option_help, parse_assignment, parse_option_value
 
 _TRAIN_VERBS = {
@@ -49,20 +50,10 @@ def _add_models(subparsers) -> None:
                     "count (BN γ/β included, running statistics not). The paper's counts match "
                     "1000-way classifiers: --classes 1000.",
     )
-    parser.add_argument("--classes", type=_positive_int, default=3862,
+    parser.add_argument("--classes", type=positive_int, default=3862,
                         help="classifier width the counts assume (default 3862)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run_models)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _run_models(args: argparse.Namespace) -> int:
