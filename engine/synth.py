@@ -139,6 +139,11 @@ class SynthConfig:
         for name in ("missed_label_rate", "vertical_share", "context"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
+        # scales and counts: a negative value has no meaning (and `not >= 0` refuses NaN)
+        for name in ("popularity_exponent", "signal", "style", "noise", "spurious_labels",
+                     "positive_ratings_per_class", "negative_ratings_per_class", "absent_class_ratings"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0")
         if problems:
             raise ValueError("invalid synthetic dataset config: " + "; ".join(problems))
 

@@ -136,3 +136,7 @@ def test_bad_config_is_refused():
         config_from("tiny", frames=3)
     with pytest.raises(ValueError, match="unknown preset"):
         config_from("huge")
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        config_from("tiny", noise=-1.0)
+    with pytest.raises(ValueError, match="signal must be >= 0"):
+        config_from("tiny", signal=float("nan"))
