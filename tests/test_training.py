@@ -136,6 +136,18 @@ def test_staircase_learning_rate_at_the_boundaries():
     assert finetune.learning_rate_at(1954, 512) == pytest.approx(1.6e-4, rel=1e-12)
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("99999", "class id 99999 is outside the 3862-class vocabulary"),
+    ("3,5,3", "class id 3 is given twice"),
+    (",", "no class id"),
+])
+def test_class_spaces_are_checked(spec, message):
+    from training.config import resolve_classes
+
+    with pytest.raises(ValueError, match=message):
+        resolve_classes(spec)
+
+
 def test_clipping_is_per_variable():
     big, small, other = (torch.nn.Parameter(torch.zeros(n)) for n in (4, 3, 2))
     big.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5

@@ -405,7 +405,29 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
 
 
 def resolve_classes(spec: ClassesSpec) -> tuple[int, ...]:
-    """The vocabulary ids of a :attr:`DataConfig.classes` spec, in output order."""
+    """The vocabulary ids of a :attr:`DataConfig.classes` spec, in output order: distinct
+    ids of the 3862-class vocabulary (ValueError naming the first that is not)."""
+    from engine.vocab import NUM_VIDEO_CLASSES
+
+    ids = _class_ids_of(spec)
+    if not ids:
+        raise ValueError(f"classes {spec!r}: no class id")
+    seen: set[int] = set()
+    for class_id in ids:
+        if not 0 <= class_id < NUM_VIDEO_CLASSES:
+            raise ValueError(f"classes {_describe(spec)}: class id {class_id} is outside the "
+                             f"{NUM_VIDEO_CLASSES}-class vocabulary")
+        if class_id in seen:
+            raise ValueError(f"classes {_describe(spec)}: class id {class_id} is given twice")
+        seen.add(class_id)
+    return ids
+
+
+def _describe(spec: ClassesSpec) -> str:
+    return f"({len(spec)} ids)" if isinstance(spec, tuple) else repr(spec)
+
+
+def _class_ids_of(spec: ClassesSpec) -> tuple[int, ...]:
     from engine.vocab import NUM_VIDEO_CLASSES, default_segment_class_ids
 
     if spec is None:
