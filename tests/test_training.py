@@ -330,6 +330,16 @@ def test_bf16_training_on_cuda_resumes_and_loads_on_the_cpu(tiny_dataset, tmp_pa
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
 
 
+def test_evaluating_on_unlabelled_data_warns(tiny_dataset, tmp_path, caplog):
+    # the test split's ratings live in test_truth/: its records carry no labels
+    settings = pretrain_settings(tiny_dataset, tmp_path / "run", max_steps=2, eval_every=2,
+                                 **{"data.eval": [split(tiny_dataset, "test")]})
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        result = train(load_config("pretrain", None, settings))
+    assert result.evaluations[-1]["labelled"] == 0 and "loss" in result.evaluations[-1]
+    assert "holds no example labelled in the run's classes" in caplog.text
+
+
 def test_finetuning_restores_weights_and_adam_state(pretrained, tiny_dataset, tmp_path):
     _, result = pretrained
     segment_ids = synth_manifest(tiny_dataset)["segment_class_ids"]

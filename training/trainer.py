@@ -548,6 +548,12 @@ class Trainer:
             batches = itertools.islice(iter(loader), self.config.data.eval_batches)
         metrics = evaluate_batches(self.model, batches, len(self.class_ids),
                                    lambda output, batch: self.loss(output, batch).total)
+        if not metrics["labelled"] and self.writes:
+            # e.g. a test split, whose ratings live apart in test_truth/: a loss against
+            # all-zero targets is all there is to report
+            log.warning("step %d: the evaluation data %s holds no example labelled in the run's "
+                        "classes: only the loss is reported", self.state.step,
+                        ", ".join(self.config.data.eval))
         for name, value in metrics.items():
             writer.add_scalar(f"eval/{name}", value, self.state.step)
         entry = {"step": self.state.step, **metrics}
