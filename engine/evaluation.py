@@ -4,8 +4,9 @@
   ratings of the label files (``validate`` records, or a ``test_truth`` split).
 - A video-level prediction file (``VideoId,LabelConfidencePairs``) is scored with GAP@k,
   Hit@1, PERR and per-class MAP against the video labels of the label files (frame-level or
-  video-level records). A labelled video without predictions scores as all zeros; predicted
-  videos without labels are counted and left out.
+  video-level records). A labelled video without predictions is an all-zero row, as G's
+  metrics would see it (its Hit@1 is G's argmax: class 0); predicted videos without labels
+  are counted and left out, and a file predicting none of the labelled videos is refused.
 """
 
 from __future__ import annotations

@@ -387,12 +387,13 @@ def test_perr_zero_scores_and_unlabelled_videos():
     assert precision_at_equal_recall_rate(predictions, labels) == 0.0
 
 
-def test_hit_at_one_needs_a_positive_score():
-    # video 1 has nothing predicted (an all-zero row): argmax picks class 0, one of its
-    # labels, but a zero score is no prediction, as PERR rules
+def test_hit_at_one_is_gs_argmax_even_on_a_zero_row():
+    # REFERENCE §8.4: actual[argmax(pred)], no score condition (PERR has one): video 1
+    # predicts nothing, argmax picks class 0, one of its labels
     predictions = np.array([[0.2, 0.9], [0.0, 0.0]])
     labels = np.array([[0, 1], [1, 0]])
-    assert hit_at_one(predictions, labels) == 0.5
+    assert hit_at_one(predictions, labels) == 1.0
+    assert precision_at_equal_recall_rate(predictions, labels) == 0.5
 
 
 def test_gap_by_hand():

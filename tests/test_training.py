@@ -330,6 +330,33 @@ def test_bf16_training_on_cuda_resumes_and_loads_on_the_cpu(tiny_dataset, tmp_pa
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
 
 
+class _FixedLogits(torch.nn.Module):
+    """Stands in for a model: row b's logits are ``logits[b]``, whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, features, num_frames, use_mask=None):
+        return self.logits[: len(features)]
+
+
+def test_segment_mode_evaluation_counts_negatively_rated_segments():
+    from training.data import TorchBatch
+    from training.evaluate import evaluate_batches
+
+    # two segments rated for class 0: the positive one scored 0.3, the negative one 0.9;
+    # G's eval.py (REFERENCE §8.4) weights both rows and counts both: GAP 0.5, Hit@1 0.5
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    model = _FixedLogits([[logit(0.3), 0.0], [logit(0.9), 0.0]])
+    batch = TorchBatch(["a", "b"], torch.zeros(2, 5, 1152, dtype=torch.uint8), torch.tensor([5, 5]),
+                       labels=torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+                       label_weights=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    result = evaluate_batches(model, [batch], num_classes=2)
+    assert result["labelled"] == 2
+    assert (result["gap"], result["hit_at_one"], result["perr"]) == pytest.approx((0.5, 0.5, 0.5))
+
+
 def test_evaluating_on_unlabelled_data_warns(tiny_dataset, tmp_path, caplog):
     # the test split's ratings live in test_truth/: its records carry no labels
     settings = pretrain_settings(tiny_dataset, tmp_path / "run", max_steps=2, eval_every=2,

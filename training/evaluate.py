@@ -112,9 +112,12 @@ def evaluate_batches(
 ) -> dict:
     """Video metrics (and the mean loss) of ``model`` on ``batches``, in eval mode.
 
-    Rows without a positive label are left out of the metrics (a segment-mode row always
-    has its rated classes; a video-mode row may have no label in the class space). The
-    model's train/eval mode is restored afterwards.
+    Segment mode (batches with label weights) is G's ``eval.py``: predictions times the
+    weights, every rated row counted, the negatively rated ones too. In video mode a row
+    without a label in the class space is left out (on YouTube-8M, with its 3862 classes,
+    every video has one; a narrowed class space can leave some without). ``labelled`` in
+    the result counts the rows the metrics saw. The model's train/eval mode is restored
+    afterwards.
     """
     was_training = model.training
     model.eval()
@@ -131,7 +134,8 @@ def evaluate_batches(
             probabilities = torch.sigmoid(root_logits(output).float())
             if batch.label_weights is not None:
                 probabilities = probabilities * batch.label_weights
-            labelled = batch.labels.sum(dim=1) > 0
+            counted = (batch.label_weights if batch.label_weights is not None else batch.labels)
+            labelled = counted.sum(dim=1) > 0
             examples += len(batch)
             if labelled.any():
                 rows += int(labelled.sum())

@@ -22,16 +22,12 @@ from engine.metrics.average_precision import average_precision, top_k_ranking
 
 
 def hit_at_one(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Fraction of videos whose best-scored class is one of their labels.
-
-    As PERR (and as G on any model's output, whose sigmoid scores are all > 0), the best
-    class counts only when its score is > 0: a video with nothing predicted (an all-zero
-    row, as a prediction file's missing video gets) has no hit, whatever its labels.
-    """
+    """Fraction of videos whose best-scored class is one of their labels: G's
+    ``actual[argmax(pred)]``, with no condition on the score (unlike PERR), so an all-zero
+    row counts a hit when class 0 is among its labels."""
     scores, positive = _check_batch(predictions, labels)
-    rows = np.arange(len(scores))
     best = scores.argmax(axis=1)  # the first maximum: the lowest class index among ties
-    return float((positive[rows, best] & (scores[rows, best] > 0)).mean())
+    return float(positive[np.arange(len(best)), best].mean())
 
 
 def precision_at_equal_recall_rate(predictions: ArrayLike, labels: ArrayLike) -> float:
