@@ -4,7 +4,9 @@ For a batch of videos (uint8 frames)::
 
     stage 1  candidates   the video model scores each video (batches sorted by length and
                           padded to the longest, not to 300 frames); its top-N classes
-                          (default 20) among the segment classes are the candidates
+                          (default 20) over all the video model's classes (REFERENCE §7:
+                          the top-20 of 3862), kept where they are ranked segment
+                          classes, are the candidates
     stage 2  segments     every non-overlapping 5-frame window of every video is packed
                           into one (W, 5, 1152) array and scored in large batches
     stage 3  fusion       P_vid^a · P_seg^b for each (window, candidate), a = 0.05, b = 0.95
