@@ -270,6 +270,10 @@ def _add_infer(subparsers) -> None:
     parser.add_argument("--fallback", action="store_true",
                         help="fill classes with fewer than k segments from video scores "
                         "(REFERENCE section 7 step 5)")
+    parser.add_argument("--expansion-cut", action="store_true",
+                        help="rank a class's windows only within the first k windows of its "
+                        "videos ranked by video score, as the reference submission did "
+                        "(REFERENCE section 7 step 3); reads the data twice")
     parser.add_argument("--report", help="also write the report as JSON to this file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=_run_infer)
@@ -281,7 +285,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     config, backend_options = _pipeline_settings(args)
     report = infer(args.artifacts, args.data, args.out, truth=args.truth, video=args.video,
                    segment=args.segment, backend=args.backend, config=config,
-                   fallback=args.fallback, backend_options=backend_options)
+                   fallback=args.fallback, backend_options=backend_options,
+                   expansion_cut=args.expansion_cut)
     if report is None:  # a torchrun rank other than 0
         return 0
     if args.report:

@@ -77,6 +77,19 @@ def gather(payload, shard: Shard) -> list | None:
     return gathered
 
 
+def broadcast(payload, shard: Shard):
+    """Rank 0's ``payload`` (any picklable object) on every rank; the others pass None."""
+    if shard.world_size == 1:
+        return payload
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    box = [payload if shard.is_root else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def finish(shard: Shard) -> None:
     """Leave the process group (after the last collective)."""
     if shard.world_size == 1:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.expansion import ExpansionCut
 from engine.features import SEGMENT_FRAMES
 from engine.io.examples import Video
 from engine.metrics.segment import segment_id
@@ -77,6 +78,10 @@ class Engine:
             classes).
         fallback: fill short rankings from video scores (REFERENCE §7 step 5).
         backends: backends the engine owns and closes.
+
+    ``expansion`` (default None) may be set to an :class:`engine.expansion.ExpansionCut`
+    before videos are ranked: only the pairs it allows enter the rankings (REFERENCE §7
+    step 3; every video then needs its order).
     """
 
     def __init__(self, pipeline: Pipeline, ranking=None, class_ids: Sequence[int] | None = None,
@@ -88,6 +93,7 @@ class Engine:
         # per class, videos by video score; an entry's "start" holds the video's number of
         # full windows, so this state merges and persists like the rankings themselves
         self.fallback = TopK(self.class_ids, self.k) if fallback else None
+        self.expansion: ExpansionCut | None = None
         self._backends = list(backends)
 
     @classmethod
@@ -133,10 +139,16 @@ class Engine:
             raise ValueError(f"{len(orders)} orders for {len(results)} videos")
         for result in results:  # all or nothing: a refused id leaves the rankings as they were
             check_rankable_id(result.video_id)
+        if self.expansion is not None and orders is None:
+            raise ValueError("the expansion cut names videos by their order: give every video's")
         include_partial = self.pipeline.config.fusion.include_partial
         for row, result in enumerate(results):
             order = None if orders is None else int(orders[row])
-            self.ranking.add(result.video_id, *result.ranking_pairs(include_partial), order=order)
+            starts, class_ids, values = result.ranking_pairs(include_partial)
+            if self.expansion is not None:
+                keep = self.expansion.allowed(order, class_ids, starts)
+                starts, class_ids, values = starts[keep], class_ids[keep], values[keep]
+            self.ranking.add(result.video_id, starts, class_ids, values, order=order)
             if self.fallback is not None:
                 full_windows = np.full(len(result.video_class_ids), result.num_frames // SEGMENT_FRAMES)
                 self.fallback.add(result.video_id, full_windows, result.video_class_ids,

@@ -27,10 +27,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from engine.distributed import Shard, finish, gather, shard_files, video_order
+from engine.distributed import Shard, broadcast, finish, gather, shard_files, video_order
 from engine.engine import Engine
+from engine.expansion import ExpansionCut, entries_of
 from engine.io.examples import Video
 from engine.io.readers import Patterns, read_videos
 from engine.io.tfrecord import expand_paths
@@ -133,6 +135,25 @@ class Prefetcher:
         self.close()
 
 
+def _expansion_cut(engine, files: list[tuple[int, str]], chunk_videos: int, shard: Shard,
+                   progress: bool | None, description: str) -> ExpansionCut:
+    """The first pass of ``--expansion-cut``: every video's candidates (the video model
+    alone), gathered from every rank; the cut built on rank 0 and sent to all."""
+    ranked = set(engine.class_ids)
+    parts = []
+    with tqdm(desc=f"{description} (video scores)", unit="video", file=sys.stderr,
+              disable=None if progress is None else not progress, position=shard.rank) as bar, \
+            Prefetcher(ordered_chunks(files, chunk_videos)) as chunks:
+        for videos, orders in chunks:
+            candidate_ids, candidate_scores = engine.pipeline.candidates(videos)
+            parts.append(entries_of(videos, orders, candidate_ids, candidate_scores, ranked))
+            bar.update(len(videos))
+    local = np.concatenate(parts) if parts else np.zeros((0, 4))
+    gathered = gather(local, shard)
+    cut = ExpansionCut.build(np.concatenate(gathered), engine.k) if shard.is_root else None
+    return broadcast(cut, shard)
+
+
 def infer(
     artifacts: str | os.PathLike,
     data: Patterns,
@@ -148,6 +169,7 @@ def infer(
     progress: bool | None = None,
     shard: Shard | None = None,
     backend_options: dict | None = None,
+    expansion_cut: bool = False,
 ) -> dict | None:
     """Localize every video of ``data`` and write the Kaggle submission ``out``.
 
@@ -164,6 +186,9 @@ def infer(
         chunk_videos: videos per engine call.
         progress: a progress bar on stderr (None: only on a terminal).
         shard: this process's rank (default: from torchrun's environment).
+        expansion_cut: apply REFERENCE §7 step 3's expansion cut (:mod:`engine.expansion`),
+            as the reference submission did: every video is first scored by the video model
+            alone (the files are read twice, the video model runs twice), then localized.
 
     Returns:
         The report on rank 0 (``videos``, ``windows``, rates, ``submission``, ``map`` when
@@ -178,6 +203,8 @@ def infer(
                                backend_options=backend_options, fallback=fallback,
                                class_ids=class_ids) as engine:
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
+        if expansion_cut:
+            engine.expansion = _expansion_cut(engine, mine, chunk_videos, shard, progress, description)
         with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
                   file=sys.stderr, position=shard.rank) as bar:
             with Prefetcher(ordered_chunks(mine, chunk_videos)) as chunks:

@@ -258,6 +258,20 @@ class Pipeline:
         self.times.windows += len(packed)
         return results
 
+    def candidates(self, videos: Sequence[Video]) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1 alone: ``(V, n)`` candidate class ids and their video scores, as
+        :meth:`localize` finds them (for what must know every video's candidates first:
+        :mod:`engine.expansion`). Counted in the stage times, not in ``videos``."""
+        for video in videos:
+            check_video(video)
+        started = time.perf_counter()
+        video_scores = self._score_videos(videos)
+        self._lap("video_model", started)
+        started = time.perf_counter()
+        found = top_candidates(video_scores, self.video_model.class_ids, self.config.fusion.top_n)
+        self._lap("candidates", started)
+        return found
+
     def _lap(self, stage: str, started: float) -> None:
         self.times.seconds[stage] += time.perf_counter() - started
 

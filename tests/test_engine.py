@@ -68,6 +68,70 @@ def test_infer_under_torchrun_equals_the_single_process_csv_byte_for_byte(tiny_a
         report = json.loads(run.stdout[run.stdout.index("{"):])
         assert report["ranks"] == ranks and report["videos"] == 24
         assert sharded.read_bytes() == single.read_bytes()
+    # the expansion cut gathers every rank's video scores and sends the cut to all
+    single_cut, sharded_cut = tmp_path / "single-cut.csv", tmp_path / "sharded-cut.csv"
+    infer(tiny_artifacts, split(tiny_dataset, "test"), single_cut,
+          config=PipelineConfig(fusion=FusionConfig(k=12)), progress=False, expansion_cut=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         "-m", "engine.cli", *infer_args(tiny_artifacts, tiny_dataset, sharded_cut, None),
+         "--k", "12", "--expansion-cut"],
+        capture_output=True, text=True, timeout=240, env=environment, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sharded_cut.read_bytes() == single_cut.read_bytes()
+
+
+def test_expansion_cut_keeps_each_class_within_its_video_ranked_prefix():
+    from engine.expansion import ExpansionCut
+
+    # class 3: orders 1 and 2 tie at 0.9 (order 1 first), then order 0; limit 6 windows
+    entries = np.array([[3, 0.5, 0, 5], [3, 0.9, 2, 4], [3, 0.9, 1, 1], [7, 0.1, 0, 9]], np.float64)
+    cut = ExpansionCut.build(entries, limit=6)
+    assert cut.allowed_windows == {(3, 1): 1, (3, 2): 4, (3, 0): 1, (7, 0): 6}
+    # order 0 keeps its first window only; class 9 has no entry at all
+    allowed = cut.allowed(0, np.array([3, 3, 7, 9]), np.array([0, 5, 25, 0]))
+    assert allowed.tolist() == [True, False, True, False]
+
+
+def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artifacts, tiny_dataset,
+                                                                      tmp_path):
+    """REFERENCE §7 steps 1-4 done by hand over the same localizations: per class, the
+    first k full windows of its videos by video score (ties: file order), then those ranked
+    by fused value; infer --expansion-cut must write exactly that."""
+    from engine.features import SEGMENT_FRAMES
+
+    k = 12
+    config = PipelineConfig(fusion=FusionConfig(k=k))
+    cut, plain = tmp_path / "cut.csv", tmp_path / "plain.csv"
+    infer(tiny_artifacts, split(tiny_dataset, "test"), cut, config=config, progress=False,
+          expansion_cut=True)
+    infer(tiny_artifacts, split(tiny_dataset, "test"), plain, config=config, progress=False)
+
+    videos = list(read_videos(split(tiny_dataset, "test")))  # file order: the videos' orders
+    with Engine.from_artifacts(tiny_artifacts, config=config) as engine:
+        results = engine.localize(videos, rank=False)
+    ranked = set(engine.class_ids)
+    expansion: dict[int, list[tuple[float, int, int]]] = {}
+    for order, (video, result) in enumerate(zip(videos, results, strict=True)):
+        for class_id, score in zip(result.candidate_ids.tolist(), result.candidate_scores.tolist(),
+                                   strict=True):
+            if class_id in ranked:
+                expansion.setdefault(class_id, []).append((-score, order, video.audio_frames // 5))
+    allowed = set()
+    for class_id, entries in expansion.items():
+        windows = [(order, start) for _, order, count in sorted(entries)
+                   for start in range(0, count * SEGMENT_FRAMES, SEGMENT_FRAMES)][:k]
+        allowed.update((class_id, order, start) for order, start in windows)
+    expected: dict[int, list[tuple[float, int, int]]] = {}
+    for order, result in enumerate(results):
+        for start, class_id, value in zip(*(a.tolist() for a in result.ranking_pairs()), strict=True):
+            if (class_id, order, start) in allowed and value > 0:
+                expected.setdefault(class_id, []).append((-value, order, start))
+    rows = read_submission(str(cut))
+    for class_id in engine.class_ids:
+        want = [f"{videos[order].id}:{start}" for _, order, start in sorted(expected.get(class_id, []))]
+        assert rows[class_id] == want, class_id
+    assert rows != read_submission(str(plain))  # at k = 12 the cut changes rankings
 
 
 def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_dataset, classes):
