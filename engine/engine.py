@@ -42,6 +42,8 @@ from engine.topk import TopK
 from engine.vocab import default_segment_class_ids
 
 DEFAULT_VARIANT = "distill-fp32"
+# REFERENCE §7 step 5: the fallback file (…_test_k1000.csv) holds each video's top 1000 classes
+FALLBACK_CLASSES_PER_VIDEO = 1000
 
 
 def artifact_paths(artifacts: str | os.PathLike, video: str | None = None,
@@ -150,9 +152,11 @@ class Engine:
                 starts, class_ids, values = starts[keep], class_ids[keep], values[keep]
             self.ranking.add(result.video_id, starts, class_ids, values, order=order)
             if self.fallback is not None:
-                full_windows = np.full(len(result.video_class_ids), result.num_frames // SEGMENT_FRAMES)
-                self.fallback.add(result.video_id, full_windows, result.video_class_ids,
-                                  result.video_scores.astype(np.float64), order=order)
+                # the reference fills from a video-level file of each video's top 1000 classes
+                top = np.argsort(-result.video_scores, kind="stable")[:FALLBACK_CLASSES_PER_VIDEO]
+                full_windows = np.full(len(top), result.num_frames // SEGMENT_FRAMES)
+                self.fallback.add(result.video_id, full_windows, result.video_class_ids[top],
+                                  result.video_scores[top].astype(np.float64), order=order)
 
     def rankings(self) -> dict[int, list[str]]:
         """Class id → up to ``k`` segment ids, best first (with the fallback fill if on)."""

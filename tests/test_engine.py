@@ -134,6 +134,24 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
     assert rows != read_submission(str(plain))  # at k = 12 the cut changes rankings
 
 
+def test_fallback_fills_only_from_each_videos_top_1000_classes():
+    from engine.engine import FALLBACK_CLASSES_PER_VIDEO
+    from engine.io.examples import Video
+
+    # 1500 video classes scored by rank: class c gets 1 - c / 1500, so classes 0..999 are
+    # the video's top 1000; the ranked classes 998, 999 (inside) and 1200 (outside)
+    classes = tuple(range(1500))
+    video_model = ScoringModel(lambda f, n: np.tile(1 - np.arange(1500, dtype=np.float32) / 1500,
+                                                    (len(f), 1)), classes)
+    segment_model = ScoringModel(lambda f, n: np.zeros((len(f), 3), np.float32), (998, 999, 1200))
+    engine = Engine(Pipeline(video_model, segment_model, PipelineConfig(fusion=FusionConfig(k=4))),
+                    class_ids=[998, 999, 1200], fallback=True)
+    engine.localize([Video("v", np.zeros((10, 1152), np.uint8))], orders=[0])
+    rows = engine.rankings()
+    assert FALLBACK_CLASSES_PER_VIDEO == 1000
+    assert rows[998] == rows[999] == ["v:0", "v:5"] and rows[1200] == []
+
+
 def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_dataset, classes):
     videos = list(read_videos(split(tiny_dataset, "test")))
     config = PipelineConfig(fusion=FusionConfig(top_n=2, k=400))
