@@ -23,7 +23,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -96,12 +96,35 @@ class BatcherStats:
                 "mean_queue_seconds": self.queue_seconds / self.requests if self.requests else 0.0}
 
 
-class Batcher:
-    """One worker thread running ``pipeline`` over batches merged from many requests."""
+@dataclass(frozen=True)
+class BatchRecord:
+    """One pipeline call of the batcher, for whoever observes them (the server's metrics).
 
-    def __init__(self, pipeline: Pipeline, config: BatcherConfig = BatcherConfig()):
+    Attributes:
+        videos: videos in the call.
+        windows: 5-frame windows the segment model scored.
+        stage_seconds: this call's seconds per pipeline stage (:class:`StageTimes` keys).
+        queue_seconds: each merged request's wait from submit to the device.
+    """
+
+    videos: int
+    windows: int
+    stage_seconds: dict[str, float]
+    queue_seconds: list[float]
+
+
+class Batcher:
+    """One worker thread running ``pipeline`` over batches merged from many requests.
+
+    ``on_batch``, when set, is called from the worker thread with a :class:`BatchRecord`
+    after every successful pipeline call (it must be quick and must not raise).
+    """
+
+    def __init__(self, pipeline: Pipeline, config: BatcherConfig = BatcherConfig(),
+                 on_batch: Callable[[BatchRecord], None] | None = None):
         self.pipeline = pipeline
         self.config = config
+        self.on_batch = on_batch
         self.stats = BatcherStats()
         self._queue: collections.deque[_Request] = collections.deque()
         self._condition = threading.Condition()
@@ -190,7 +213,7 @@ class Batcher:
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             now = time.monotonic()
-            live = []
+            live, waits = [], []
             for request in batch:
                 if not request.future.set_running_or_notify_cancel():
                     self.stats.cancelled += 1
@@ -200,11 +223,14 @@ class Batcher:
                         f"the deadline passed {now - request.deadline:.3f} s before the device "
                         f"reached the request"))
                 else:
-                    self.stats.queue_seconds += now - request.enqueued
+                    waits.append(now - request.enqueued)
+                    self.stats.queue_seconds += waits[-1]
                     live.append(request)
             if not live:
                 continue
             videos = [video for request in live for video in request.videos]
+            times = self.pipeline.times
+            seconds_before, windows_before = dict(times.seconds), times.windows
             try:
                 results = self.pipeline.localize(videos)
             except Exception as error:  # the requests fail, the worker goes on
@@ -217,10 +243,15 @@ class Batcher:
             self.stats.videos += len(videos)
             self.stats.batches += 1
             self.stats.batch_sizes[len(videos)] += 1
+            if self.on_batch is not None:
+                self.on_batch(BatchRecord(
+                    len(videos), times.windows - windows_before,
+                    {stage: times.seconds[stage] - seconds_before[stage] for stage in times.seconds},
+                    waits))
             begin = 0
             for request in live:
                 request.future.set_result(results[begin: begin + len(request.videos)])
                 begin += len(request.videos)
 
 
-__all__ = ["Batcher", "BatcherClosed", "BatcherConfig", "BatcherStats", "DeadlineExceeded", "QueueFull"]
+__all__ = ["BatchRecord", "Batcher", "BatcherClosed", "BatcherConfig", "BatcherStats", "DeadlineExceeded", "QueueFull"]

@@ -520,7 +520,7 @@ def _client_action(args: argparse.Namespace) -> int:
                             max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES) as client:
         if args.action == "localize":
             for response in client.localize(args.data, args.threshold, args.max_segments):
-                print(json.dumps(MessageToDict(response)))
+                print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True)))
         elif args.action == "ingest":
             acks = client.ingest(args.data, window=args.window, progress=None)
             duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
@@ -532,7 +532,8 @@ def _client_action(args: argparse.Namespace) -> int:
             data = client.submission(args.out)
             print(f"wrote {args.out} ({len(data)} bytes)")
         else:
-            _print_json(MessageToDict(client.stats()))
+            # every counter, zeros included: a script reading one must find it
+            _print_json(MessageToDict(client.stats(), always_print_fields_with_no_presence=True))
     return 0
 
 

@@ -141,7 +141,7 @@ def test_chunked_video_equals_whole(client, server):
 def test_ingest_then_submission_equals_infer(client, ingested, test_videos, expected_csv):
     assert [a.video_id for a in ingested] == [v.id for v in test_videos]
     assert {a.status for a in ingested} == {pb.IngestAck.INGESTED}
-    assert [a.sequence for a in ingested] == list(range(len(test_videos)))
+    assert [a.sequence for a in ingested] == list(range(1, len(test_videos) + 1))  # 0: a duplicate
     assert client.submission() == expected_csv
     stats = client.stats()
     assert stats.videos_ingested == stats.ranked_videos == len(test_videos)
@@ -445,6 +445,16 @@ def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts
             assert server.stop() == 0, server.log()
 
 
+def test_metrics_endpoint_settings_are_checked(tiny_artifacts):
+    from engine.server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="metrics_port: each of the processes would bind it"):
+        ServerConfig(artifacts=tiny_artifacts, address="127.0.0.1:50999", processes=2, metrics_port=9100)
+    # an IPv6 literal keeps its brackets for gRPC and loses them for other socket APIs
+    config = ServerConfig(artifacts=tiny_artifacts, address="[::1]:0")
+    assert (config.host, config.bare_host) == ("[::1]", "::1")
+
+
 def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -522,9 +532,21 @@ def test_secured_server_tls_token_kserve_and_metrics(tiny_artifacts, pki, tmp_pa
         served = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(expected.shape)
         np.testing.assert_array_equal(served, expected)
 
-        exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert 'method="/modloc.v1.Localization/Localize"' in exposition
-        assert 'code="UNAUTHENTICATED"' in exposition
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+                    for line in text.splitlines() if line.startswith("modloc_")}
+
+        deadline = time.monotonic() + 10  # the gauges and videos_total are copied once a second
+        while not (metrics := scrape()).get('modloc_videos_total{rpc="Localize"}') and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metrics['modloc_videos_total{rpc="Localize"}'] == 1
+        assert any('method="/modloc.v1.Localization/Localize"' in name for name in metrics)
+        assert any('code="UNAUTHENTICATED"' in name for name in metrics)
+        # the pipeline's work: one batch of one video, its windows, every stage timed
+        assert metrics["modloc_batch_size_count"] == 1 and metrics["modloc_segments_total"] >= 1
+        for stage in ("queue", "video_model", "segment_model", "fusion"):
+            assert metrics[f'modloc_stage_seconds_count{{stage="{stage}"}}'] == 1, stage
     finally:
         assert server.stop() == 0
 
@@ -582,4 +604,7 @@ def test_client_cli(server, client, ingested, tiny_dataset, tmp_path, capsys):
     responses = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(responses) == 24 and all(r["candidates"] for r in responses)
     assert main(["client", "stats", server.address]) == 0
-    assert int(json.loads(capsys.readouterr().out)["videosIngested"]) >= len(ingested)
+    stats = json.loads(capsys.readouterr().out)
+    assert int(stats["videosIngested"]) >= len(ingested)
+    # counters at zero are printed too: a script reading one finds it
+    assert {"duplicates", "queueDepth", "activeStreams", "inflightVideos"} <= stats.keys()

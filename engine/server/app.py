@@ -132,8 +132,11 @@ class _Server:
         self.kserve.attach({kserve.DEFAULT_MODEL_NAMES["video"]: video_backend,
                             kserve.DEFAULT_MODEL_NAMES["segment"]: segment_backend})
         self.core.start_background()
+        self.core.batcher.on_batch = self._observe_batch
+        self.core.on_commit = lambda seconds: self.metrics.observe_stage("commit", seconds)
         if config.metrics_port is not None:
-            self.metrics_http = self.metrics.start_http_server(config.metrics_port, config.host)
+            self.metrics_http = self.metrics.start_http_server(config.metrics_port, config.bare_host)
+            log_event("metrics", address=f"{config.host}:{self.metrics_http.port}")  # port 0: the one picked
             asyncio.get_running_loop().create_task(self._refresh_metrics())
         self.ready = True
         for name in ("", *self.services):
@@ -141,12 +144,26 @@ class _Server:
         log_event("serving", address=f"{config.host}:{self.port}", pid=os.getpid(),
                   services=",".join(self.services))
 
+    def _observe_batch(self, record) -> None:
+        """One pipeline call into the metrics (from the batcher's thread)."""
+        self.metrics.batch_size.observe(record.videos)
+        self.metrics.segments.inc(record.windows)
+        for stage, seconds in record.stage_seconds.items():
+            self.metrics.observe_stage(stage, seconds)
+        for seconds in record.queue_seconds:
+            self.metrics.observe_stage("queue", seconds)
+
     async def _refresh_metrics(self) -> None:
-        """Copy the core's gauges into the metrics once a second."""
+        """Copy the core's gauges, and the videos it received per RPC, into the metrics once
+        a second."""
+        counted: dict[str, int] = {}
         while True:
             stats = self.core.stats()
             self.metrics.queue_depth.set(stats["queue_depth"])
             self.metrics.in_flight_videos.set(stats["inflight_videos"])
+            for rpc, total in stats["videos_received"].items():
+                self.metrics.videos.labels(rpc=rpc).inc(total - counted.get(rpc, 0))
+                counted[rpc] = total
             await asyncio.sleep(1.0)
 
     async def drain(self, reason: str) -> None:

@@ -100,6 +100,13 @@ class ServerConfig:
         return self.address.rpartition(":")[0]
 
     @property
+    def bare_host(self) -> str:
+        """:attr:`host` without the brackets of an IPv6 literal (``[::1]`` → ``::1``), as
+        socket APIs other than gRPC's take it."""
+        host = self.host
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+    @property
     def port(self) -> int:
         return int(self.address.rpartition(":")[2])
 
@@ -147,6 +154,9 @@ class ServerConfig:
                 problems.append(f"{name}: {path} is not a readable file")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port: {self.metrics_port} is outside 0..65535")
+        if self.metrics_port is not None and self.processes > 1:
+            problems.append("metrics_port: each of the processes would bind it; the metrics "
+                            "endpoint needs processes = 1")
         return problems
 
 

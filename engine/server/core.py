@@ -24,16 +24,17 @@ them even though several of its groups are localized at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.batcher import Batcher
-from engine.engine import Engine, artifact_paths
+from engine.engine import Engine
 from engine.io.examples import Video
 from engine.pipeline import VideoLocalization
 from engine.server.config import ServerConfig
@@ -59,7 +60,8 @@ class NoRankings(RuntimeError):
 @dataclass(frozen=True)
 class IngestOutcome:
     """One ingested video: ``duplicate`` when it was ingested before (nothing changed);
-    ``sequence`` its ingestion order, the tie key (0 for a duplicate)."""
+    ``sequence`` its place in the ingestion order from 1 (the tie key + 1, so that 0 can
+    mean a duplicate)."""
 
     video_id: str
     duplicate: bool
@@ -92,6 +94,9 @@ class EngineCore:
         self.config = config
         self.engine = engine
         self.rankings = rankings
+        # what ModelInfo reports: the manifests of the artifacts just opened
+        self.manifests = tuple((Path(backend.artifact.path) / "manifest.json").read_text()
+                               for backend in engine.backends)
         self.batcher = Batcher(engine.pipeline, config.batcher)
         self.vocabulary = default_vocabulary()
         self.started = time.monotonic()
@@ -101,9 +106,12 @@ class EngineCore:
         self.videos_localized = 0
         self.videos_ingested = 0
         self.duplicates = 0
+        self.received: collections.Counter[str] = collections.Counter()  # admitted videos by RPC
         self._add_lock = threading.Lock()  # adds (and their sequence numbers) one group at a time
         self._since_snapshot = 0  # videos ingested since the last snapshot (under _add_lock)
         self._snapshot_task: asyncio.Task | None = None
+        # called with each group commit's seconds (the server's metrics)
+        self.on_commit: Callable[[float], None] | None = None
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
@@ -127,14 +135,16 @@ class EngineCore:
 
     # --- admission --------------------------------------------------------------------
 
-    def admit(self, videos: int) -> None:
-        """Count ``videos`` as in flight; raises :class:`Draining` or :class:`InflightLimit`."""
+    def admit(self, videos: int, rpc: str) -> None:
+        """Count ``videos`` received by ``rpc`` as in flight; raises :class:`Draining` or
+        :class:`InflightLimit`."""
         if self.draining:
             raise Draining("the server is shutting down")
         if self.inflight + videos > self.config.max_inflight_videos:
             raise InflightLimit(f"{self.inflight} videos are in flight server-wide; {videos} more "
                                 f"would pass the limit of {self.config.max_inflight_videos}")
         self.inflight += videos
+        self.received[rpc] += videos
 
     def release(self, videos: int) -> None:
         """The front answered (or gave up on) ``videos`` admitted videos."""
@@ -173,11 +183,14 @@ class EngineCore:
                 # Without an explicit order a video's tie key is the number registered before it.
                 sequence = self.rankings.topk.stats().videos
                 added = self.rankings.add(result.video_id, *result.ranking_pairs(include_partial))
-                outcomes.append(IngestOutcome(result.video_id, not added, sequence if added else 0))
+                outcomes.append(IngestOutcome(result.video_id, not added, sequence + 1 if added else 0))
             fresh = sum(not outcome.duplicate for outcome in outcomes)
             self._since_snapshot += fresh
             snapshot_due = 0 < self.config.snapshot_videos <= self._since_snapshot
+        started = time.perf_counter()
         self.rankings.commit()  # the acknowledgements below promise this
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
         self.videos_ingested += fresh
         self.duplicates += len(outcomes) - fresh
         if snapshot_due:
@@ -240,15 +253,16 @@ class EngineCore:
                 "queue_depth": self.batcher.queue_depth, "active_streams": self.active_streams,
                 "inflight_videos": self.inflight, "stages": dict(times.seconds),
                 "batch_sizes": dict(self.batcher.stats.batch_sizes),
+                "videos_received": dict(self.received),
                 "uptime_seconds": time.monotonic() - self.started}
 
     def model_info(self) -> dict:
-        """The artifacts' manifests verbatim and the fusion settings (ModelInfoResponse)."""
-        video_path, segment_path = artifact_paths(self.config.artifacts, self.config.video,
-                                                  self.config.segment)
+        """The served artifacts' manifests verbatim (as read when they were loaded: a file
+        changed or removed since is not what is served) and the fusion settings
+        (ModelInfoResponse)."""
         fusion = self.config.pipeline.fusion
-        return {"video_manifest_json": (Path(video_path) / "manifest.json").read_text(),
-                "segment_manifest_json": (Path(segment_path) / "manifest.json").read_text(),
+        video_manifest, segment_manifest = self.manifests
+        return {"video_manifest_json": video_manifest, "segment_manifest_json": segment_manifest,
                 "backend": self.config.backend, "top_n": fusion.top_n,
                 "video_exponent": fusion.video_exponent,
                 "segment_exponent": fusion.segment_exponent, "k": fusion.k,

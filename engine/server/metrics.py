@@ -17,7 +17,7 @@ Metric names (all prefixed ``modloc_``):
                                               included when the interceptor runs first)
 ``errors_total{method,code}``      counter    the calls above whose code is not OK
 ``videos_total{rpc}``              counter    videos received, by the RPC that carried them
-``segments_total``                 counter    fused segment scores produced
+``segments_total``                 counter    5-frame windows the segment model scored
 ``queue_depth``                    gauge      videos waiting for the pipeline
 ``active_streams``                 gauge      streaming calls in progress (kept by the
                                               interceptor)
@@ -103,7 +103,7 @@ class ServerMetrics:
                               ("method", "code"), registry=registry)
         self.videos = Counter(name("videos_total"), "Videos received, by RPC.", ("rpc",),
                               registry=registry)
-        self.segments = Counter(name("segments_total"), "Fused segment scores produced.",
+        self.segments = Counter(name("segments_total"), "5-frame windows the segment model scored.",
                                 registry=registry)
         self.queue_depth = Gauge(name("queue_depth"), "Videos waiting for the pipeline.",
                                  registry=registry)

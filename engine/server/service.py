@@ -277,7 +277,7 @@ class _Stream:
                 video = self.assembler.feed(request.video, index)
                 index += 1
                 if video is not None:
-                    self.core.admit(1)
+                    self.core.admit(1, "Ingest" if self.ingest else "Localize")
                     self.admitted += 1
                     if self.ingest:
                         self.pending.append(video)
