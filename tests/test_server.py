@@ -357,7 +357,17 @@ def test_deadline_exceeded(slow_server):
 
 
 def test_sigterm_drains_in_flight_work(slow_server):
-    channel, stream = _localize_stream(slow_server.address, [Video("drained", frames(5))])
+    import threading
+
+    later = threading.Event()
+
+    def requests():
+        yield pb.LocalizeRequest(video=video_chunks(Video("drained", frames(5)))[0])
+        later.wait(20)  # an open stream goes on sending during the grace period
+        yield pb.LocalizeRequest(video=video_chunks(Video("sent-while-draining", frames(5, seed=1)))[0])
+
+    channel = grpc.insecure_channel(slow_server.address)
+    stream = pb_grpc.LocalizationStub(channel).Localize(requests(), timeout=30)
     time.sleep(0.3)  # the video waits in the batcher
     slow_server.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
@@ -366,7 +376,8 @@ def test_sigterm_drains_in_flight_work(slow_server):
     with pytest.raises(grpc.RpcError) as error:
         list(refused)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert [r.video_id for r in stream] == ["drained"]
+    later.set()
+    assert [r.video_id for r in stream] == ["drained", "sent-while-draining"]
     assert slow_server.stop() == 0, slow_server.log()
     assert list(slow_server.state.glob("snapshot-*.topk"))
     assert "event=drain_finished" in slow_server.log()

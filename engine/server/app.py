@@ -13,8 +13,10 @@ certificate files (:mod:`engine.server.security`).
 
 Drain (SIGTERM or SIGINT): health turns NOT_SERVING and new Localize/Ingest streams are
 refused with UNAVAILABLE while the server still answers other calls; the streams in
-progress get up to ``grace_seconds`` to finish; then the server stops (cancelling what is
-left), the batcher finishes its queue, a final snapshot is written, and the process exits 0.
+progress get up to ``grace_seconds`` to finish (they may go on sending videos meanwhile);
+then the server stops (cancelling what is left: a video not yet acknowledged is not
+ingested, and a client's retry sends it again), the batcher finishes its queue, a final
+snapshot is written, and the process exits 0.
 
 Several processes (``processes > 1``): the parent forks them before any gRPC object
 exists; each binds the same port with ``SO_REUSEPORT`` (the kernel spreads connections

@@ -45,10 +45,6 @@ from engine.vocab import default_segment_class_ids, default_vocabulary
 log = logging.getLogger("modloc.server")
 
 
-class Draining(RuntimeError):
-    """The core is shutting down and takes no new work."""
-
-
 class InflightLimit(RuntimeError):
     """Admitting more videos would pass ``max_inflight_videos``."""
 
@@ -136,10 +132,10 @@ class EngineCore:
     # --- admission --------------------------------------------------------------------
 
     def admit(self, videos: int, rpc: str) -> None:
-        """Count ``videos`` received by ``rpc`` as in flight; raises :class:`Draining` or
-        :class:`InflightLimit`."""
-        if self.draining:
-            raise Draining("the server is shutting down")
+        """Count ``videos`` received by ``rpc`` as in flight; raises :class:`InflightLimit`.
+
+        While the server drains, new streams are refused where they enter; the streams open
+        before go on taking videos until the grace period ends (the drain's promise)."""
         if self.inflight + videos > self.config.max_inflight_videos:
             raise InflightLimit(f"{self.inflight} videos are in flight server-wide; {videos} more "
                                 f"would pass the limit of {self.config.max_inflight_videos}")
@@ -284,4 +280,4 @@ class EngineCore:
                   videos_localized=self.videos_localized)
 
 
-__all__ = ["Draining", "EngineCore", "IngestOutcome", "InflightLimit", "NoRankings", "log_event"]
+__all__ = ["EngineCore", "IngestOutcome", "InflightLimit", "NoRankings", "log_event"]

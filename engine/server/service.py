@@ -37,7 +37,7 @@ from engine.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from engine.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from engine.io.examples import Video
 from engine.pipeline import VideoLocalization
-from engine.server.core import Draining, EngineCore, InflightLimit, NoRankings, log_event
+from engine.server.core import EngineCore, InflightLimit, NoRankings, log_event
 
 log = logging.getLogger("modloc.server")
 
@@ -215,7 +215,7 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
-    if isinstance(error, (Draining, BatcherClosed)):
+    if isinstance(error, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry on another server or later"
     if isinstance(error, NoRankings):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
