@@ -498,11 +498,17 @@ class DurableTopK:
             log = self._writable()
             generation = self._generation + 1
             path = self.directory / _SNAPSHOT.format(generation)
-
-            def write():
+            try:
                 write_atomically(path, self._topk.to_bytes())
                 fsync_path(path)
                 fsync_path(self.directory)
+            except BaseException:
+                # Only a snapshot that did not get written: the log still holds everything, so
+                # this is no failure of the state (later adds and commits go on).
+                path.unlink(missing_ok=True)
+                raise
+
+            def write():
                 # Only now, with the snapshot durable, may the new log start and the old go.
                 new_log = self._open_log(self.directory / _LOG.format(generation), self._topk)
                 log.close()

@@ -456,6 +456,43 @@ def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts
             assert server.stop() == 0, server.log()
 
 
+def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny_artifacts, tmp_path):
+    """A full disk at a group commit: that group is not acknowledged, and since the rankings
+    in memory may now hold videos that are not on disk, ingestion and the rankings' reads
+    answer UNAVAILABLE (StateFailure) until a restart; the health hook fires once; the
+    shutdown writes no snapshot over the files."""
+    import asyncio
+    import errno
+
+    from engine.server.config import ServerConfig
+    from engine.server.core import EngineCore, StateFailure
+
+    state = tmp_path / "state"
+    core = EngineCore.load(ServerConfig(artifacts=tiny_artifacts, state_dir=state))
+    failures = []
+    core.on_state_failure = lambda: failures.append(True)
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario():
+        assert [o.sequence for o in await core.ingest([Video("ok", frames(8))])] == [1]
+        core.rankings.commit = full_disk
+        with pytest.raises(StateFailure, match="could not be written .*No space left on device"):
+            await core.ingest([Video("lost", frames(8, seed=1))])
+        with pytest.raises(StateFailure):
+            await core.ingest([Video("later", frames(8, seed=2))])
+        with pytest.raises(StateFailure):
+            core.submission_csv()
+        with pytest.raises(StateFailure):
+            core.ranking(core.engine.class_ids[0], 1, 0)
+        await core.close()
+
+    asyncio.run(scenario())
+    assert failures == [True]
+    assert not list(state.glob("snapshot-*"))  # no snapshot written over the failed state
+
+
 def test_metrics_endpoint_settings_are_checked(tiny_artifacts):
     from engine.server.config import ServerConfig
 

@@ -445,6 +445,35 @@ def test_snapshot_then_more_adds_then_reopen(tmp_path):
     durable.close()
 
 
+def test_a_snapshot_that_cannot_be_written_leaves_the_log_going(tmp_path, monkeypatch):
+    import errno
+
+    import engine.atomic
+
+    directory = tmp_path / "d"
+    durable = DurableTopK.open(directory, CLASSES, K)
+    for index in range(10):
+        durable.add(*_video(index))
+    durable.commit()
+    real_replace = os.replace
+
+    def full_disk(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.atomic.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        durable.snapshot()
+    monkeypatch.setattr(engine.atomic.os, "replace", real_replace)
+    # no half-written file is left, and the log takes more: nothing acknowledged was at risk
+    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "log-00000000.tfrecord"]
+    for index in range(10, 15):
+        durable.add(*_video(index))
+    durable.commit()
+    with DurableTopK.open(_crash_image(directory, tmp_path / "crashed"), CLASSES, K) as reopened:
+        assert reopened.topk.rankings() == _fed(range(15)).rankings()
+    durable.close()
+
+
 def test_a_snapshot_left_unfinished_by_a_crash_is_discarded(tmp_path, caplog):
     directory = tmp_path / "d"
     with DurableTopK.open(directory, CLASSES, K) as durable:

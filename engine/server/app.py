@@ -134,6 +134,8 @@ class _Server:
         self.kserve.attach({kserve.DEFAULT_MODEL_NAMES["video"]: video_backend,
                             kserve.DEFAULT_MODEL_NAMES["segment"]: segment_backend})
         self.core.start_background()
+        loop = asyncio.get_running_loop()
+        self.core.on_state_failure = lambda: asyncio.run_coroutine_threadsafe(self._unhealthy(), loop)
         self.core.batcher.on_batch = self._observe_batch
         self.core.on_commit = lambda seconds: self.metrics.observe_stage("commit", seconds)
         if config.metrics_port is not None:
@@ -145,6 +147,12 @@ class _Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log_event("serving", address=f"{config.host}:{self.port}", pid=os.getpid(),
                   services=",".join(self.services))
+
+    async def _unhealthy(self) -> None:
+        """The state directory failed: health NOT_SERVING, so that an orchestrator restarts
+        the server (a restart recovers the durable rankings)."""
+        for name in ("", *self.services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _observe_batch(self, record) -> None:
         """One pipeline call into the metrics (from the batcher's thread)."""

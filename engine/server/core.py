@@ -53,6 +53,12 @@ class NoRankings(RuntimeError):
     """The server runs without a state directory, so it keeps no rankings."""
 
 
+class StateFailure(RuntimeError):
+    """The state directory could not be written (a full disk, an I/O error): the rankings in
+    memory may hold videos that are not on disk, so ingestion and the rankings' reads stop
+    until a restart recovers the durable state."""
+
+
 @dataclass(frozen=True)
 class IngestOutcome:
     """One ingested video: ``duplicate`` when it was ingested before (nothing changed);
@@ -108,6 +114,9 @@ class EngineCore:
         self._snapshot_task: asyncio.Task | None = None
         # called with each group commit's seconds (the server's metrics)
         self.on_commit: Callable[[float], None] | None = None
+        # set when the state directory could not be written; then called once (the health)
+        self.state_failure: BaseException | None = None
+        self.on_state_failure: Callable[[], None] | None = None
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
@@ -166,12 +175,40 @@ class EngineCore:
         group) is done, so that ingestion order follows the stream's order."""
         if self.rankings is None:
             raise NoRankings("this server keeps no rankings (start it with a state directory)")
+        self._check_state()
         results = await self.localize(videos, deadline)
         if after is not None:
             await after
         return await asyncio.to_thread(self._add_and_commit, results)
 
+    def _check_state(self) -> None:
+        if self.state_failure is not None:
+            raise self._state_failure_error()
+
+    def _state_failure_error(self) -> StateFailure:
+        return StateFailure(f"the state directory {self.config.state_dir} could not be written "
+                            f"({self.state_failure}); the server must restart to recover its "
+                            "durable rankings")
+
     def _add_and_commit(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
+        try:
+            return self._add_and_commit_durably(results)
+        except OSError as error:  # the log could not be written: nothing more is acknowledged
+            self._fail(error)
+            raise self._state_failure_error() from error
+        except RuntimeError:  # the durable top-K refuses writes after another call's failure
+            if self.state_failure is None:
+                raise
+            raise self._state_failure_error() from None
+
+    def _fail(self, error: BaseException) -> None:
+        if self.state_failure is None:
+            self.state_failure = error
+            log_event("state_failed", state_dir=self.config.state_dir, error=repr(error))
+            if self.on_state_failure is not None:
+                self.on_state_failure()
+
+    def _add_and_commit_durably(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
         include_partial = self.config.pipeline.fusion.include_partial
         outcomes = []
         with self._add_lock:
@@ -194,8 +231,14 @@ class EngineCore:
         return outcomes
 
     def _snapshot(self, reason: str) -> None:
+        """A snapshot; one that cannot be written is logged and tried again later (the log
+        still holds everything, so acknowledged videos are not at risk)."""
         with self._add_lock:
-            path = self.rankings.snapshot()
+            try:
+                path = self.rankings.snapshot()
+            except OSError as error:
+                log_event("snapshot_failed", reason=reason, error=repr(error))
+                return
             self._since_snapshot = 0
         log_event("snapshot", reason=reason, path=path, videos=self.ranked_videos)
 
@@ -225,6 +268,7 @@ class EngineCore:
         """
         if self.rankings is None:
             raise NoRankings("this server keeps no rankings (start it with a state directory)")
+        self._check_state()
         if not 1 <= k <= self.config.top_k_limit:
             raise ValueError(f"k={k} is outside 1..{self.config.top_k_limit}")
         depth = self.config.pipeline.fusion.k
@@ -236,6 +280,7 @@ class EngineCore:
         """The Kaggle CSV of the current rankings (what ``modloc infer`` writes)."""
         if self.rankings is None:
             raise NoRankings("this server keeps no rankings (start it with a state directory)")
+        self._check_state()
         text = io.StringIO()
         write_submission(text, self.rankings.topk.rankings(), class_ids=self.engine.class_ids,
                          max_segments=self.engine.k)
@@ -273,11 +318,12 @@ class EngineCore:
             self._snapshot_task.cancel()
         await asyncio.to_thread(self.batcher.close, True)
         if self.rankings is not None:
-            await asyncio.to_thread(self._snapshot, "shutdown")
+            if self.state_failure is None:  # after a failure the files are the state to keep
+                await asyncio.to_thread(self._snapshot, "shutdown")
             self.rankings.close()
         self.engine.close()
         log_event("core_closed", videos_ingested=self.videos_ingested,
                   videos_localized=self.videos_localized)
 
 
-__all__ = ["EngineCore", "IngestOutcome", "InflightLimit", "NoRankings", "log_event"]
+__all__ = ["EngineCore", "IngestOutcome", "InflightLimit", "NoRankings", "StateFailure", "log_event"]

@@ -37,7 +37,7 @@ from engine.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from engine.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from engine.io.examples import Video
 from engine.pipeline import VideoLocalization
-from engine.server.core import EngineCore, InflightLimit, NoRankings, log_event
+from engine.server.core import EngineCore, InflightLimit, NoRankings, StateFailure, log_event
 
 log = logging.getLogger("modloc.server")
 
@@ -217,6 +217,8 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     if isinstance(error, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry on another server or later"
+    if isinstance(error, StateFailure):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, NoRankings):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     log.error("event=internal_error error=%r", error, exc_info=error)
@@ -420,6 +422,8 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
         except NoRankings as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except StateFailure as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         for rank, (video_id, start, score) in enumerate(entries, start=offset):
             yield pb.RankedSegment(rank=rank, video_id=video_id, start_seconds=start, score=score)
 
@@ -429,6 +433,8 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             text = await asyncio.to_thread(self.core.submission_csv)
         except NoRankings as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except StateFailure as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         data = text.encode("utf-8")
         for begin in range(0, len(data), SUBMISSION_PIECE_BYTES):
             yield pb.SubmissionChunk(csv=data[begin: begin + SUBMISSION_PIECE_BYTES])
