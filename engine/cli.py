@@ -470,9 +470,15 @@ def _add_client(subparsers) -> None:
     localize.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
     localize.add_argument("--threshold", type=float, default=0.0)
     localize.add_argument("--max-segments", type=int, default=0)
+    localize.add_argument("--window", type=positive_int, default=32,
+                          help="unanswered videos at most (keep under the server's "
+                               "--max-inflight-videos)")
     ingest = actions.add_parser("ingest", parents=[common], help="ingest videos into the rankings")
     ingest.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
-    ingest.add_argument("--window", type=int, default=32, help="unacknowledged videos at most")
+    ingest.add_argument("--window", type=positive_int, default=32, help="unacknowledged videos at most")
+    ingest.add_argument("--reconnect-timeout", type=float, default=60.0,
+                        help="seconds each retry waits for the server to come back before "
+                             "giving up (default 60)")
     top = actions.add_parser("top", parents=[common], help="one class's ranking")
     top.add_argument("class_id", type=int)
     top.add_argument("--k", type=int, default=10)
@@ -519,10 +525,12 @@ def _client_action(args: argparse.Namespace) -> int:
     with LocalizationClient(args.address, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
                             max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES) as client:
         if args.action == "localize":
-            for response in client.localize(args.data, args.threshold, args.max_segments):
+            for response in client.localize(args.data, args.threshold, args.max_segments,
+                                            window=args.window):
                 print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True)))
         elif args.action == "ingest":
-            acks = client.ingest(args.data, window=args.window, progress=None)
+            acks = client.ingest(args.data, window=args.window, progress=None,
+                                 reconnect_timeout=args.reconnect_timeout)
             duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
             print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
         elif args.action == "top":

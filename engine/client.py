@@ -9,9 +9,14 @@ and :class:`AsyncLocalizationClient` (asyncio).
         acks = client.ingest(read_videos("test/*.tfrecord"))   # retried, idempotent
         client.submission("submission.csv")
 
-Videos larger than one message are sent in pieces (:func:`video_chunks`). ``ingest`` keeps
-at most ``window`` videos unacknowledged; when the stream breaks (server restarted,
-connection lost) it reconnects and sends the unacknowledged tail again, in order, then the
+Videos larger than one message are sent in pieces (:func:`video_chunks`). Both streams
+keep at most ``window`` videos sent and unanswered, reading the input lazily: the server
+counts every received video against its server-wide in-flight limit and refuses the ones
+past it (RESOURCE_EXHAUSTED), so a window under that limit lets any number of videos through.
+
+When an ``ingest`` stream breaks (server restarted, connection lost) the client waits up to
+``reconnect_timeout`` seconds for the server to accept connections again (else raises the
+error that broke the stream), then sends the unacknowledged tail again, in order, then the
 rest: the server reports videos it already holds as DUPLICATE and changes nothing, so a
 retry never ingests twice and ties keep the order the videos were given.
 """
@@ -41,6 +46,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 DEFAULT_WINDOW = 32
 DEFAULT_RETRIES = 8
+DEFAULT_RECONNECT_TIMEOUT = 60.0  # seconds a retry waits for the server to accept connections
 BACKOFF_SECONDS = 0.2  # doubled per consecutive failure, capped at MAX_BACKOFF_SECONDS
 MAX_BACKOFF_SECONDS = 5.0
 
@@ -71,6 +77,50 @@ def as_videos(source) -> Iterable[Video]:
 
         return read_videos(source)
     return source
+
+
+def _check_window(window: int) -> None:
+    if window < 1:
+        raise ValueError(f"window={window}: at least 1 video must be allowed unanswered")
+
+
+class _Source:
+    """The caller's videos as chunks, read lazily by the request side of a call.
+
+    gRPC reports an exception raised there only as a bare status (UNKNOWN "Exception
+    iterating requests!" from the blocking API, a cancelled call from asyncio), which ingest
+    would even retry as a broken stream; the exception is kept here and
+    :meth:`raise_if_failed` raises it to the caller instead.
+    """
+
+    def __init__(self, videos, max_message_bytes: int):
+        self._videos = iter(as_videos(videos))
+        self._max_message_bytes = max_message_bytes
+        self.error: Exception | None = None
+
+    def next(self) -> tuple[Video, list[pb.VideoChunk]] | None:
+        """The next video and its chunks; None at the end."""
+        try:
+            video = next(self._videos, None)
+            return None if video is None else (video, video_chunks(video, self._max_message_bytes))
+        except Exception as error:
+            self.error = error
+            raise
+
+    def raise_if_failed(self, status: BaseException) -> None:
+        """Raise the exception reading the videos ended with, if any, in place of ``status``
+        (how the call ended)."""
+        if self.error is not None:
+            raise self.error from status
+
+
+def _take_slot(slots: threading.Semaphore, stop: threading.Event) -> bool:
+    """Wait for a free place in the window; False once the call is over (``stop``), as
+    gRPC's request thread would otherwise wait on the semaphore forever."""
+    while not slots.acquire(timeout=0.1):
+        if stop.is_set():
+            return False
+    return not stop.is_set()
 
 
 def _channel_setup(address: str, token: str | None, tls_ca: str | os.PathLike | None,
@@ -108,26 +158,50 @@ class LocalizationClient:
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
 
-    def localize(self, videos, threshold: float = 0.0, max_segments: int = 0
-                 ) -> Iterator[pb.LocalizeResponse]:
-        """One LocalizeResponse per video, in completion order (each names its video)."""
-        def requests():
-            first = True
-            for video in as_videos(videos):
-                for chunk in video_chunks(video, self.max_message_bytes):
-                    yield pb.LocalizeRequest(video=chunk, threshold=threshold if first else 0.0,
-                                             max_segments=max_segments if first else 0)
-                    first = False
+    def localize(self, videos, threshold: float = 0.0, max_segments: int = 0,
+                 window: int = DEFAULT_WINDOW) -> Iterator[pb.LocalizeResponse]:
+        """One LocalizeResponse per video (TFRecord paths or globs, or Video objects), in
+        completion order (each names its video). At most ``window`` videos are sent and
+        unanswered at a time; keep it under the server's in-flight limit."""
+        _check_window(window)
+        source = _Source(videos, self.max_message_bytes)
+        slots = threading.Semaphore(window)
+        stop = threading.Event()
+        call = self.stub.Localize(
+            self._localize_requests(source, slots, stop, threshold, max_segments),
+            timeout=self.timeout, metadata=self.metadata)
+        try:
+            for response in call:
+                slots.release()  # a response answers exactly one video
+                yield response
+        except grpc.RpcError as error:
+            source.raise_if_failed(error)
+            raise
+        finally:
+            stop.set()
+            call.cancel()
 
-        yield from self.stub.Localize(requests(), timeout=self.timeout, metadata=self.metadata)
+    def _localize_requests(self, source: _Source, slots, stop, threshold: float,
+                           max_segments: int) -> Iterator[pb.LocalizeRequest]:
+        first = True  # the stream's options travel in its first message only
+        while _take_slot(slots, stop) and (item := source.next()) is not None:
+            for chunk in item[1]:
+                yield pb.LocalizeRequest(video=chunk, threshold=threshold if first else 0.0,
+                                         max_segments=max_segments if first else 0)
+                first = False
 
     def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
-               progress: bool | None = False) -> list[pb.IngestAck]:
-        """Ingest ``videos`` in order; one IngestAck per video (DUPLICATE for those the
-        server held before). A broken stream is retried up to ``retries`` times in a row,
-        re-sending the unacknowledged tail; a refusal (INVALID_ARGUMENT, …) raises
-        grpc.RpcError at once."""
-        source = iter(as_videos(videos))
+               progress: bool | None = False,
+               reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT) -> list[pb.IngestAck]:
+        """Ingest ``videos`` (TFRecord paths or globs, or Video objects) in order; one
+        IngestAck per video (DUPLICATE for those the server held before). At most ``window``
+        videos are unacknowledged at a time. A broken stream is retried up to ``retries``
+        times in a row, each retry waiting up to ``reconnect_timeout`` seconds (None: without
+        bound) for the server to accept connections again, then re-sending the
+        unacknowledged tail; when the server does not come back in time, or on a refusal
+        (INVALID_ARGUMENT, …), grpc.RpcError is raised (the one that ended the stream)."""
+        _check_window(window)
+        source = _Source(videos, self.max_message_bytes)
         unacked: collections.OrderedDict[str, Video] = collections.OrderedDict()
         lock = threading.Lock()
         acks: list[pb.IngestAck] = []
@@ -137,8 +211,7 @@ class LocalizationClient:
                 stop = threading.Event()
                 slots = threading.Semaphore(max(window - len(unacked), 0))
                 call = self.stub.Ingest(self._ingest_requests(source, unacked, lock, slots, stop),
-                                        timeout=self.timeout, metadata=self.metadata,
-                                        wait_for_ready=failures > 0)
+                                        timeout=self.timeout, metadata=self.metadata)
                 try:
                     for ack in call:
                         with lock:
@@ -149,32 +222,42 @@ class LocalizationClient:
                         failures = 0
                     return acks
                 except grpc.RpcError as error:
+                    source.raise_if_failed(error)
                     if error.code() not in RETRYABLE or failures >= retries:
                         raise
                     failures += 1
                     time.sleep(_backoff(failures))
+                    if not self._await_server(reconnect_timeout):
+                        raise error  # the server is gone for good
                 finally:
                     stop.set()
                     call.cancel()
 
-    def _ingest_requests(self, source, unacked, lock, slots, stop) -> Iterator[pb.IngestRequest]:
+    def _await_server(self, seconds: float | None) -> bool:
+        """Wait up to ``seconds`` (None: without bound) for the channel to connect; whether
+        it did. (A bounded wait, unlike wait_for_ready, which waits as long as the call's
+        deadline, so forever without one.)"""
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=seconds)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+
+    def _ingest_requests(self, source: _Source, unacked, lock, slots, stop
+                         ) -> Iterator[pb.IngestRequest]:
         with lock:
             tail = list(unacked.values())
         for video in tail:  # what the previous attempt sent without an answer, in order
             for chunk in video_chunks(video, self.max_message_bytes):
                 yield pb.IngestRequest(video=chunk)
-        while True:
-            while not slots.acquire(timeout=0.1):  # the window is full: wait for acks
-                if stop.is_set():
-                    return
-            if stop.is_set():
-                return
-            video = next(source, None)
-            if video is None:
-                return
+        while _take_slot(slots, stop) and (item := source.next()) is not None:
+            video, chunks = item
             with lock:
                 unacked[video.id] = video
-            for chunk in video_chunks(video, self.max_message_bytes):
+            for chunk in chunks:
                 yield pb.IngestRequest(video=chunk)
 
     def top_segments(self, class_id: int, k: int, offset: int = 0) -> list[pb.RankedSegment]:
@@ -217,29 +300,51 @@ class AsyncLocalizationClient:
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
 
-    async def localize(self, videos: Iterable[Video], threshold: float = 0.0,
-                       max_segments: int = 0) -> AsyncIterator[pb.LocalizeResponse]:
-        requests = [pb.LocalizeRequest(video=chunk) for video in videos
-                    for chunk in video_chunks(video, self.max_message_bytes)]
-        if requests:
-            requests[0].threshold, requests[0].max_segments = threshold, max_segments
-        async for response in self.stub.Localize(iter(requests), timeout=self.timeout,
-                                                 metadata=self.metadata):
-            yield response
+    async def localize(self, videos, threshold: float = 0.0, max_segments: int = 0,
+                       window: int = DEFAULT_WINDOW) -> AsyncIterator[pb.LocalizeResponse]:
+        """As :meth:`LocalizationClient.localize`."""
+        _check_window(window)
+        source = _Source(videos, self.max_message_bytes)
+        slots = asyncio.Semaphore(window)
+        call = self.stub.Localize(self._localize_requests(source, slots, threshold, max_segments),
+                                  timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for response in call:
+                slots.release()  # a response answers exactly one video
+                yield response
+        except (grpc.RpcError, asyncio.CancelledError) as error:
+            source.raise_if_failed(error)  # a failure reading the videos cancels the call
+            raise
+        finally:
+            call.cancel()
 
-    async def ingest(self, videos: Iterable[Video], window: int = DEFAULT_WINDOW,
-                     retries: int = DEFAULT_RETRIES) -> list[pb.IngestAck]:
+    async def _localize_requests(self, source: _Source, slots: asyncio.Semaphore,
+                                 threshold: float, max_segments: int
+                                 ) -> AsyncIterator[pb.LocalizeRequest]:
+        first = True  # the stream's options travel in its first message only
+        while True:
+            await slots.acquire()  # the window is full until a response releases a slot
+            item = source.next()
+            if item is None:
+                return
+            for chunk in item[1]:
+                yield pb.LocalizeRequest(video=chunk, threshold=threshold if first else 0.0,
+                                         max_segments=max_segments if first else 0)
+                first = False
+
+    async def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
+                     reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT
+                     ) -> list[pb.IngestAck]:
         """As :meth:`LocalizationClient.ingest`."""
-        source = iter(videos)
+        _check_window(window)
+        source = _Source(videos, self.max_message_bytes)
         unacked: collections.OrderedDict[str, Video] = collections.OrderedDict()
         acks: list[pb.IngestAck] = []
         failures = 0
         while True:
             slots = asyncio.Semaphore(max(window - len(unacked), 0))
-
             requests = self._ingest_requests(list(unacked.values()), source, unacked, slots)
-            call = self.stub.Ingest(requests, timeout=self.timeout, metadata=self.metadata,
-                                    wait_for_ready=failures > 0)
+            call = self.stub.Ingest(requests, timeout=self.timeout, metadata=self.metadata)
             try:
                 async for ack in call:
                     unacked.pop(ack.video_id, None)
@@ -247,25 +352,41 @@ class AsyncLocalizationClient:
                     acks.append(ack)
                     failures = 0
                 return acks
+            except asyncio.CancelledError as cancelled:
+                source.raise_if_failed(cancelled)  # a failure reading the videos cancels the call
+                raise
             except grpc.RpcError as error:
+                source.raise_if_failed(error)
                 if error.code() not in RETRYABLE or failures >= retries:
                     raise
                 failures += 1
                 await asyncio.sleep(_backoff(failures))
+                if not await self._await_server(reconnect_timeout):
+                    raise error  # the server is gone for good
             finally:
                 call.cancel()
 
-    async def _ingest_requests(self, tail, source, unacked, slots) -> AsyncIterator[pb.IngestRequest]:
+    async def _await_server(self, seconds: float | None) -> bool:
+        """As :meth:`LocalizationClient._await_server`."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _ingest_requests(self, tail, source: _Source, unacked, slots
+                               ) -> AsyncIterator[pb.IngestRequest]:
         for video in tail:  # what the previous attempt sent without an answer, in order
             for chunk in video_chunks(video, self.max_message_bytes):
                 yield pb.IngestRequest(video=chunk)
         while True:
             await slots.acquire()  # the window is full until an ack releases a slot
-            video = next(source, None)
-            if video is None:
+            item = source.next()
+            if item is None:
                 return
+            video, chunks = item
             unacked[video.id] = video
-            for chunk in video_chunks(video, self.max_message_bytes):
+            for chunk in chunks:
                 yield pb.IngestRequest(video=chunk)
 
     async def top_segments(self, class_id: int, k: int, offset: int = 0) -> list[pb.RankedSegment]:

@@ -1,0 +1,184 @@
+"""The gRPC clients against a real ``modloc serve``: flow control on Localize, the ingest
+retry's bounded reconnect, and the asyncio client's inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from tiny import split
+
+from engine.client import AsyncLocalizationClient, LocalizationClient
+from engine.io.examples import Video
+from engine.io.readers import read_videos
+from engine.server.process import ServerProcess
+
+MAX_INFLIGHT = 16
+WINDOW = 12  # under MAX_INFLIGHT: the client alone can never pass the server's limit
+
+
+def frames(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 1152), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def many_videos() -> list[Video]:
+    """Far more small videos than the server's in-flight limit."""
+    return [Video(f"m{i}", frames(5, seed=i)) for i in range(320)]
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_artifacts, tmp_path_factory):
+    """A server with rankings that holds at most MAX_INFLIGHT videos in flight; its batcher
+    waits 0.1 s for company, so videos sent without flow control pile up past the limit."""
+    process = ServerProcess.start(tiny_artifacts, "--state-dir", str(tmp_path_factory.mktemp("state")),
+                                  "--max-inflight-videos", str(MAX_INFLIGHT), "--batch-wait", "0.1")
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+# --- Localize flow control ---------------------------------------------------------------
+
+
+def test_localize_keeps_a_window_under_the_inflight_limit(limited_server, many_videos):
+    with LocalizationClient(limited_server.address, timeout=120) as client:
+        responses = list(client.localize(iter(many_videos), window=WINDOW))
+        assert sorted(r.video_id for r in responses) == sorted(v.id for v in many_videos)
+        assert all(r.num_frames == 5 for r in responses)
+        # the same videos all at once pass the limit: what the window prevents
+        with pytest.raises(grpc.RpcError) as error:
+            list(client.localize(many_videos, window=len(many_videos)))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"limit of {MAX_INFLIGHT}" in error.value.details()
+
+
+def test_async_localize_keeps_a_window_under_the_inflight_limit(limited_server, many_videos):
+    async def run():
+        async with AsyncLocalizationClient(limited_server.address, timeout=120) as client:
+            return [r async for r in client.localize(iter(many_videos), window=WINDOW)]
+
+    responses = asyncio.run(run())
+    assert sorted(r.video_id for r in responses) == sorted(v.id for v in many_videos)
+
+
+def test_localize_reads_its_input_lazily(limited_server, many_videos):
+    """Videos are taken from the input only as the window frees: after the first answer
+    the client has read at most the window and the one it is sending."""
+    taken = 0
+
+    def videos():
+        nonlocal taken
+        for video in many_videos:
+            taken += 1
+            yield video
+
+    with LocalizationClient(limited_server.address, timeout=120) as client:
+        responses = client.localize(videos(), window=4)
+        next(responses)
+        assert taken <= 4 + 1
+        assert len(list(responses)) == len(many_videos) - 1
+
+
+def test_window_must_allow_a_video(limited_server):
+    with LocalizationClient(limited_server.address) as client, \
+            pytest.raises(ValueError, match="window=0"):
+        list(client.localize([Video("w", frames(5))], window=0))
+
+
+# --- the asyncio client's inputs ---------------------------------------------------------
+
+
+def test_async_client_takes_globs(limited_server, tiny_dataset):
+    glob = split(tiny_dataset, "test")
+    ids = [video.id for video in read_videos(glob)]
+
+    async def run():
+        async with AsyncLocalizationClient(limited_server.address, timeout=120) as client:
+            # windows under the server's small in-flight limit (the defaults are above it)
+            responses = [r async for r in client.localize(glob, window=WINDOW)]
+            acks = await client.ingest(glob, window=WINDOW)
+            return responses, acks
+
+    responses, acks = asyncio.run(run())
+    assert sorted(r.video_id for r in responses) == sorted(ids)
+    assert [ack.video_id for ack in acks] == ids  # ingested in file order
+
+
+@pytest.mark.parametrize("flavor", ["blocking", "asyncio"])
+def test_unreadable_input_raises_its_own_error(flavor, limited_server, tmp_path):
+    """An error reading the videos reaches the caller as itself, not as the bare status
+    gRPC makes of it (which ingest would retry)."""
+    missing = str(tmp_path / "missing" / "*.tfrecord")
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        if flavor == "blocking":
+            with LocalizationClient(limited_server.address, timeout=30) as client:
+                client.ingest(missing)
+        else:
+            async def run():
+                async with AsyncLocalizationClient(limited_server.address, timeout=30) as client:
+                    await client.ingest(missing)
+
+            asyncio.run(run())
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        if flavor == "blocking":
+            with LocalizationClient(limited_server.address, timeout=30) as client:
+                list(client.localize(missing))
+        else:
+            async def run():
+                async with AsyncLocalizationClient(limited_server.address, timeout=30) as client:
+                    return [r async for r in client.localize(missing)]
+
+            asyncio.run(run())
+
+
+# --- the ingest retry when the server is gone for good ----------------------------------
+
+
+@pytest.mark.parametrize("flavor", ["blocking", "asyncio"])
+def test_ingest_gives_up_when_the_server_does_not_come_back(flavor, tiny_artifacts, tmp_path):
+    """The only server stops (SIGTERM) halfway through an ingest and never returns: the
+    client's retry waits reconnect_timeout for it, then raises the UNAVAILABLE that broke
+    the stream (the drain's grace ran out before the ingest ended)."""
+    reconnect_timeout = 2.0
+    server = ServerProcess.start(tiny_artifacts, "--state-dir", str(tmp_path / "state"),
+                                 "--grace", "1")
+    stopped_at = []
+
+    def stop():
+        assert server.stop() == 0, server.log()
+        stopped_at.append(time.monotonic())
+
+    stopper = threading.Thread(target=stop)
+
+    def videos():
+        for index in range(200):
+            if index == 20:
+                stopper.start()  # in the background: the client must see the stream break
+            if index > 20:
+                time.sleep(0.02)  # the ingest outlasts the drain's grace
+            yield Video(f"g{index}", frames(5, seed=index))
+
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            # the call deadline is far above what the retry may take: reaching it is a failure
+            if flavor == "blocking":
+                with LocalizationClient(server.address, timeout=60) as client:
+                    client.ingest(videos(), window=4, reconnect_timeout=reconnect_timeout)
+            else:
+                async def run():
+                    async with AsyncLocalizationClient(server.address, timeout=60) as client:
+                        await client.ingest(videos(), window=4, reconnect_timeout=reconnect_timeout)
+
+                asyncio.run(run())
+        gave_up_at = time.monotonic()
+    finally:
+        stopper.join()
+        if server.process.poll() is None:
+            server.kill()
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
+    # the server gone: one backoff, the reconnect wait, and slack for a busy machine
+    assert gave_up_at - stopped_at[0] < reconnect_timeout + 8
