@@ -82,12 +82,14 @@ def _probe_service(started: asyncio.Event) -> grpc.GenericRpcHandler:
     })
 
 
-async def _wait_for(predicate, timeout: float = 5.0) -> None:
-    # a call's final code is recorded on the server after the client has seen it
+async def _wait_for(predicate, timeout: float = 20.0, state=None) -> None:
+    # a call's final code is recorded on the server after the client has seen it (and a
+    # cancellation crosses the loopback first): generous under a loaded machine
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("the metrics did not reach the expected state")
+            raise AssertionError("the metrics did not reach the expected state"
+                                 + (f": {state()}" if state is not None else ""))
         await asyncio.sleep(0.01)
 
 
@@ -144,7 +146,9 @@ def test_interceptor_counts_codes_for_every_cardinality():
                 await started.wait()
                 assert metrics.active_streams._value.get() == 1
                 hanging.cancel()
-                await _wait_for(lambda: count(_method("Hang"), "CANCELLED") == 1)
+                await _wait_for(lambda: count(_method("Hang"), "CANCELLED") == 1,
+                                state=lambda: [line for line in metrics.exposition().decode().splitlines()
+                                               if "Hang" in line and "requests_total" in line])
                 await _wait_for(lambda: metrics.active_streams._value.get() == 0)
                 await _wait_for(lambda: count(_method("AbortMidStream"), "FAILED_PRECONDITION") == 1)
         finally:
