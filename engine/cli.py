@@ -299,7 +299,8 @@ def _run_infer(args: argparse.Namespace) -> int:
           f"in {report['seconds']:.1f} s ({report['videos_per_second']:,.0f} videos/s, "
           f"{report['segments_per_second']:,.0f} segments/s) on {report['ranks']} rank(s)")
     if "map" in report:
-        print(f"segment MAP@{report['k']}: {report['map']:.4f} over {report['classes']} classes")
+        print(f"segment MAP@{report['k']}: {report['map']:.4f} over {report['classes']} classes "
+              f"(ceiling {report['ceiling']:.4f}: the ranked segments in the best order)")
     return 0
 
 

@@ -30,10 +30,12 @@ def evaluate_submission(submission: str, labels: Patterns, k: int = MAX_SEGMENTS
     result = segment_map(rankings, truth, k=k)
     return {
         "map": result.map,
+        "ceiling": result.ceiling,
         "classes": result.classes,
         "k": k,
         "ratings": len(truth),
         "positive_ratings": int(sum(truth.num_positives.values())),
+        "found_positives": result.found_positives,
         "missing_classes": len(result.missing_classes),
         "ignored_classes": len(result.ignored_classes),
         "submitted": result.submitted,

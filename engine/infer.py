@@ -250,7 +250,7 @@ def infer(
         SegmentTruth.from_videos(r for part in parts for r in part["ratings"])
     if len(rated):
         scores = segment_map(rankings, rated, k=engine.k)
-        report.update(map=scores.map, classes=scores.classes)
+        report.update(map=scores.map, ceiling=scores.ceiling, classes=scores.classes)
     log.info("infer: %d videos, %d windows in %.1f s → %s", videos_seen, windows, seconds, out)
     return report
 

@@ -102,7 +102,9 @@ def localize_split(
 
     Returns:
         ``{"fused": {...}, "dummy": {...}, "videos", "windows", "k", "seconds"}``; each
-        system holds ``map``, ``classes`` (scored), ``ranked_segments`` and, with
+        system holds ``map``, ``ceiling`` (:func:`~engine.metrics.segment_map`: the MAP
+        of its segments in the best order), ``classes`` (scored), ``found_positives`` (of
+        ``positives``, the positive ratings), ``ranked_segments`` and, with
         ``submissions``, its ``submission`` path.
     """
     started = time.perf_counter()
@@ -124,11 +126,13 @@ def localize_split(
     if not pipeline.times.videos:
         raise ValueError(f"no test video in {test}")
     ratings = SegmentTruth.from_videos(read_videos(truth))
-    result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k}
+    result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k,
+                    "positives": int(sum(ratings.num_positives.values()))}
     for name, ranker in rankers.items():
         rankings = ranker.rankings()
         scores = segment_map(rankings, ratings, k=fusion.k)
-        result[name] = {"map": scores.map, "classes": scores.classes,
+        result[name] = {"map": scores.map, "ceiling": scores.ceiling, "classes": scores.classes,
+                        "found_positives": scores.found_positives,
                         "ranked_segments": sum(map(len, rankings.values()))}
         if submissions is not None:
             path = Path(submissions) / f"{name}.csv"

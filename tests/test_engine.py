@@ -46,6 +46,8 @@ def test_infer_reports_the_map_that_modloc_eval_computes_from_its_csv(tiny_artif
     assert report["videos"] == 24 and report["ranks"] == 1 and report["windows"] > 24
     scored = evaluate_submission(str(out), split(tiny_dataset, "test_truth"), k=1000)
     assert report["map"] == pytest.approx(scored["map"], abs=1e-12)
+    assert report["ceiling"] == pytest.approx(scored["ceiling"], abs=1e-12)
+    assert report["map"] <= report["ceiling"]
     assert scored["duplicates"] == 0 and scored["truncated"] == 0
     rows = read_submission(str(out))
     assert len(rows) == 1000  # one row per default segment class, even the unranked ones

@@ -214,6 +214,15 @@ def test_segment_map_by_hand():
     assert result.ignored_classes == (9, 11)
     assert (result.submitted, result.truncated, result.unrated, result.duplicates) == (6, 0, 1, 1)
     assert result.scored == 4
+    # the ceiling: class 3's two submitted positives of 3 first (2/3), class 7's one (1)
+    assert result.ceiling == pytest.approx((2 / 3 + 1) / 2)
+    assert result.found_positives == 3
+
+
+def test_ceiling_counts_positives_within_k_once_and_missing_classes_as_zero():
+    result = segment_map({7: ["u:0", "b:5", "b:5"]}, hand_truth(), k=2)
+    assert (result.ceiling, result.found_positives) == (0.5, 1)  # class 3 missing: 0
+    assert segment_map({7: ["u:0", "b:5"]}, hand_truth(), k=1).ceiling == 0.0
 
 
 def test_class_missing_from_submission_counts_zero():
@@ -345,6 +354,25 @@ def test_perfect_submission_scores_exactly_one_and_reversed_does_not_beat_it(tru
     reversed_map = segment_map({c: row[::-1] for c, row in perfect.items()}, truth).map
     has_negatives = any(len(truth.ratings(c)) > truth.num_positives[c] for c in classes)
     assert reversed_map < 1.0 if has_negatives else reversed_map == 1.0
+
+
+@FAST
+@given(truths(), st.randoms(use_true_random=False))
+def test_ceiling_is_the_map_of_the_best_reordering_and_bounds_every_order(truth, rng):
+    classes = truth.positive_classes()
+    if not classes:
+        return
+    submission = {}
+    for c in classes:
+        rated = list(truth.ratings(c))
+        submission[c] = rng.sample(rated, rng.randint(0, len(rated))) + ["zz:0"]
+    result = segment_map(submission, truth)
+    best_first = {c: sorted(row, key=lambda s: not truth.ratings(c).get(s, False))
+                  for c, row in submission.items()}
+    assert result.ceiling == pytest.approx(segment_map(best_first, truth).map)
+    assert result.map <= result.ceiling + 1e-12
+    assert result.found_positives == sum(
+        sum(truth.ratings(c).get(s, False) for s in row) for c, row in submission.items())
 
 
 def test_rank_segments_orders_by_score_with_ties_in_segment_order():

@@ -52,6 +52,10 @@ def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
     # the dummy row is the dummy prediction of the shared video model, as every row's is
     dummy = report["results"]["dummy"][0]["map"]
     assert all(r[0]["dummy_map"] == pytest.approx(dummy) for r in report["results"].values())
+    # ... and every row ranks the windows of the same candidates: one ceiling, above each MAP
+    ceiling = report["ceilings"]["0"]
+    for results in report["results"].values():
+        assert results[0]["ceiling"] == pytest.approx(ceiling) and results[0]["map"] <= ceiling
     # the paper-scale column is the paper's (REFERENCE §9: 83M, 16M, 250M)
     paper = {key: row["paper_parameters"] / 1e6 for key, row in report["rows"].items()}
     assert paper == pytest.approx({"dummy": 83.0, "dbof": 15.7, "mix_t20": 249.1}, abs=0.1)
@@ -181,15 +185,20 @@ def test_mean_interval(tables):
 def test_claims_are_paired_by_seed(tables):
     rows = [row for row in tables.ROWS if row.key in ("nextvlad", "nextvlad_scratch")]
     results = {
-        "nextvlad": [{"seed": s, "map": m, "scaled_parameters": 10, "device": "cpu",
+        "nextvlad": [{"seed": s, "map": m, "ceiling": c, "scaled_parameters": 10, "device": "cpu",
                       "train_seconds": {"pretrain": 1.0, "finetune": 1.0}}
-                     for s, m in ((0, 0.80), (1, 0.70), (2, 0.90))],
-        "nextvlad_scratch": [{"seed": s, "map": m, "scaled_parameters": 10, "device": "cpu",
-                              "train_seconds": {"pretrain": 0.0, "finetune": 1.0}}
-                             for s, m in ((2, 0.89), (0, 0.79), (1, 0.69))],
+                     for s, m, c in ((0, 0.80, 0.85), (1, 0.70, 0.75), (2, 0.90, 0.95))],
+        "nextvlad_scratch": [{"seed": s, "map": m, "ceiling": c, "scaled_parameters": 10,
+                              "device": "cpu", "train_seconds": {"pretrain": 0.0, "finetune": 1.0}}
+                             for s, m, c in ((2, 0.89, 0.95), (0, 0.79, 0.85), (1, 0.69, 0.75))],
     }
-    (claim,) = tables.summarize(rows, results)["claims"]
+    summary = tables.summarize(rows, results)
+    (claim,) = summary["claims"]
     # the seeds' differences are all +0.01: a paired interval of zero width, though the rows'
     # own spreads overlap completely
     assert claim["difference"]["mean"] == pytest.approx(0.01)
     assert claim["difference"]["ci"] == pytest.approx([0.01, 0.01], abs=1e-9)
+    # the scratch row sits 0.06 below the seeds' ceilings: all the better row could gain
+    assert claim["headroom"] == pytest.approx(0.06)
+    assert summary["ceilings"] == pytest.approx({0: 0.85, 1: 0.75, 2: 0.95})
+    assert summary["rows"]["nextvlad"]["of_ceiling"] == pytest.approx((0.8 / 0.85 + 0.7 / 0.75 + 0.9 / 0.95) / 3)

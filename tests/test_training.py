@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 from tiny import TINY_MODEL, split, synth_manifest
 
 from engine.cli import main
+from engine.io.readers import read_videos
+from engine.metrics import SegmentTruth, segment_map
+from engine.submission import read_submission
 from engine.fusion import dummy_pairs, fuse, top_candidates
 from training.checkpoint import (
     CheckpointError,
@@ -514,6 +517,14 @@ def test_cli_train_finetune_evaluate_end_to_end(capsys, tiny_dataset, tmp_path):
     assert 0 <= result["video"]["gap"] <= 1 and result["video"]["videos"] > 0
     segments = result["segments"]
     assert segments["videos"] == 24 and segments["k"] == 100_000
+    truth = SegmentTruth.from_videos(read_videos(split(tiny_dataset, "test_truth")))
     for system in ("fused", "dummy"):
         assert 0 < segments[system]["map"] <= 1 and segments[system]["classes"] > 0
         assert Path(segments[system]["submission"]).read_text().startswith("Class,Segments\n")
+        # the ceiling is the submission's own: what the metric finds in the written CSV
+        scored = segment_map(read_submission(segments[system]["submission"]), truth)
+        assert segments[system]["ceiling"] == pytest.approx(scored.ceiling)
+        assert segments[system]["map"] <= segments[system]["ceiling"] <= 1
+        assert 0 < segments[system]["found_positives"] <= segments["positives"]
+    # both rank the windows of the same candidates
+    assert segments["fused"]["ceiling"] == segments["dummy"]["ceiling"]

@@ -232,8 +232,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if "segments" in result:
         segments = result["segments"]
         for name in ("fused", "dummy"):
-            print(f"{name:6s} segment MAP@{segments['k']}: {segments[name]['map']:.4f} "
-                  f"({segments[name]['classes']} classes, {segments['videos']} videos)")
+            system = segments[name]
+            print(f"{name:6s} segment MAP@{segments['k']}: {system['map']:.4f} "
+                  f"({system['classes']} classes, {segments['videos']} videos; ceiling "
+                  f"{system['ceiling']:.4f}: its {system['found_positives']} of the "
+                  f"{segments['positives']} positives ranked first)")
     return 0
 
 

@@ -23,6 +23,13 @@ The MAP is the mean of ``AP_c`` over the classes with at least one positive rati
 class missing from the submission scores 0. Submitted classes with no positive rating do
 not enter the mean (they are reported).
 
+The result also holds the **ceiling**: the MAP of the same rows with every submitted
+positive moved to the top, ``(1 / C) * sum_c (submitted positives of c) / N_c``, the most
+that any re-ordering of the submitted segments could score. In the engine's pipeline the
+rows hold every window of the videos whose top-N candidates include the class, so the
+ceiling is what the candidate stage leaves to the segment model: how far a segment model's
+MAP is from it says how much better its ordering could still get.
+
 This is not G's ``segment_eval_inference.py`` (REFERENCE §8.2), which neither dedupes nor
 counts missing classes, and drops the last segment of every row.
 """
@@ -167,6 +174,8 @@ class SegmentMAPResult:
     map: float
     classes: int  # classes averaged over: those with >= 1 positive rating
     class_ap: dict[int, float]  # AP of each averaged class
+    ceiling: float  # MAP with each row's submitted positives ranked first (module doc)
+    found_positives: int  # distinct positives within the first k of the scored rows
     missing_classes: tuple[int, ...]  # averaged but absent from the submission (AP 0)
     ignored_classes: tuple[int, ...]  # submitted but without a positive rating: not scored
     submitted: int  # entries in the scored rows as submitted
@@ -199,13 +208,14 @@ def segment_map(
         raise ValueError("the ground truth has no positive rating: segment MAP is undefined")
 
     class_ap: dict[int, float] = {}
+    class_ceiling: dict[int, float] = {}
     missing: list[int] = []
-    submitted = truncated = unrated = duplicates = 0
+    submitted = truncated = unrated = duplicates = found_positives = 0
     for class_id in scored_classes:
         row = submission.get(class_id)
         if row is None:
             missing.append(class_id)
-            class_ap[class_id] = 0.0
+            class_ap[class_id] = class_ceiling[class_id] = 0.0
             continue
         ratings = truth.ratings(class_id)
         head = row[:k]
@@ -219,6 +229,9 @@ def segment_map(
             count=len(first_occurrences),
         )
         class_ap[class_id] = ranked_average_precision(relevant, truth.num_positives[class_id])
+        # the same positives at ranks 1..n: each adds a precision of 1
+        class_ceiling[class_id] = int(relevant.sum()) / truth.num_positives[class_id]
+        found_positives += int(relevant.sum())
         submitted += len(row)
         truncated += len(row) - len(head)
         unrated += len(head) - len(rated)
@@ -232,6 +245,8 @@ def segment_map(
         map=math.fsum(class_ap.values()) / len(class_ap),
         classes=len(class_ap),
         class_ap=class_ap,
+        ceiling=math.fsum(class_ceiling.values()) / len(class_ceiling),
+        found_positives=found_positives,
         missing_classes=tuple(missing),
         ignored_classes=ignored,
         submitted=submitted,
