@@ -56,6 +56,7 @@ def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
     ceiling = report["ceilings"]["0"]
     for results in report["results"].values():
         assert results[0]["ceiling"] == pytest.approx(ceiling) and results[0]["map"] <= ceiling
+        assert 0.0 < results[0]["all_classes_map"] <= 1.0
     # the paper-scale column is the paper's (REFERENCE §9: 83M, 16M, 250M)
     paper = {key: row["paper_parameters"] / 1e6 for key, row in report["rows"].items()}
     assert paper == pytest.approx({"dummy": 83.0, "dbof": 15.7, "mix_t20": 249.1}, abs=0.1)
@@ -185,12 +186,14 @@ def test_mean_interval(tables):
 def test_claims_are_paired_by_seed(tables):
     rows = [row for row in tables.ROWS if row.key in ("nextvlad", "nextvlad_scratch")]
     results = {
-        "nextvlad": [{"seed": s, "map": m, "ceiling": c, "scaled_parameters": 10, "device": "cpu",
-                      "train_seconds": {"pretrain": 1.0, "finetune": 1.0}}
-                     for s, m, c in ((0, 0.80, 0.85), (1, 0.70, 0.75), (2, 0.90, 0.95))],
-        "nextvlad_scratch": [{"seed": s, "map": m, "ceiling": c, "scaled_parameters": 10,
-                              "device": "cpu", "train_seconds": {"pretrain": 0.0, "finetune": 1.0}}
-                             for s, m, c in ((2, 0.89, 0.95), (0, 0.79, 0.85), (1, 0.69, 0.75))],
+        "nextvlad": [{"seed": s, "map": m, "ceiling": c, "all_classes_map": a, "scaled_parameters": 10,
+                      "device": "cpu", "train_seconds": {"pretrain": 1.0, "finetune": 1.0}}
+                     for s, m, c, a in ((0, 0.80, 0.85, 0.9), (1, 0.70, 0.75, 0.8), (2, 0.90, 0.95, 0.7))],
+        "nextvlad_scratch": [{"seed": s, "map": m, "ceiling": c, "all_classes_map": a,
+                              "scaled_parameters": 10, "device": "cpu",
+                              "train_seconds": {"pretrain": 0.0, "finetune": 1.0}}
+                             for s, m, c, a in ((2, 0.89, 0.95, 0.8), (0, 0.79, 0.85, 0.8),
+                                                (1, 0.69, 0.75, 0.7))],
     }
     summary = tables.summarize(rows, results)
     (claim,) = summary["claims"]
@@ -201,4 +204,7 @@ def test_claims_are_paired_by_seed(tables):
     # the scratch row sits 0.06 below the seeds' ceilings: all the better row could gain
     assert claim["headroom"] == pytest.approx(0.06)
     assert summary["ceilings"] == pytest.approx({0: 0.85, 1: 0.75, 2: 0.95})
+    # every class a candidate: seed differences +0.1, +0.1, -0.1, paired by seed too
+    assert claim["all_classes_difference"]["mean"] == pytest.approx(0.1 / 3)
+    assert claim["all_classes_difference"]["n"] == 3
     assert summary["rows"]["nextvlad"]["of_ceiling"] == pytest.approx((0.8 / 0.85 + 0.7 / 0.75 + 0.9 / 0.95) / 3)
