@@ -601,7 +601,8 @@ class Benchmark:
         result = read_json(self.result_path(row, seed))
         # a result from before the ceiling and the every-class score were recorded is scored again
         current = result is not None and result.get("hash") == self.row_hash(row, seed)
-        return result if current and "all_classes_map" in result else None
+        every_class = current and result.get("all_classes_top_n") == len(self.data.all_classes)
+        return result if every_class else None
 
     def runs_needed(self, row: Row) -> list[str]:
         """The runs behind ``row``, each after its parent: the video model first."""
@@ -650,12 +651,14 @@ class Benchmark:
 
         with self._threads():
             scored = evaluate(FusionConfig.top_n)  # the paper's pipeline
-            all_classes = evaluate(len(self.data.segment_classes))  # the segment model alone
+            # the segment model alone: every class of the video model is a candidate
+            all_classes = evaluate(len(video.class_ids))
         system = "dummy" if row.view == "dummy" else "fused"
         result = {
             "row": row.key, "seed": seed, "hash": self.row_hash(row, seed),
             "map": scored[system]["map"], "classes": scored[system]["classes"],
             "ceiling": scored[system]["ceiling"], "all_classes_map": all_classes[system]["map"],
+            "all_classes_top_n": len(video.class_ids),
             "found_positives": scored[system]["found_positives"], "positives": scored["positives"],
             "dummy_map": scored["dummy"]["map"], "k": scored["k"],
             "scaled_parameters": count_parameters(segment.model),
@@ -810,10 +813,10 @@ of the same candidates, its video model's top 20 per video, so the ceiling is th
 {ceilings}. No segment model can score above it; *headroom*, in the claims' table, is the
 other row's distance to it, the most the better row could have gained.
 
-*Every class a candidate*: the same row scored with all {len(dataset.segment_classes)} ranked
-classes as every video's candidates, so that each class's list holds every window of every
-video: the row's segment model alone, without the video model's top-20 cut (ceiling 1 when
-the lists hold every rated window).
+*Every class a candidate*: the same row scored with all {len(dataset.all_classes)} classes of
+the video model as every video's candidates, so that each ranked class's list holds every
+window of every video: the row's segment model alone, without the video model's top-20 cut
+(ceiling 1 when the lists hold every rated window).
 
 {provenance()}
 - Python {platform.python_version()}, torch {torch.__version__}

@@ -57,6 +57,7 @@ def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
     for results in report["results"].values():
         assert results[0]["ceiling"] == pytest.approx(ceiling) and results[0]["map"] <= ceiling
         assert 0.0 < results[0]["all_classes_map"] <= 1.0
+        assert results[0]["all_classes_top_n"] == 18  # the smoke data's 12 + 6 classes
     # the paper-scale column is the paper's (REFERENCE §9: 83M, 16M, 250M)
     paper = {key: row["paper_parameters"] / 1e6 for key, row in report["rows"].items()}
     assert paper == pytest.approx({"dummy": 83.0, "dbof": 15.7, "mix_t20": 249.1}, abs=0.1)
