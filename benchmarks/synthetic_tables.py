@@ -4,6 +4,8 @@
     python benchmarks/synthetic_tables.py --jobs 2                # the same, two seeds at a time
     python benchmarks/synthetic_tables.py --scale smoke --rows dummy,mix_t20 --out /tmp/t.md
     python benchmarks/synthetic_tables.py --time-steps 20          # measure s/step, estimate the run
+    python benchmarks/synthetic_tables.py --synth signal=0.1 --rows dummy,nextvlad --seeds 1
+                                                  # a variant dataset, in its own work directory
 
 What one run does
 -----------------
@@ -906,12 +908,12 @@ def time_runs(bench: Benchmark, rows: list[Row], seeds: int, steps: int) -> int:
     return 0
 
 
-def score_seed(scale_name: str, dataset: Dataset, work: Path, device: str, row_keys: list[str],
+def score_seed(scale: Scale, dataset: Dataset, work: Path, device: str, row_keys: list[str],
                seed: int, reverse: bool = False) -> tuple[int, int]:
     """One ``--jobs`` process: trains and scores every unfinished row of ``seed`` into the
     cache under ``work`` (last row first with ``reverse``); returns (runs trained, rows
     scored)."""
-    bench = Benchmark(SCALES[scale_name], dataset, work, device)
+    bench = Benchmark(scale, dataset, work, device)
     rows = parse_rows(",".join(row_keys))[::-1 if reverse else 1]
     for index, row in enumerate(rows):
         if bench.cached_result(row, seed) is None:
@@ -937,13 +939,27 @@ def score_seeds_in_parallel(bench: Benchmark, rows: list[Row], seeds: int, jobs:
     tasks = [(seed, False) for seed in pending] + [(seed, True) for seed in pending[max(0, len(pending) - jobs + 1):]]
     say(f"seeds {pending}: {jobs} processes")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(score_seed, bench.scale.name, bench.data, bench.work, bench.device,
+        futures = [pool.submit(score_seed, bench.scale, bench.data, bench.work, bench.device,
                                [row.key for row in rows], seed, reverse) for seed, reverse in tasks]
         for (seed, reverse), future in zip(tasks, futures, strict=True):
             trained, evaluated = future.result()
             bench.trained += trained
             bench.evaluated += evaluated
             say(f"seed {seed}{' (reversed)' if reverse else ''}: every row finished")
+
+
+def parse_synth_changes(items: list[str]) -> dict:
+    """``["signal=0.2", "verticals=4"]`` → ``{"signal": 0.2, "verticals": 4}`` (JSON values)."""
+    changes = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            changes[key] = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{item!r}: the value is not a number or JSON ({error})") from None
+    return changes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -953,10 +969,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="sizes, schedules and dataset (default: default)")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 3; smoke: 1)")
     parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROW_KEYS)}")
-    parser.add_argument("--out", type=Path, default=RESULTS_FILE,
-                        help="the table (default benchmarks/results/tables.md); .png and .json beside it")
-    parser.add_argument("--work", type=Path, default=Path("runs/tables"),
-                        help="dataset, training runs and per-(row, seed) results (default runs/tables)")
+    parser.add_argument("--synth", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one setting of the scale's dataset (a field of "
+                             "engine.synth.SynthConfig, e.g. signal=0.2; repeatable): a variant "
+                             "benchmark, with its own default --work and --out")
+    parser.add_argument("--out", type=Path,
+                        help="the table (default benchmarks/results/tables.md; with --synth "
+                             "WORK/tables.md); .png and .json beside it")
+    parser.add_argument("--work", type=Path,
+                        help="dataset, training runs and per-(row, seed) results (default "
+                             "runs/tables; with --synth runs/tables-synth-<hash of the changes>)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating the dataset")
     parser.add_argument("--jobs", type=int, default=1,
@@ -971,6 +993,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     scale = SCALES[args.scale]
+    try:
+        changes = parse_synth_changes(args.synth)
+        config_from("bench", **{**scale.synth, **changes})
+    except ValueError as error:
+        parser.error(f"--synth: {error}")
+    if changes:
+        # a variant: its own dataset, hence its own runs and results (one result per (row,
+        # seed) is kept per work directory)
+        scale = dataclasses.replace(scale, synth={**scale.synth, **changes})
+        args.work = args.work or Path(f"runs/tables-synth-{digest(changes)[:8]}")
+        args.out = args.out or args.work / "tables.md"
+    args.work = args.work or Path("runs/tables")
+    args.out = args.out or RESULTS_FILE
     seeds = scale.seeds if args.seeds is None else args.seeds
     if seeds < 1 or args.jobs < 1 or (args.time_steps is not None and args.time_steps < 1):
         parser.error("--seeds, --jobs and --time-steps must be >= 1")

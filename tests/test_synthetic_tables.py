@@ -209,3 +209,27 @@ def test_claims_are_paired_by_seed(tables):
     assert claim["all_classes_difference"]["mean"] == pytest.approx(0.1 / 3)
     assert claim["all_classes_difference"]["n"] == 3
     assert summary["rows"]["nextvlad"]["of_ceiling"] == pytest.approx((0.8 / 0.85 + 0.7 / 0.75 + 0.9 / 0.95) / 3)
+
+
+def test_a_synth_variant_gets_its_own_dataset_work_and_table(tables, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the variant's default work directory is relative
+    argv = ["--scale", "smoke", "--rows", "dummy", "--workers", "1", "--device", "cpu",
+            "--synth", "signal=0.3", "--synth", "verticals=2"]
+    assert tables.main(argv) == 0
+    (work,) = (tmp_path / "runs").glob("tables-synth-*")
+    report = json.loads((work / "tables.json").read_text())
+    assert report["results"]["dummy"][0]["map"] > 0
+    (data,) = work.glob("data-*")
+    config = json.loads((data / "synth.json").read_text())["config"]
+    assert (config["signal"], config["verticals"], config["test_videos"]) == (0.3, 2, 24)
+    assert "\"signal\": 0.3" in (work / "tables.md").read_text()
+    assert not (tmp_path / "runs" / "tables").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("signal", "expected KEY=VALUE"), ("signal=abc", "not a number or JSON"),
+    ("bogus=1", "unknown synth parameters"), ("signal=-1", "signal must be >= 0")])
+def test_bad_synth_changes_are_refused(tables, capsys, change, message):
+    with pytest.raises(SystemExit):
+        tables.main(["--scale", "smoke", "--synth", change])
+    assert message in capsys.readouterr().err
