@@ -369,7 +369,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, preset=args.preset, workers=args.workers)
     print(f"wrote {os.path.join(args.out, 'report.json')}")
     for name, system in report.get("systems", {}).items():
-        print(f"  {name:10s} segment MAP@{system['k']}: {system['map']:.4f}")
+        print(f"  {name:10s} segment MAP@{system['k']}: {system['map']:.4f} "
+              f"(ceiling {system['ceiling']:.4f})")
     for precision, scores in report.get("export", {}).get("onnxruntime", {}).items():
         print(f"  mod through ONNX Runtime {precision}: {scores['fused']:.4f}")
     if "infer" in report:

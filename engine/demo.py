@@ -123,7 +123,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
         write_submission(path, rankings)
         scores = evaluate_submission(str(path), split_globs["test_truth"], k=k)
         report["systems"][name] = {
-            "map": scores["map"], "classes": scores["classes"], "k": k, "submission": str(path),
+            "map": scores["map"], "ceiling": scores["ceiling"], "classes": scores["classes"], "k": k,
+            "submission": str(path),
         }
     report["systems"]["random"]["candidate_segments"] = len(test_segments)
     stage_done("systems", started)
@@ -304,8 +305,9 @@ def _evaluate_stage(report: dict, split_globs: dict, class_ids: list[int], submi
     result = evaluate_segments(video, segment, split_globs["test"], split_globs["test_truth"],
                                class_ids, fusion, submissions=submissions, progress=False)
     for system, name in (("mod", "fused"), ("dummy", "dummy")):
-        report["systems"][system] = {"map": result[name]["map"], "classes": result[name]["classes"],
-                                     "k": k, "submission": result[name]["submission"]}
+        report["systems"][system] = {"map": result[name]["map"], "ceiling": result[name]["ceiling"],
+                                     "classes": result[name]["classes"], "k": k,
+                                     "submission": result[name]["submission"]}
     videos = evaluate_videos(video, split_globs["validate"], progress=False)
     return {
         "videos": result["videos"], "windows": result["windows"], "top_n": fusion.top_n,
