@@ -4,7 +4,7 @@
     python benchmarks/synthetic_tables.py --jobs 2                # the same, two seeds at a time
     python benchmarks/synthetic_tables.py --scale smoke --rows dummy,mix_t20 --out /tmp/t.md
     python benchmarks/synthetic_tables.py --time-steps 20          # measure s/step, estimate the run
-    python benchmarks/synthetic_tables.py --synth signal=0.1 --rows dummy,nextvlad --seeds 1
+    python benchmarks/synthetic_tables.py --synth signal=0.55 --rows dummy,nextvlad --seeds 1
                                                   # a variant dataset, in its own work directory
 
 What one run does
@@ -143,11 +143,17 @@ SCALES: dict[str, Scale] = {
     # preset's class world (100 rated + 100 video-only classes, 12 verticals) with a fifth of
     # its training videos, half its validate/test videos and videos of 60–150 s, so the whole
     # table (~40 leaf-trainings per seed) stays within CPU reach; docs/CLAIMS.md gives the
-    # measured estimate.
+    # measured estimate. The class signal is 0.1, not the preset's 0.55: at 0.55 every
+    # fine-tuned row reached 99% of the MAP its candidates allow (0.98 with every class a
+    # candidate), leaving claims 2-4 nothing to show. 0.1 was chosen on the Dummy and NeXtVLAD
+    # rows only (none of the claims' rows was run), as the signal at which fine-tuned
+    # NeXtVLAD's share of its ceiling (88%) comes near the real system's (~82%) while the
+    # models still learn much (every class a candidate: Dummy 0.51, NeXtVLAD 0.72); the sweep
+    # is in docs/CLAIMS.md.
     "default": Scale(
         name="default",
         synth={"train_videos": 4000, "validate_videos": 1000, "test_videos": 1000,
-               "videos_per_shard": 250, "max_frames": 150},
+               "videos_per_shard": 250, "max_frames": 150, "signal": 0.1},
         nextvlad={"cluster_size": 32, "groups": 8, "expansion": 1, "hidden_size": 512},
         nextvlad_large={"cluster_size": 64, "groups": 8, "expansion": 2, "hidden_size": 512},
         mod_leaf={"cluster_size": 32, "groups": 8, "expansion": 1, "hidden_size": 512},
