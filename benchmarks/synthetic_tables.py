@@ -705,6 +705,12 @@ def _seconds(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
 
+def paired_differences(results: dict[str, list[dict]], better: str, other: str, metric: str) -> list[float]:
+    """``metric`` of ``better`` minus that of ``other``, per seed that both rows have."""
+    pairs = {r["seed"]: r[metric] for r in results[better]}
+    return [pairs[r["seed"]] - r[metric] for r in results[other] if r["seed"] in pairs]
+
+
 def summarize(rows: list[Row], results: dict[str, list[dict]]) -> dict:
     """Per row the statistics over seeds; per claim the paired-difference interval."""
     table = {}
@@ -728,15 +734,12 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> dict:
     for claim, better, other in CLAIMS:
         if better not in table or other not in table:
             continue
-        def paired(metric: str) -> list[float]:
-            pairs = {r["seed"]: r[metric] for r in results[better]}
-            return [pairs[r["seed"]] - r[metric] for r in results[other] if r["seed"] in pairs]
-
-        differences = paired("map")
+        differences = paired_differences(results, better, other, "map")
         if differences:
             claims.append({"claim": claim, "better": better, "other": other,
                            "difference": mean_interval(differences),
-                           "all_classes_difference": mean_interval(paired("all_classes_map")),
+                           "all_classes_difference": mean_interval(
+                               paired_differences(results, better, other, "all_classes_map")),
                            # the most `better` could have gained: `other`'s distance to the
                            # ceiling that both rows' candidates set
                            "headroom": table[other]["ceiling"] - table[other]["mean"],

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from tiny import TINY_MODEL, split, synth_manifest
 
 from engine.cli import main
+from engine.fusion import dummy_pairs, fuse, top_candidates
 from engine.io.readers import read_videos
 from engine.metrics import SegmentTruth, segment_map
 from engine.submission import read_submission
-from engine.fusion import dummy_pairs, fuse, top_candidates
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
