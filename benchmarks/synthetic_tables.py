@@ -850,7 +850,8 @@ window of every video: the row's segment model alone, without the video model's 
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Bar chart of the mean MAP@K per row with std error bars, coloured by group (atomic)."""
+    """Bar charts of the mean MAP@K per row with std error bars, coloured by group (atomic):
+    through the pipeline, with the seeds' mean ceiling, and with every class a candidate."""
     import io
 
     from matplotlib.figure import Figure
@@ -858,18 +859,26 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     rows = list(summary["rows"].values())
     colours = {group: f"C{i}" for i, group in enumerate(dict.fromkeys(r["group"] for r in rows))}
-    figure = Figure(figsize=(max(6, 0.7 * len(rows) + 2), 5), tight_layout=True)
-    axes = figure.subplots()
-    axes.bar(range(len(rows)), [row["mean"] for row in rows],
-             yerr=[row["std"] or 0.0 for row in rows], capsize=4,
-             color=[colours[row["group"]] for row in rows])
-    axes.set_xticks(range(len(rows)), [row["label"].split(" (leaf")[0] for row in rows],
-                    rotation=45, ha="right", fontsize=8)
-    axes.set_ylabel("segment MAP@K (mean ± std over seeds)")
-    axes.set_title(title)
-    axes.legend(handles=[Patch(color=colour, label=group) for group, colour in colours.items()],
-                fontsize=8)
-    axes.grid(axis="y", alpha=0.3)
+    figure = Figure(figsize=(2 * max(5, 0.6 * len(rows) + 2), 5.5), tight_layout=True)
+    figure.suptitle(title)
+    panels = (("the pipeline: top-20 candidates", lambda row: row),
+              ("every class a candidate: the segment model alone", lambda row: row["all_classes"]))
+    for axes, (name, stats) in zip(figure.subplots(1, 2), panels, strict=True):
+        axes.bar(range(len(rows)), [stats(row)["mean"] for row in rows],
+                 yerr=[stats(row)["std"] or 0.0 for row in rows], capsize=4,
+                 color=[colours[row["group"]] for row in rows])
+        axes.set_xticks(range(len(rows)), [row["label"].split(" (leaf")[0] for row in rows],
+                        rotation=45, ha="right", fontsize=8)
+        axes.set_title(name, fontsize=10)
+        axes.set_ylabel("segment MAP@K (mean ± std over seeds)")
+        axes.grid(axis="y", alpha=0.3)
+    first = figure.axes[0]
+    if summary["ceilings"]:
+        first.axhline(statistics.fmean(summary["ceilings"].values()), color="black", linestyle="--",
+                      linewidth=1, label="ceiling (mean over seeds)")
+    first.legend(handles=[*first.get_legend_handles_labels()[0],
+                          *(Patch(color=colour, label=group) for group, colour in colours.items())],
+                 fontsize=8)
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=100)
     write_atomically(path, png.getvalue())
