@@ -51,6 +51,7 @@ Model parallelism (a MOD tree of two or more layers; :mod:`training.parallel`):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import itertools
 import json
@@ -174,6 +175,12 @@ def train(config: TrainConfig) -> TrainResult:
     finally:
         if trainer.env is not None:
             dist.destroy_process_group()
+            # Free what still refers to the group (the model's tower groups, gathered
+            # state) now, while the interpreter is whole: a torchrun rank whose gloo
+            # group was left to interpreter finalization once aborted (SIGABRT,
+            # "terminate called without an active exception") after finishing its run.
+            del trainer
+            gc.collect()
 
 
 def clip_by_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
