@@ -25,7 +25,10 @@ What one run does
    larger learning rate and BatchNorm momentum) and the demo's trainer entry point.
 3. **Scoring.** Segment MAP@K on ``test`` through the engine's pipeline
    (:func:`training.evaluate.evaluate_segments`: top-20 candidates from the video model,
-   every 5-frame window scored by the row's model, ``P_vid^0.05 · P_seg^0.95``).
+   every 5-frame window scored by the row's model, ``P_vid^0.05 · P_seg^0.95``), with its
+   ceiling (the same segments in the best order: what the video model's candidates allow);
+   then again with every class of the video model a candidate, which scores the row's
+   segment model alone.
 4. **Report.** ``--out`` (``tables.md``): per row the mean ± std over seeds and a 95%
    Student-t interval, parameters of the paper-scale preset and of the scaled model, training
    seconds, the device it ran on, the paper's numbers beside them, and the paired comparisons
