@@ -341,6 +341,24 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
     return {"n": len(values), "mean": mean, "std": std, "ci": [mean - half, mean + half]}
 
 
+def seeds_to_resolve(stats: dict, confidence: float = 0.95, limit: int = 1000) -> int | None:
+    """The fewest seeds whose interval of the mean would exclude 0 if the mean and sample std
+    stayed as ``stats`` (``mean_interval``'s) measured them: the benchmark's power at that
+    effect, an extrapolation. None without a std, for a zero mean, or above ``limit``."""
+    mean, std = abs(stats["mean"]), stats["std"]
+    if std is None or mean == 0:
+        return None
+    if std == 0:
+        return 2
+    # t(confidence, n - 1) > z(confidence), so n >= (z · std / mean)² is a safe start
+    n = max(2, math.floor((1.959 * std / mean) ** 2))
+    while n <= limit:
+        if t_quantile(confidence, n - 1) * std / math.sqrt(n) < mean:
+            return n
+        n += 1
+    return None
+
+
 # --- hashing, files, logging ------------------------------------------------------------
 
 
@@ -739,10 +757,14 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> dict:
             continue
         differences = paired_differences(results, better, other, "map")
         if differences:
+            difference = mean_interval(differences)
+            all_classes_difference = mean_interval(
+                paired_differences(results, better, other, "all_classes_map"))
             claims.append({"claim": claim, "better": better, "other": other,
-                           "difference": mean_interval(differences),
-                           "all_classes_difference": mean_interval(
-                               paired_differences(results, better, other, "all_classes_map")),
+                           "difference": difference,
+                           "all_classes_difference": all_classes_difference,
+                           "seeds_to_resolve": [seeds_to_resolve(difference),
+                                                seeds_to_resolve(all_classes_difference)],
                            # the most `better` could have gained: `other`'s distance to the
                            # ceiling that both rows' candidates set
                            "headroom": table[other]["ceiling"] - table[other]["mean"],
@@ -776,6 +798,10 @@ def _verdict(difference: dict) -> str:
             else "no (reversed)" if ci[1] < 0 else "not resolved")
 
 
+def _seeds_needed(count: int | None, stats: dict) -> str:
+    return "—" if stats["std"] is None else f"{count:,}" if count is not None else "> 1,000"
+
+
 def render(summary: dict, scale: Scale, dataset: Dataset, counts: dict) -> str:
     header = ("| group | model | params (paper scale) | params (scaled) | MAP@K mean ± std | "
               "95% CI | of ceiling | every class a candidate | seeds | pretrain s | fine-tune s | "
@@ -795,16 +821,18 @@ def render(summary: dict, scale: Scale, dataset: Dataset, counts: dict) -> str:
         claim_lines = ["None of the claims' row pairs was run (`--rows`)."]
     else:
         claim_lines = ["| claim | rows (better − other) | mean difference | 95% CI (paired t) | "
-                       "seeds | headroom | params (scaled) | holds? | every class a candidate: "
-                       "difference, 95% CI | holds? |",
-                       "|---|---|---:|---|---:|---:|---|---|---|---|"]
+                       "seeds | headroom | params (scaled) | holds? | seeds to resolve | "
+                       "every class a candidate: difference, 95% CI | holds? | seeds to resolve |",
+                       "|---|---|---:|---|---:|---:|---|---|---:|---|---|---:|"]
     for claim in summary["claims"]:
         d, alone = claim["difference"], claim["all_classes_difference"]
+        needed, needed_alone = claim["seeds_to_resolve"]
         claim_lines.append(
             f"| {claim['claim']} | `{claim['better']}` − `{claim['other']}` | {d['mean']:+.4f} | "
             f"{_interval(d)} | {d['n']} | {claim['headroom']:.4f} | "
             f"{_millions(claim['parameters'][0])} vs {_millions(claim['parameters'][1])} | "
-            f"{_verdict(d)} | {alone['mean']:+.4f}, {_interval(alone)} | {_verdict(alone)} |")
+            f"{_verdict(d)} | {_seeds_needed(needed, d)} | {alone['mean']:+.4f}, {_interval(alone)} | "
+            f"{_verdict(alone)} | {_seeds_needed(needed_alone, alone)} |")
     ceilings = ", ".join(f"seed {seed} {value:.4f}" for seed, value in summary["ceilings"].items())
     splits = ", ".join(f"{name} {c['videos']} videos ({c['rated_segments']} rated segments)"
                        if c["rated_segments"] else f"{name} {c['videos']} videos"
@@ -847,6 +875,10 @@ window of every video: the row's segment model alone, without the video model's 
 {chr(10).join(lines)}
 
 ## The paper's claims (paired differences over seeds)
+
+*Seeds to resolve*: the fewest seeds whose paired interval would exclude 0 if the difference's
+mean and std stayed as measured here, an extrapolation of this benchmark's power, not a
+result.
 
 {chr(10).join(claim_lines)}
 """

@@ -184,6 +184,20 @@ def test_mean_interval(tables):
     assert tables.mean_interval([0.4]) == {"n": 1, "mean": 0.4, "std": None, "ci": None}
 
 
+def test_seeds_to_resolve_is_the_first_interval_clear_of_zero(tables):
+    # mean 1, std 1: t(0.975, 5)/√6 = 1.050 still reaches 0, t(0.975, 6)/√7 = 0.925 does not
+    assert tables.seeds_to_resolve({"mean": 1.0, "std": 1.0}) == 7
+    assert tables.seeds_to_resolve({"mean": -1.0, "std": 1.0}) == 7  # either direction
+    for ratio in (0.5, 2.0, 5.0, 12.0):  # std / mean: the answer is where the interval first clears 0
+        found = tables.seeds_to_resolve({"mean": 0.01, "std": 0.01 * ratio})
+        assert tables.t_quantile(0.95, found - 1) * ratio / math.sqrt(found) < 1
+        assert found == 2 or tables.t_quantile(0.95, found - 2) * ratio / math.sqrt(found - 1) >= 1
+    assert tables.seeds_to_resolve({"mean": 0.0, "std": 1.0}) is None
+    assert tables.seeds_to_resolve({"mean": 0.5, "std": None}) is None
+    assert tables.seeds_to_resolve({"mean": 0.5, "std": 0.0}) == 2
+    assert tables.seeds_to_resolve({"mean": 0.001, "std": 1.0}) is None  # beyond 1,000 seeds
+
+
 def test_claims_are_paired_by_seed(tables):
     rows = [row for row in tables.ROWS if row.key in ("nextvlad", "nextvlad_scratch")]
     results = {
@@ -208,6 +222,9 @@ def test_claims_are_paired_by_seed(tables):
     # every class a candidate: seed differences +0.1, +0.1, -0.1, paired by seed too
     assert claim["all_classes_difference"]["mean"] == pytest.approx(0.1 / 3)
     assert claim["all_classes_difference"]["n"] == 3
+    # a zero-width interval needs 2 seeds; +0.1, +0.1, -0.1 (std / mean = 2√3) needs 49
+    assert claim["seeds_to_resolve"] == [2, tables.seeds_to_resolve(claim["all_classes_difference"])]
+    assert claim["seeds_to_resolve"][1] == 49
     assert summary["rows"]["nextvlad"]["of_ceiling"] == pytest.approx((0.8 / 0.85 + 0.7 / 0.75 + 0.9 / 0.95) / 3)
 
 
