@@ -32,8 +32,10 @@ What one run does
 4. **Report.** ``--out`` (``tables.md``): per row the mean ± std over seeds and a 95%
    Student-t interval, parameters of the paper-scale preset and of the scaled model, training
    seconds, the device it ran on, the paper's numbers beside them, and the paired comparisons
-   behind the paper's claims (``docs/CLAIMS.md``); ``tables.png`` (bar chart, std error
-   bars) and ``tables.json`` (every number, machine-readable) next to it.
+   behind the paper's claims (``docs/CLAIMS.md``) with the seeds each would need to resolve
+   at its measured mean and std; ``tables.png`` (bar charts with std error bars: the
+   pipeline, and every class a candidate) and ``tables.json`` (every number,
+   machine-readable) next to it.
 
 Decisions
 ---------
@@ -354,8 +356,9 @@ def seeds_to_resolve(stats: dict, confidence: float = 0.95, limit: int = 1000) -
         return None
     if std == 0:
         return 2
-    # t(confidence, n - 1) > z(confidence), so n >= (z · std / mean)² is a safe start
-    n = max(2, math.floor((1.959 * std / mean) ** 2))
+    # t(confidence, n - 1) > z(confidence), so no n below (z · std / mean)² can do
+    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+    n = max(2, math.floor((z * std / mean) ** 2))
     while n <= limit:
         if t_quantile(confidence, n - 1) * std / math.sqrt(n) < mean:
             return n

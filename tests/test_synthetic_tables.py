@@ -196,6 +196,8 @@ def test_seeds_to_resolve_is_the_first_interval_clear_of_zero(tables):
     assert tables.seeds_to_resolve({"mean": 0.5, "std": None}) is None
     assert tables.seeds_to_resolve({"mean": 0.5, "std": 0.0}) == 2
     assert tables.seeds_to_resolve({"mean": 0.001, "std": 1.0}) is None  # beyond 1,000 seeds
+    # another confidence: mean 1, std 1 at 90% needs 5 (t(0.95, 4)/√5 = 0.953 < 1)
+    assert tables.seeds_to_resolve({"mean": 1.0, "std": 1.0}, confidence=0.90) == 5
 
 
 def test_claims_are_paired_by_seed(tables):
