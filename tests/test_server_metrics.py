@@ -65,8 +65,12 @@ async def _chat(requests, context):
 
 def _probe_service(started: asyncio.Event) -> grpc.GenericRpcHandler:
     async def hang(requests, context):
-        started.set()
+        # busy after the first message, not waiting on the request stream: grpc.aio can hand a
+        # cancellation to a handler waiting in read() as the stream's end instead (see
+        # MetricsInterceptor), which a handler cannot tell from the client's half-close
         async for request in requests:
+            started.set()
+            await asyncio.Event().wait()
             yield request
 
     return grpc.method_handlers_generic_handler(SERVICE, {

@@ -171,7 +171,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     The final code is what the client sees: OK, the code of ``context.abort`` or
     ``context.set_code``, CANCELLED when the call is cancelled, UNKNOWN for an exception
-    the handler let through. Works for the four cardinalities with coroutine or
+    the handler let through. One limit of ``grpc.aio``: a client's cancellation that finds
+    the handler waiting on the request stream may reach it as the stream's end rather than
+    as ``CancelledError``; a handler that then finishes normally is counted with the code it
+    finished with, as the server cannot tell that end from the client's half-close. Works for the four cardinalities with coroutine or
     async-generator handlers; keeps :attr:`ServerMetrics.active_streams` for streaming calls.
     Put it first in the server's interceptors so that it also sees the calls later
     interceptors refuse.
