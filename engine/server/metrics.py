@@ -174,8 +174,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     the handler let through. One limit of ``grpc.aio``: a client's cancellation that finds
     the handler waiting on the request stream may reach it as the stream's end rather than
     as ``CancelledError``; a handler that then finishes normally is counted with the code it
-    finished with, as the server cannot tell that end from the client's half-close. Works for the four cardinalities with coroutine or
-    async-generator handlers; keeps :attr:`ServerMetrics.active_streams` for streaming calls.
+    finished with, as the server cannot tell that end from the client's half-close.
+
+    Works for the four cardinalities with coroutine or async-generator handlers; keeps
+    :attr:`ServerMetrics.active_streams` for streaming calls.
     Put it first in the server's interceptors so that it also sees the calls later
     interceptors refuse.
     """
