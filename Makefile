@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine training export benchmarks tests
+	$(BIN)/ruff check modloc engine training export benchmarks tests
 
 clean:
 	rm -rf build runs .pytest_cache

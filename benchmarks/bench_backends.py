@@ -16,9 +16,9 @@ validate videos). The model is untrained, so the export's MAP@K gate is off here
 script times, test_export.py judges accuracy.
 
 Backends: ``pytorch`` (the checkpoint's module, eager, under ``torch.inference_mode``),
-``torch fp32 (model.pt2)`` (:class:`engine.backends.torch_backend.TorchBackend`, eager: the
+``torch fp32 (model.pt2)`` (:class:`modloc.engine.runtime.backends.torch_backend.TorchBackend`, eager: the
 exported program, BatchNorm and preprocessing folded), ``onnxruntime fp32`` and
-``onnxruntime int8`` (:class:`engine.backends.OnnxRuntimeBackend`), all with ``--threads``
+``onnxruntime int8`` (:class:`modloc.engine.runtime.backends.OnnxRuntimeBackend`), all with ``--threads``
 threads. Rounds are interleaved (one pass over the batches per
 backend per round) so that a busy machine slows every backend alike; the median pass is
 kept. Goals: ONNX Runtime fp32 ≥ 2× PyTorch eager, INT8 ≥ 1.5× fp32. Results go to
@@ -46,16 +46,16 @@ import onnxruntime
 import torch
 from _common import RESULTS, provenance, write_section
 
-from engine.artifacts import load_artifact
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from engine.backends.torch_backend import TorchBackend
-from engine.datasets import pack_segment_windows
-from engine.io.readers import read_videos
-from engine.localization import video_batches
-from engine.synth import config_from, generate
-from export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.models import MODTree, MODTreeConfig, NeXtVLADConfig
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.synth import config_from, generate
+from modloc.engine.runtime.artifacts import load_artifact
+from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from modloc.engine.runtime.backends.torch_backend import TorchBackend
+from modloc.engine.runtime.offline_eval import video_batches
+from modloc.export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
+from modloc.training.checkpoint import load_checkpoint, save_checkpoint
+from modloc.training.datasets import pack_segment_windows
+from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
 
 RESULTS_FILE = RESULTS / "bench_backends.md"
 HEADER = """# Inference backends on the CPU: PyTorch eager, ONNX Runtime fp32 and INT8

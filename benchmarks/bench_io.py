@@ -1,7 +1,7 @@
 """Frame-level reading throughput: the protobuf reference decoder against the native one.
 
 Writes a synthetic frame-level TFRecord file (random uint8 videos of 60-300 frames, encoded
-with ``engine.io.examples.encode_video``), then reads the whole file several times in this
+with ``modloc.engine.base.io.examples.encode_video``), then reads the whole file several times in this
 one process through
 
 * ``protobuf``: ``read_videos(path, decoder="protobuf")``, one protobuf message per record;
@@ -35,10 +35,10 @@ import numpy as np
 from _common import RESULTS, provenance
 from google.protobuf.internal import api_implementation
 
-from engine.io.examples import FEATURE_SIZE, Video, encode_video
-from engine.io.native import read_frame_batches
-from engine.io.readers import iter_all_records, read_videos
-from engine.io.tfrecord import write_records
+from modloc.engine.base.io.examples import FEATURE_SIZE, Video, encode_video
+from modloc.engine.base.io.native import read_frame_batches
+from modloc.engine.base.io.readers import iter_all_records, read_videos
+from modloc.engine.base.io.tfrecord import write_records
 
 RESULTS_FILE = RESULTS / "bench_io.md"
 

@@ -1,6 +1,6 @@
 """Throughput of the whole localization pipeline per backend and batch size.
 
-The engine as ``modloc infer`` and the service run it (:class:`engine.engine.Engine`):
+The engine as ``modloc infer`` and the service run it (:class:`modloc.engine.runtime.localizer.Engine`):
 video-level scores → top-20 candidates → every 5-frame window scored → ``P_vid^a · P_seg^b``
 → per-class top-K (K = 100,000, the native accumulator), over synthetic videos already
 decoded in memory (reading is ``bench_io.py``'s question). Rows:
@@ -40,15 +40,15 @@ import torch
 from _common import RESULTS, provenance, write_section
 from bench_backends import add_model_arguments, random_checkpoint
 
-from engine.backends import open_backend
-from engine.datasets import pack_segment_windows
-from engine.engine import Engine
-from engine.fusion import FusionConfig
-from engine.io.examples import Video
-from engine.io.readers import read_videos
-from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
-from engine.synth import config_from, generate
-from export.exporter import ExportSettings, export_checkpoint
+from modloc.engine.base.io.examples import Video
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.synth import config_from, generate
+from modloc.engine.runtime.backends import open_backend
+from modloc.engine.runtime.fusion import FusionConfig
+from modloc.engine.runtime.localizer import Engine
+from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.export.exporter import ExportSettings, export_checkpoint
+from modloc.training.datasets import pack_segment_windows
 
 RESULTS_FILE = RESULTS / "bench_pipeline.md"
 HEADER = """# The localization pipeline: videos/s and segments/s per backend and batch size

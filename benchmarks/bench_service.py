@@ -1,9 +1,9 @@
 """End-to-end throughput and latency of the gRPC service against the same engine in-process.
 
 The question (issue 6): what does the service layer cost? Both sides run the same engine
-core (:class:`engine.server.core.EngineCore`: the artifacts on ONNX Runtime with the
-server's default backend options, the same :class:`engine.batcher.Batcher` and
-:class:`engine.batcher.BatcherConfig`), so the ratio service / in-process is the cost of
+core (:class:`modloc.engine.service.core.EngineCore`: the artifacts on ONNX Runtime with the
+server's default backend options, the same :class:`modloc.engine.runtime.batcher.Batcher` and
+:class:`modloc.engine.runtime.batcher.BatcherConfig`), so the ratio service / in-process is the cost of
 gRPC, protobuf, the asyncio front and the response building, nothing else:
 
 * ``in-process``: ``EngineCore.load`` in this process, fed by N Python threads, each a
@@ -14,7 +14,7 @@ gRPC, protobuf, the asyncio front and the response building, nothing else:
   stream, so that the kernel can spread streams over the processes), each a closed loop
   with a window of one video: write a video, read its response, write the next (through
   the generated stub: ``AsyncLocalizationClient.localize`` sends its whole list at once, so
-  it cannot hold a window). Requests are built from the videos' pre-split chunks (:func:`engine.client.video_chunks`, done
+  it cannot hold a window). Requests are built from the videos' pre-split chunks (:func:`modloc.engine.service.client.video_chunks`, done
   once) with a fresh id per send (the server refuses an id repeated within a stream);
 * ``open loop``: Poisson arrivals at a fixed offered rate (``--load`` × the service's best
   closed-loop videos/s with one process); both sides get the same arrival times and videos
@@ -72,20 +72,20 @@ import onnxruntime
 import torch
 from _common import RESULTS, provenance, write_section
 from bench_pipeline import export_models
-from engine._proto.modloc.v1 import localization_pb2 as pb
-from engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 
-from engine.batcher import BatcherConfig
-from engine.client import video_chunks
-from engine.features import FEATURE_SIZE
-from engine.fusion import FusionConfig
-from engine.io.readers import read_videos
-from engine.pipeline import PipelineConfig
-from engine.server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
-from engine.server.core import EngineCore
-from engine.server.process import ServerProcess
-from engine.server.service import interleave, localize_response
-from engine.synth import config_from, generate
+from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
+from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
+from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.synth import config_from, generate
+from modloc.engine.runtime.batcher import BatcherConfig
+from modloc.engine.runtime.fusion import FusionConfig
+from modloc.engine.runtime.pipeline import PipelineConfig
+from modloc.engine.service.client import video_chunks
+from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from modloc.engine.service.core import EngineCore
+from modloc.engine.service.handlers import interleave, localize_response
+from modloc.engine.service.process import ServerProcess
 
 RESULTS_FILE = RESULTS / "bench_service.md"
 HEADER = """# The gRPC service against the same engine in-process
@@ -375,7 +375,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``modloc serve`` (:class:`engine.server.process.ServerProcess`) with the benchmark's
+    """``modloc serve`` (:class:`modloc.engine.service.process.ServerProcess`) with the benchmark's
     batch settings, and the CPU time of its serving processes."""
 
     def __init__(self, root: Path, processes: int, args):

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, provenance
 
-from engine.datasets import ClassSpace
-from engine.topk import TopK, default_slack
-from engine.vocab import default_segment_class_ids
+from modloc.engine.base.vocab import default_segment_class_ids
+from modloc.engine.runtime.topk import TopK, default_slack
+from modloc.training.datasets import ClassSpace
 
 RESULTS_FILE = RESULTS / "bench_topk.md"
 CANDIDATES = 20

@@ -8,7 +8,7 @@ after warm-up steps and examples/s = batch / median.
 
 Each tree runs twice on the same model: ``plain loop`` (``MixtureNode.leaf_logits`` evaluates
 the sibling leaves one after another) and ``grouped leaves`` (the siblings as grouped matmuls,
-:mod:`training.models.grouped`). fp32 on the CPU; bf16 autocast and fused Adam on CUDA.
+:mod:`modloc.training.models.grouped`). fp32 on the CPU; bf16 autocast and fused Adam on CUDA.
 
 Defaults are the paper's sizes (batch 80, 300 frames, 3862 classes). The CPU needs smaller
 settings: MOD-12 at full size holds 1.06 B parameters (17 GB with Adam's state) and takes
@@ -36,16 +36,16 @@ import numpy as np
 import torch
 from _common import RESULTS, cpu_model, provenance, write_section
 
-from training.losses import LossConfig, mod_loss, model_loss
-from training.models import MODTree, count_parameters, create_model
-from training.models.grouped import use_grouped_leaves
+from modloc.training.losses import LossConfig, mod_loss, model_loss
+from modloc.training.models import MODTree, count_parameters, create_model
+from modloc.training.models.grouped import use_grouped_leaves
 
 RESULTS_FILE = RESULTS / "bench_train.md"
 HEADER = """# Training-step throughput
 
 Examples/s of one training step (forward + loss + backward + Adam) on a synthetic batch, by
 `benchmarks/bench_train.py`; one section per device. `plain loop` evaluates a tree's sibling
-leaves one after another, `grouped leaves` as grouped matmuls (`training.models.grouped`).
+leaves one after another, `grouped leaves` as grouped matmuls (`modloc.training.models.grouped`).
 """
 
 

@@ -9,7 +9,7 @@
 
 What one run does
 -----------------
-1. **Data.** Generates one fixed dataset with :mod:`engine.synth` (seed 0; the scale's
+1. **Data.** Generates one fixed dataset with :mod:`modloc.engine.base.synth` (seed 0; the scale's
    settings below): a large noisy video-labelled ``train`` split, a small clean
    segment-rated ``validate`` split (the fine-tuning data, as the 2019 ``validate`` was) and
    a rated ``test`` split whose truth is in ``test_truth``. Every seed trains on this same
@@ -21,10 +21,10 @@ What one run does
    video labels of ``train`` (the ``pretrain`` recipe, T = λ = 1), then fine-tuning on the
    rated segments of ``validate`` (the ``finetune`` recipe: dropout 0.75, L2 1e-4, Adam
    state restored, the row's T and λ = T²), with the demo's shortened schedules
-   (:data:`engine.demo.DEMO_PRETRAIN`, :data:`engine.demo.DEMO_FINETUNE`: a few epochs, a
+   (:data:`modloc.demo.DEMO_PRETRAIN`, :data:`modloc.demo.DEMO_FINETUNE`: a few epochs, a
    larger learning rate and BatchNorm momentum) and the demo's trainer entry point.
 3. **Scoring.** Segment MAP@K on ``test`` through the engine's pipeline
-   (:func:`training.evaluate.evaluate_segments`: top-20 candidates from the video model,
+   (:func:`modloc.training.evaluate.evaluate_segments`: top-20 candidates from the video model,
    every 5-frame window scored by the row's model, ``P_vid^0.05 · P_seg^0.95``), with its
    ceiling (the same segments in the best order: what the video model's candidates allow);
    then again with every class of the video model a candidate, which scores the row's
@@ -48,7 +48,7 @@ Decisions
   pre-trained mixture (the recipe's T = λ = 1) with their own T (λ = T²; T = 0: no
   distillation), so the rows differ in the fine-tuning temperature only.
 - **NeXtVLAD_distill** is leaf 0 of the fine-tuned MOD 4×3 tree of the same seed
-  (:meth:`training.models.MODTree.leaf`, what ``modloc export`` exports as the distill
+  (:meth:`modloc.training.models.MODTree.leaf`, what ``modloc export`` exports as the distill
   graph), scored on its own: no extra training, and leaf 0 is fixed beforehand rather than
   picked as the best leaf on data the tree was fine-tuned on.
 - **"Without pre-training"** rows (DBoF + MoE, NeXtVLAD) train from a random
@@ -102,10 +102,10 @@ from pathlib import Path
 
 from _common import RESULTS, cpu_model, provenance
 
-from engine.atomic import write_atomically
-from engine.demo import DEMO_FINETUNE, DEMO_PRETRAIN, single_threaded, train_stage
-from engine.metrics.segment import MAX_SEGMENTS_PER_CLASS
-from engine.synth import SynthConfig, config_from, generate
+from modloc.demo import DEMO_FINETUNE, DEMO_PRETRAIN, single_threaded, train_stage
+from modloc.engine.base.atomic import write_atomically
+from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
+from modloc.engine.base.synth import SynthConfig, config_from, generate
 
 RESULTS_FILE = RESULTS / "tables.md"
 # Steps between a training run's checkpoints, from which a killed run resumes: about five
@@ -120,7 +120,7 @@ class Scale:
     """Everything a scale fixes: the dataset, the model sizes, the schedules, the seeds.
 
     ``synth`` overrides the ``bench`` preset; the model dicts override the registry presets
-    (``training.models.registry``); ``pretrain``/``finetune`` override the demo's schedules.
+    (``modloc.training.models.registry``); ``pretrain``/``finetune`` override the demo's schedules.
     """
 
     name: str
@@ -394,7 +394,7 @@ def device_name(device: str) -> str:
     """Where runs execute; on the CPU training and scoring run with one torch thread."""
     import torch
 
-    from training.evaluate import resolve_device
+    from modloc.training.evaluate import resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
@@ -477,7 +477,7 @@ class Benchmark:
 
     def settings(self, run: RunSpec, seed: int, parent_checkpoint: str | None,
                  capped: bool = True) -> tuple[str, dict]:
-        """The recipe and overrides ``engine.demo.train_stage`` gets for ``run`` (with
+        """The recipe and overrides ``modloc.demo.train_stage`` gets for ``run`` (with
         ``capped``, ``steps_cap`` replaces the schedule's length)."""
         common = {"seed": seed, "device": self.device}
         if run.kind == "pretrain":
@@ -523,7 +523,7 @@ class Benchmark:
         record = self._finished_run(directory)
         if record is not None:
             return record
-        from training.checkpoint import latest_checkpoint, list_checkpoints
+        from modloc.training.checkpoint import latest_checkpoint, list_checkpoints
 
         parent = self.ensure_run(run.parent, seed)["checkpoint"] if run.parent else None
         with claimed(directory):
@@ -568,8 +568,8 @@ class Benchmark:
 
     @staticmethod
     def _parameters(checkpoint: str) -> int:
-        from training.checkpoint import load_checkpoint
-        from training.models import count_parameters
+        from modloc.training.checkpoint import load_checkpoint
+        from modloc.training.models import count_parameters
 
         return count_parameters(load_checkpoint(checkpoint).model)
 
@@ -598,8 +598,8 @@ class Benchmark:
         a step's cost is about proportional to them times the frames."""
         import torch
 
-        from training.models import NeXtVLAD, build_model, count_parameters
-        from training.trainer import build_run_model_config
+        from modloc.training.models import NeXtVLAD, build_model, count_parameters
+        from modloc.training.trainer import build_run_model_config
 
         run = self.runs[key]
         while run.kind == "finetune":
@@ -665,10 +665,10 @@ class Benchmark:
             return self.cached_result(row, seed) or self._score(row, seed)
 
     def _score(self, row: Row, seed: int) -> dict:
-        from engine.fusion import FusionConfig
-        from training.checkpoint import load_checkpoint
-        from training.evaluate import evaluate_segments, resolve_device
-        from training.models import count_parameters
+        from modloc.engine.runtime.fusion import FusionConfig
+        from modloc.training.checkpoint import load_checkpoint
+        from modloc.training.evaluate import evaluate_segments, resolve_device
+        from modloc.training.models import count_parameters
 
         started = time.perf_counter()
         say(f"{row.key} seed {seed}: start")
@@ -719,7 +719,7 @@ def paper_parameters(row: Row) -> int:
     """Parameters of the row's paper-scale model at 1000 classes (the paper's column)."""
     import torch
 
-    from training.models import count_parameters, create_model
+    from modloc.training.models import count_parameters, create_model
 
     with torch.device("meta"):
         return count_parameters(create_model(row.paper_preset, 1000, **row.paper_overrides))
@@ -857,7 +857,7 @@ models at this dataset's {len(dataset.all_classes)} classes. Seconds are trainin
 seed (pretrain: the run this row starts from, shared by rows that start from it).
 
 *Of ceiling*: MAP@K over the ceiling, the MAP@K of the same submitted segments with every
-positive ranked first (`engine.metrics.segment_map`). Every row of a seed ranks the windows
+positive ranked first (`modloc.engine.base.metrics.segment_map`). Every row of a seed ranks the windows
 of the same candidates, its video model's top 20 per video, so the ceiling is the seed's:
 {ceilings}. No segment model can score above it; *headroom*, in the claims' table, is the
 other row's distance to it, the most the better row could have gained.
@@ -1031,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROW_KEYS)}")
     parser.add_argument("--synth", action="append", default=[], metavar="KEY=VALUE",
                         help="change one setting of the scale's dataset (a field of "
-                             "engine.synth.SynthConfig, e.g. signal=0.2; repeatable): a variant "
+                             "modloc.engine.base.synth.SynthConfig, e.g. signal=0.2; repeatable): a variant "
                              "benchmark, with its own default --work and --out")
     parser.add_argument("--out", type=Path,
                         help="the table (default benchmarks/results/tables.md; with --synth "

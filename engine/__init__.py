@@ -1,7 +1,13 @@
-"""modloc engine: YouTube-8M formats, metrics, and the localization runtime.
+"""modloc.engine: everything needed to run, in three layers that import one way.
 
-This package never imports ``training`` or ``export`` at module level: a serving install
-needs no training code.
+- :mod:`modloc.engine.base`: YouTube-8M formats and data (TFRecord IO, features,
+  vocabularies and class spaces, test-time windows, metrics, submission files, synthetic
+  data);
+- :mod:`modloc.engine.runtime`: artifacts, backends, the localization pipeline, ranking,
+  batcher, localizer, offline and distributed inference (imports ``base``);
+- :mod:`modloc.engine.service`: the gRPC server and client (imports ``runtime`` and
+  ``base``).
+
+Nothing here imports ``modloc.training`` or ``modloc.export``: a serving install needs no
+training code, and torch only inside the torch backend.
 """
-
-__version__ = "0.1.0"

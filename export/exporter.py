@@ -5,17 +5,17 @@ Each step is a function of its own (the CLI verb only strings them together):
 1. :func:`load_model`: the checkpoint, on the CPU, in eval mode.
 2. :func:`select_leaf`: the NeXtVLAD_distill leaf, by index or the one with the best
    segment MAP@K on the validation split (every leaf scored in one pass of the tree).
-3. :func:`stage_graph`: the folded graph (:mod:`export.graph`) in fp32, fp16 or bf16 →
-   one ``torch.export`` program (:func:`export.onnx_export.export_program`), saved as
-   ``model.pt2`` and translated to ONNX (:func:`export.onnx_export.export_onnx`) →
+3. :func:`stage_graph`: the folded graph (:mod:`modloc.export.graph`) in fp32, fp16 or bf16 →
+   one ``torch.export`` program (:func:`modloc.export.onnx_export.export_program`), saved as
+   ``model.pt2`` and translated to ONNX (:func:`modloc.export.onnx_export.export_onnx`) →
    manifest → loaded back through the engine's own checks → parity with PyTorch
-   (:func:`export.onnx_export.check_parity`) of the ONNX graph on ONNX Runtime and of the
+   (:func:`modloc.export.onnx_export.check_parity`) of the ONNX graph on ONNX Runtime and of the
    reloaded program on the torch backend (fp32 must pass both, the others are measured).
 4. :func:`stage_int8`: the INT8 QDQ graph quantized from the staged fp32 one, calibrated
    on TFRecord batches, then measured the same way (ONNX only: no model.pt2).
 5. :func:`measure_precisions`: segment MAP@K of fp32 and every variant on the validation
    split in one pass; a variant farther than the tolerance from fp32 fails the export.
-6. :func:`engine.atomic.replace_directory`: each finished directory moves into place.
+6. :func:`modloc.engine.base.atomic.replace_directory`: each finished directory moves into place.
 
 Artifacts go to ``<out>/<graph>-<precision>`` (``distill-fp32``, ``ensemble-int8``,
 ``single-fp16``). A graph is published all or nothing: if any of its variants fails a
@@ -37,17 +37,22 @@ import onnx
 import torch
 from torch import nn
 
-from engine.artifacts import ONNX_FILE, PT2_FILE, PT2_METADATA, Artifact, load_artifact
-from engine.atomic import replace_directory
-from engine.backends import Backend
-from engine.backends.torch_backend import TorchBackend
-from engine.io.readers import Patterns
-from engine.localization import Scorer
-from engine.metrics import MAX_SEGMENTS_PER_CLASS
-from export.evaluation import backend_scorer, validation_map
-from export.graph import export_module
-from export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
-from export.onnx_export import (
+from modloc.engine.base.atomic import replace_directory
+from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS
+from modloc.engine.runtime.artifacts import (
+    ONNX_FILE,
+    PT2_FILE,
+    PT2_METADATA,
+    Artifact,
+    load_artifact,
+)
+from modloc.engine.runtime.backends import Backend
+from modloc.engine.runtime.backends.torch_backend import TorchBackend
+from modloc.engine.runtime.offline_eval import Scorer
+from modloc.export.graph import export_module
+from modloc.export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
+from modloc.export.onnx_export import (
     DEFAULT_OPSET,
     PARITY_SHAPES,
     PARITY_TOLERANCE,
@@ -57,15 +62,16 @@ from export.onnx_export import (
     export_program,
     io_specs,
 )
-from export.precision import (
+from modloc.export.precision import (
     MAP_TOLERANCE,
     calibration_batches,
     check_map_difference,
     open_runner,
     quantize_int8,
 )
-from training.checkpoint import Checkpoint, load_checkpoint
-from training.models import MODTree, NeXtVLADModel, TreeOutput, leaf_paths
+from modloc.export.validation import backend_scorer, validation_map
+from modloc.training.checkpoint import Checkpoint, load_checkpoint
+from modloc.training.models import MODTree, NeXtVLADModel, TreeOutput, leaf_paths
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +198,7 @@ def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Pa
     """The NeXtVLAD_distill leaf of a tree checkpoint.
 
     ``leaf="best"`` scores every leaf (its own probabilities, in one pass of the tree) with
-    :func:`export.evaluation.validation_map` on ``validation`` and takes the best; ties go
+    :func:`modloc.export.validation.validation_map` on ``validation`` and takes the best; ties go
     to the lower index.
     """
     tree = checkpoint.model

@@ -11,10 +11,10 @@ raw bytes of the YouTube-8M format, and returns probabilities and logits::
 Folding (every map below is affine per dimension, so it merges into the next linear layer,
 computed in float64 and rounded once):
 
-- dequantization and RGB un-whitening (:func:`engine.features.input_affine`) go into each
+- dequantization and RGB un-whitening (:func:`modloc.engine.base.features.input_affine`) go into each
   leaf's expansion layers and into every gate's first layer. The layers take *centered*
   codes ``c = q - p``, with ``p`` = 127.00195 the code of a dequantized 0.0
-  (:data:`engine.artifacts.PADDING_CODE`): a padding frame is exactly ``c = 0``, and the
+  (:data:`modloc.engine.runtime.artifacts.PADDING_CODE`): a padding frame is exactly ``c = 0``, and the
   first matrix products sum centered values, as the reference's do. (Folded onto the raw
   codes 0..255, every product would carry a large common offset for its bias to cancel,
   at a cost of about two orders of magnitude of float32 precision in the first layer.)
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.artifacts import PADDING_CODE
-from engine.features import RGB_SIZE, input_affine
-from training.models import MixtureNode, MODTree, NeXtVLAD, NeXtVLADModel, leaf_paths
+from modloc.engine.base.features import RGB_SIZE, input_affine
+from modloc.engine.runtime.artifacts import PADDING_CODE
+from modloc.training.models import MixtureNode, MODTree, NeXtVLAD, NeXtVLADModel, leaf_paths
 
 GraphKind = Literal["distill", "ensemble", "single"]
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -108,7 +108,7 @@ class FoldedNeXtVLAD(nn.Module):
         grouped = x.float().reshape(batch, rows, self.group_size)
         vlad = torch.bmm(grouped.transpose(1, 2), assignment)
         vlad = vlad - assignment.sum(dim=1, keepdim=True) * self.centers
-        # TF l2_normalize: the norm floored at 1e-6, as training.models.nextvlad does
+        # TF l2_normalize: the norm floored at 1e-6, as modloc.training.models.nextvlad does
         vlad = F.normalize(vlad, p=2.0, dim=1, eps=1e-6)
         return vlad.reshape(batch, self.group_size * self.clusters)
 
@@ -225,8 +225,8 @@ def export_module(model: nn.Module, graph: GraphKind, leaf: int | None = None,
     """The :class:`ExportGraph` of ``model`` (eval mode, on the CPU).
 
     Args:
-        model: a :class:`training.models.MODTree` (graphs ``"distill"``, ``"ensemble"``) or
-            a :class:`training.models.NeXtVLADModel` (graph ``"single"``).
+        model: a :class:`modloc.training.models.MODTree` (graphs ``"distill"``, ``"ensemble"``) or
+            a :class:`modloc.training.models.NeXtVLADModel` (graph ``"single"``).
         graph: ``"distill"`` (tree leaf ``leaf``), ``"ensemble"`` (the root's mixture) or
             ``"single"``.
         leaf: the leaf index of a distill graph (depth-first order).

@@ -1,12 +1,12 @@
-"""The writer's side of the artifact contract (the reader's is :mod:`engine.artifacts`).
+"""The writer's side of the artifact contract (the reader's is :mod:`modloc.engine.runtime.artifacts`).
 
 :func:`new_manifest` assembles a manifest from the checkpoint and the graph;
 :func:`write_manifest` records every file's sha256, writes the README line and then
-``manifest.json``; :func:`engine.atomic.replace_directory` then moves a finished staging
+``manifest.json``; :func:`modloc.engine.base.atomic.replace_directory` then moves a finished staging
 directory into place in one rename, so that a reader never sees half an artifact.
 
 Only :func:`new_manifest` and the records it builds touch the checkpoint (and so import
-training code and torch, inside them): :mod:`export.trt` rewrites manifests with the rest
+training code and torch, inside them): :mod:`modloc.export.trt` rewrites manifests with the rest
 of this module on machines that hold TensorRT and no torch.
 """
 
@@ -20,8 +20,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import __version__
-from engine.artifacts import (
+from modloc._version import __version__
+from modloc.engine.base.atomic import write_atomically
+from modloc.engine.runtime.artifacts import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -35,12 +36,11 @@ from engine.artifacts import (
     describe_manifest,
     file_record,
 )
-from engine.atomic import write_atomically
 
 if TYPE_CHECKING:
     import onnx
 
-    from training.checkpoint import Checkpoint
+    from modloc.training.checkpoint import Checkpoint
 
 
 def exporter_versions() -> dict[str, str]:
@@ -56,7 +56,7 @@ def exporter_versions() -> dict[str, str]:
 
 def source_record(checkpoint: Checkpoint) -> dict:
     """Which checkpoint the graph came from: its path, weights sha256 and config sha256."""
-    from training.checkpoint import CONFIG_FILE
+    from modloc.training.checkpoint import CONFIG_FILE
 
     config_path = Path(checkpoint.path) / CONFIG_FILE
     config = json.loads(config_path.read_text())
@@ -104,7 +104,7 @@ def new_manifest(
     ``pt2`` names model.pt2: every graph exported from PyTorch is saved as a program too
     (an INT8 variant, quantized from the ONNX graph, replaces the record).
     """
-    from training.checkpoint import model_config_to_dict
+    from modloc.training.checkpoint import model_config_to_dict
 
     config = checkpoint.model_config
     branching = getattr(config, "branching", None)

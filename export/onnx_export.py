@@ -1,4 +1,4 @@
-"""PyTorch → ONNX: export an :class:`export.graph.ExportGraph`, check it, gate it on parity.
+"""PyTorch → ONNX: export an :class:`modloc.export.graph.ExportGraph`, check it, gate it on parity.
 
 - :func:`export_program`: the graph captured once by ``torch.export`` with dynamic batch
   and frame axes (``torch.export.Dim``); the exporter saves this program as ``model.pt2``
@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 import torch
 
-from engine.artifacts import ONNX_DATA_FILE, TensorSpec
-from engine.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
-from export.graph import ExportGraph
+from modloc.engine.base.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
+from modloc.engine.runtime.artifacts import ONNX_DATA_FILE, TensorSpec
+from modloc.export.graph import ExportGraph
 
 DEFAULT_OPSET = 18
 # TensorRT 8.6 (the last release for Pascal GPUs) parses ONNX up to opset 17

@@ -1,7 +1,7 @@
 """Precision variants of an fp32 graph, and how they are run and measured.
 
 - fp16 / bf16: exported from PyTorch with the folded weights in that type
-  (:func:`export.graph.export_module`); the graph keeps the L2 normalizations, softmaxes
+  (:func:`modloc.export.graph.export_module`); the graph keeps the L2 normalizations, softmaxes
   and long reductions in float32, so a strongly typed TensorRT build needs no flags.
 - INT8 (:func:`quantize_int8`): static QDQ quantization of the fp32 graph with ONNX
   Runtime (``quantize_static``): the weight layers (MatMul and Gemm on an initializer,
@@ -17,7 +17,7 @@
   ensemble).
 
 Every variant is measured against fp32 on a rated split with
-:func:`export.evaluation.validation_map` (segment MAP@K; ``map_difference`` in the
+:func:`modloc.export.validation.validation_map` (segment MAP@K; ``map_difference`` in the
 manifest), and :func:`check_map_difference` fails the export when it passes the tolerance
 (0.005 by default).
 
@@ -43,13 +43,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from engine.artifacts import ONNX_DATA_FILE, Artifact
-from engine.backends import Backend, graph_inputs
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from engine.datasets import pack_segment_windows
-from engine.features import MAX_FRAMES
-from engine.io.readers import Patterns
-from engine.localization import video_batches
+from modloc.engine.base.features import MAX_FRAMES
+from modloc.engine.base.io.readers import Patterns
+from modloc.engine.runtime.artifacts import ONNX_DATA_FILE, Artifact
+from modloc.engine.runtime.backends import Backend, graph_inputs
+from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from modloc.engine.runtime.offline_eval import video_batches
+from modloc.training.datasets import pack_segment_windows
 
 MAP_TOLERANCE = 0.005
 QUANTIZED_OPS = ("MatMul", "Gemm")
@@ -129,7 +129,7 @@ class _Feeds(CalibrationDataReader):
 def quantized_layers(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes INT8 quantizes: MatMul/Gemm nodes whose second operand is a weight
     (an initializer), except the classifiers (their weights are named ``…classifier.weight``
-    after :class:`export.graph.FoldedLeaf`'s layer)."""
+    after :class:`modloc.export.graph.FoldedLeaf`'s layer)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
     return [node.name for node in model.graph.node
             if node.op_type in QUANTIZED_OPS and len(node.input) > 1

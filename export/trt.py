@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.artifacts import (
+from modloc.engine.base.atomic import write_atomically
+from modloc.engine.runtime.artifacts import (
     PLAN_FILE,
     Artifact,
     ArtifactError,
@@ -38,9 +39,8 @@ from engine.artifacts import (
     load_artifact,
     read_manifest,
 )
-from engine.atomic import write_atomically
-from engine.backends.tensorrt_backend import device_info, import_tensorrt
-from export.manifest import write_manifest
+from modloc.engine.runtime.backends.tensorrt_backend import device_info, import_tensorrt
+from modloc.export.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def build_plan(artifact_dir: str | os.PathLike, settings: BuildSettings = BuildS
 def rebuild_plan(artifact: Artifact) -> Artifact:
     """Rebuild an artifact's plan for this machine with the ranges it was built with.
 
-    The ``rebuild`` hook of :class:`engine.backends.tensorrt_backend.TensorRTBackend`.
+    The ``rebuild`` hook of :class:`modloc.engine.runtime.backends.tensorrt_backend.TensorRTBackend`.
     """
     ranges = (artifact.plan or {}).get("ranges", {})
     settings = BuildSettings(

@@ -28,7 +28,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """The ``tiny`` synthetic preset, generated once per test session."""
-    from engine.synth import config_from, generate
+    from modloc.engine.base.synth import config_from, generate
 
     out = tmp_path_factory.mktemp("tiny")
     generate(config_from("tiny"), out)
@@ -54,8 +54,8 @@ def tiny_checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
     from it for 6 (:data:`tiny.TINY_MODEL`), trained once per session."""
     from tiny import TINY_MODEL, split, synth_manifest
 
-    from training.config import load_config
-    from training.trainer import train
+    from modloc.training.config import load_config
+    from modloc.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs")
     classes = synth_manifest(tiny_dataset)
@@ -76,7 +76,7 @@ def tiny_checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, str]:
 def tiny_artifacts(tiny_checkpoints, tmp_path_factory) -> Path:
     """Both tiny checkpoints exported (distill leaf 0 and ensemble, fp32) as ``modloc
     export`` lays them out: ``<root>/{video,segment}/{distill,ensemble}-fp32``."""
-    from export.exporter import ExportSettings, export_checkpoint
+    from modloc.export.exporter import ExportSettings, export_checkpoint
 
     root = tmp_path_factory.mktemp("artifacts")
     settings = ExportSettings(graphs=("distill", "ensemble"), leaf=0)

@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.baselines import oracle_rankings, random_rankings, video_segment_ids
-from engine.cli import main
-from engine.io import read_videos
-from engine.submission import write_submission
+from modloc.cli import main
+from modloc.engine.base.baselines import oracle_rankings, random_rankings, video_segment_ids
+from modloc.engine.base.io import read_videos
+from modloc.engine.base.submission import write_submission
 
 INSPECT_KEYS = {"records", "videos", "frames", "labels", "rated_segments", "positive_segments",
                 "corrupt_records"}
@@ -72,7 +72,7 @@ def test_eval_perfect_and_random_submissions(capsys, tiny_dataset, tmp_path):
 
 
 def test_eval_video_predictions(capsys, tiny_dataset, tmp_path):
-    from engine.submission import write_video_predictions
+    from modloc.engine.base.submission import write_video_predictions
 
     videos = list(read_videos(str(tiny_dataset / "validate" / "*.tfrecord")))
     predictions = tmp_path / "pred.csv"
@@ -188,7 +188,7 @@ class _RpcFailure(grpc.RpcError):
      "DEADLINE_EXCEEDED: the server at 127.0.0.1:1 did not answer within --timeout 0.5 s"),
 ])
 def test_client_refusals_are_one_line(capsys, monkeypatch, code, details, expected):
-    from engine.client import LocalizationClient
+    from modloc.engine.service.client import LocalizationClient
 
     def refuse(*args, **kwargs):
         raise _RpcFailure(code, details)
@@ -211,7 +211,7 @@ def test_serve_names_an_address_in_use(capsys, tmp_path):
 def _backend_failure(backend: str) -> Exception:
     """What opening ``backend`` raises on this machine; skips where it would work."""
     if backend == "tensorrt":
-        from engine.backends.tensorrt_backend import import_tensorrt
+        from modloc.engine.runtime.backends.tensorrt_backend import import_tensorrt
 
         try:
             import_tensorrt()
@@ -221,7 +221,7 @@ def _backend_failure(backend: str) -> Exception:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is here")
-    from engine.backends.torch_backend import _device
+    from modloc.engine.runtime.backends.torch_backend import _device
 
     with pytest.raises(RuntimeError) as raised:
         _device(torch, "cuda")
@@ -237,7 +237,7 @@ def test_backend_failures_are_one_line(capsys, monkeypatch, backend):
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("engine.infer.infer", fail)
+    monkeypatch.setattr("modloc.engine.runtime.infer.infer", fail)
     line = one_error_line(capsys, ["infer", "artifacts", "--data", "x.tfrecord", "--out", "s.csv"])
     assert line.endswith(str(failure))
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from tiny import split
 
-from engine.client import AsyncLocalizationClient, LocalizationClient
-from engine.io.examples import Video
-from engine.io.readers import read_videos
-from engine.server.process import ServerProcess
+from modloc.engine.base.io.examples import Video
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.service.client import AsyncLocalizationClient, LocalizationClient
+from modloc.engine.service.process import ServerProcess
 
 MAX_INFLIGHT = 16
 WINDOW = 12  # under MAX_INFLIGHT: the client alone can never pass the server's limit

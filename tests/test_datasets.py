@@ -1,4 +1,4 @@
-"""engine.datasets and training.data on small real TFRecord files."""
+"""modloc.training.datasets and modloc.training.data on small real TFRecord files."""
 
 from __future__ import annotations
 
@@ -8,17 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine import datasets
-from engine.datasets import (
-    ClassSpace,
-    InvalidRatingError,
-    SegmentDataset,
-    VideoLevelDataset,
-    pack_segment_windows,
-    segment_windows,
-)
-from engine.features import MAX_FRAMES, masked_model_input, padding_input
-from engine.io.examples import (
+from modloc.engine.base.features import MAX_FRAMES, masked_model_input, padding_input
+from modloc.engine.base.io.examples import (
     FEATURE_SIZE,
     Video,
     VideoLevelRecord,
@@ -26,8 +17,17 @@ from engine.io.examples import (
     encode_video,
     encode_video_level,
 )
-from engine.io.readers import RecordKindError, read_videos
-from engine.io.tfrecord import write_records
+from modloc.engine.base.io.readers import RecordKindError, read_videos
+from modloc.engine.base.io.tfrecord import write_records
+from modloc.training import datasets
+from modloc.training.datasets import (
+    ClassSpace,
+    InvalidRatingError,
+    SegmentDataset,
+    VideoLevelDataset,
+    pack_segment_windows,
+    segment_windows,
+)
 
 PB = {"decoder": "protobuf"}
 
@@ -318,7 +318,7 @@ def test_subshard_composes(many_files):
 
 def test_loader_two_workers_reads_each_example_once(many_files):
     torch = pytest.importorskip("torch")
-    from training.data import make_loader
+    from modloc.training.data import make_loader
 
     loader = make_loader(SegmentDataset(many_files, seed=1, **PB), batch_size=4, num_workers=2)
     passes = []
@@ -337,7 +337,7 @@ def test_loader_two_workers_reads_each_example_once(many_files):
 
 def test_torch_batch_in_process(many_files):
     torch = pytest.importorskip("torch")
-    from training.data import make_loader
+    from modloc.training.data import make_loader
 
     loader = make_loader(VideoLevelDataset(many_files, shuffle=False, pad_to="longest", **PB), 8)
     batches = list(loader)

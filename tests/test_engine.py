@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from tiny import split, synth_manifest
 
-from engine.cli import main
-from engine.engine import Engine, artifact_paths
-from engine.evaluation import evaluate_submission
-from engine.fusion import FusionConfig
-from engine.infer import Prefetcher, infer
-from engine.io.examples import Video, encode_truth, encode_video
-from engine.io.readers import RecordKindError, read_videos
-from engine.io.tfrecord import write_records
-from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
-from engine.submission import read_submission
+from modloc.cli import main
+from modloc.engine.base.io.examples import Video, encode_truth, encode_video
+from modloc.engine.base.io.readers import RecordKindError, read_videos
+from modloc.engine.base.io.tfrecord import write_records
+from modloc.engine.base.scoring import evaluate_submission
+from modloc.engine.base.submission import read_submission
+from modloc.engine.runtime.fusion import FusionConfig
+from modloc.engine.runtime.infer import Prefetcher, infer
+from modloc.engine.runtime.localizer import Engine, artifact_paths
+from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_infer_under_torchrun_equals_the_single_process_csv_byte_for_byte(tiny_a
         sharded = tmp_path / f"sharded-{ranks}.csv"
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-             "--standalone", "-m", "engine.cli", *infer_args(tiny_artifacts, tiny_dataset, sharded, None),
+             "--standalone", "-m", "modloc", *infer_args(tiny_artifacts, tiny_dataset, sharded, None),
              "--json"],
             capture_output=True, text=True, timeout=240, env=environment, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -76,7 +76,7 @@ def test_infer_under_torchrun_equals_the_single_process_csv_byte_for_byte(tiny_a
           config=PipelineConfig(fusion=FusionConfig(k=12)), progress=False, expansion_cut=True)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-         "-m", "engine.cli", *infer_args(tiny_artifacts, tiny_dataset, sharded_cut, None),
+         "-m", "modloc", *infer_args(tiny_artifacts, tiny_dataset, sharded_cut, None),
          "--k", "12", "--expansion-cut"],
         capture_output=True, text=True, timeout=240, env=environment, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_infer_under_torchrun_equals_the_single_process_csv_byte_for_byte(tiny_a
 
 
 def test_expansion_cut_keeps_each_class_within_its_video_ranked_prefix():
-    from engine.expansion import ExpansionCut
+    from modloc.engine.runtime.expansion import ExpansionCut
 
     # class 3: orders 1 and 2 tie at 0.9 (order 1 first), then order 0; limit 6 windows
     entries = np.array([[3, 0.5, 0, 5], [3, 0.9, 2, 4], [3, 0.9, 1, 1], [7, 0.1, 0, 9]], np.float64)
@@ -100,7 +100,7 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
     """REFERENCE §7 steps 1-4 done by hand over the same localizations: per class, the
     first k full windows of its videos by video score (ties: file order), then those ranked
     by fused value; infer --expansion-cut must write exactly that."""
-    from engine.features import SEGMENT_FRAMES
+    from modloc.engine.base.features import SEGMENT_FRAMES
 
     k = 12
     config = PipelineConfig(fusion=FusionConfig(k=k))
@@ -137,8 +137,8 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
 
 
 def test_fallback_fills_only_from_each_videos_top_1000_classes():
-    from engine.engine import FALLBACK_CLASSES_PER_VIDEO
-    from engine.io.examples import Video
+    from modloc.engine.base.io.examples import Video
+    from modloc.engine.runtime.localizer import FALLBACK_CLASSES_PER_VIDEO
 
     # 1500 video classes scored by rank: class c gets 1 - c / 1500, so classes 0..999 are
     # the video's top 1000; the ranked classes 998, 999 (inside) and 1200 (outside)
@@ -223,8 +223,8 @@ def test_the_same_artifacts_rank_the_same_on_pytorch_and_onnx_runtime(tiny_artif
 def test_onnxruntime_refuses_to_run_without_a_provider_it_was_asked_for(tiny_artifacts):
     import onnxruntime
 
-    from engine.artifacts import ArtifactError
-    from engine.backends import open_backend
+    from modloc.engine.runtime.artifacts import ArtifactError
+    from modloc.engine.runtime.backends import open_backend
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this ONNX Runtime has the CUDA provider")
@@ -234,7 +234,7 @@ def test_onnxruntime_refuses_to_run_without_a_provider_it_was_asked_for(tiny_art
 
 
 def test_a_bare_cuda_device_is_the_ranks_own_gpu_under_torchrun(monkeypatch):
-    from engine.distributed import rank_device
+    from modloc.engine.runtime.distributed import rank_device
 
     assert rank_device("cuda") == "cuda" and rank_device("cuda:1") == "cuda:1"
     monkeypatch.setenv("LOCAL_RANK", "3")

@@ -20,7 +20,9 @@ import pytest
 import torch
 from tiny import split, synth_manifest
 
-from engine.artifacts import (
+from modloc.cli import main
+from modloc.demo.export_stage import run_export_stage
+from modloc.engine.runtime.artifacts import (
     MANIFEST_FILE,
     ONNX_FILE,
     PLAN_FILE,
@@ -31,25 +33,28 @@ from engine.artifacts import (
     file_sha256,
     load_artifact,
 )
-from engine.backends import graph_inputs, open_backend
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, uint8_activations
-from engine.backends.tensorrt_backend import plan_mismatches
-from engine.cli import main
-from engine.localization import video_batches
-from export.demo import run_export_stage
-from export.evaluation import validation_map
-from export.exporter import ExportSettings, export_checkpoint
-from export.graph import export_module
-from export.onnx_export import ParityError, check_parity, downgrade_to_opset_17, parity_batches
-from export.precision import PrecisionError, calibration_batches, check_map_difference
-from export.trt import (
+from modloc.engine.runtime.backends import graph_inputs, open_backend
+from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, uint8_activations
+from modloc.engine.runtime.backends.tensorrt_backend import plan_mismatches
+from modloc.engine.runtime.offline_eval import video_batches
+from modloc.export.exporter import ExportSettings, export_checkpoint
+from modloc.export.graph import export_module
+from modloc.export.onnx_export import (
+    ParityError,
+    check_parity,
+    downgrade_to_opset_17,
+    parity_batches,
+)
+from modloc.export.precision import PrecisionError, calibration_batches, check_map_difference
+from modloc.export.trt import (
     ShapeRange,
     build_mode,
     check_device,
     default_timing_cache,
     optimization_profile,
 )
-from training.checkpoint import load_checkpoint, save_checkpoint
+from modloc.export.validation import validation_map
+from modloc.training.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

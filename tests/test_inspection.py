@@ -1,12 +1,12 @@
-"""engine.inspection: what ``modloc inspect`` counts, on records made for the purpose."""
+"""modloc.engine.base.inspection: what ``modloc inspect`` counts, on records made for the purpose."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.inspection import inspect
-from engine.io.examples import Video, encode_truth, encode_video
-from engine.io.tfrecord import write_records
+from modloc.engine.base.inspection import inspect
+from modloc.engine.base.io.examples import Video, encode_truth, encode_video
+from modloc.engine.base.io.tfrecord import write_records
 
 
 def rated(video_id: str, frames: int, starts: list[int]) -> Video:

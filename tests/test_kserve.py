@@ -1,4 +1,4 @@
-"""The KServe v2 / Open Inference Protocol service (engine.server.kserve) over real backends.
+"""The KServe v2 / Open Inference Protocol service (modloc.engine.service.kserve) over real backends.
 
 The tiny exported artifacts run in ONNX Runtime behind a grpc.aio server on a loopback port
 (its own event loop in a thread, so that the tests call it with plain blocking stubs).
@@ -14,12 +14,12 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
-from engine._proto.inference import grpc_predict_v2_pb2 as pb
-from engine._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from engine import __version__
-from engine.features import FEATURE_SIZE
-from engine.server.kserve import (
+from modloc._version import __version__
+from modloc.engine._proto.inference import grpc_predict_v2_pb2 as pb
+from modloc.engine._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.service.kserve import (
     DEFAULT_MODEL_NAMES,
     EXTENSIONS,
     KServeServicer,
@@ -70,7 +70,7 @@ class Flag:
 
 @pytest.fixture(scope="module")
 def backends(tiny_artifacts):
-    from engine.backends import open_backend
+    from modloc.engine.runtime.backends import open_backend
 
     opened = {VIDEO: open_backend(tiny_artifacts / "video" / "distill-fp32", threads=1),
               SEGMENT: open_backend(tiny_artifacts / "segment" / "ensemble-fp32", threads=1)}

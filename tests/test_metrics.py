@@ -1,4 +1,4 @@
-"""Tests of engine.metrics: the AP core, Kaggle segment MAP@K and G's video metrics."""
+"""Tests of modloc.engine.base.metrics: the AP core, Kaggle segment MAP@K and G's video metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine.metrics import (
+from modloc.engine.base.metrics import (
     SegmentTruth,
     VideoMetrics,
     average_precision,

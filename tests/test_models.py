@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.features import masked_model_input
-from training.losses import (
+from modloc.engine.base.features import masked_model_input
+from modloc.training.losses import (
     LossConfig,
     bce,
     bce_on_probabilities,
@@ -25,7 +25,7 @@ from training.losses import (
     mod_loss,
     model_loss,
 )
-from training.models import (
+from modloc.training.models import (
     DBoFConfig,
     DBoFModel,
     FeatureInput,

@@ -1,7 +1,7 @@
 """The native frame-level decoder against the protobuf reference, on real and hostile bytes.
 
-Every check compares :func:`engine.io.native.decode_payloads` with
-:func:`engine.io.examples.decode_video` (the protobuf python runtime, upb, underneath) on the
+Every check compares :func:`modloc.engine.base.io.native.decode_payloads` with
+:func:`modloc.engine.base.io.examples.decode_video` (the protobuf python runtime, upb, underneath) on the
 same payload: both accept it and yield identical videos, or both reject it with the same
 reason. Odd encodings are written byte by byte from the wire-format rules; the cases named
 "upb: ..." pin behaviours of that runtime which the C++ parser reproduces on purpose.
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.io import (
+from modloc.engine.base.io import (
     CorruptRecordError,
     ReadStats,
     RecordFormatError,
@@ -35,7 +35,12 @@ from engine.io import (
     read_videos,
     write_records,
 )
-from engine.io.native import FrameBatch, decode_buffer, decode_payloads, read_frame_batches
+from modloc.engine.base.io.native import (
+    FrameBatch,
+    decode_buffer,
+    decode_payloads,
+    read_frame_batches,
+)
 
 # --- wire-format helpers --------------------------------------------------------------
 

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.losses import LossConfig, mod_loss
-from training.models import MODTree, MODTreeConfig, NeXtVLADConfig
-from training.models.grouped import grouped_leaf_logits, use_grouped_leaves
-from training.parallel import (
+from modloc.training.losses import LossConfig, mod_loss
+from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
+from modloc.training.models.grouped import grouped_leaf_logits, use_grouped_leaves
+from modloc.training.parallel import (
     DistributedMOD,
     PlacedTree,
     init_from_env,

@@ -8,11 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from engine.batcher import Batcher, BatcherClosed, BatcherConfig, DeadlineExceeded, QueueFull
-from engine.datasets import segment_windows
-from engine.fusion import FusionConfig, top_candidates
-from engine.io.examples import Video
-from engine.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.engine.base.io.examples import Video
+from modloc.engine.runtime.batcher import (
+    Batcher,
+    BatcherClosed,
+    BatcherConfig,
+    DeadlineExceeded,
+    QueueFull,
+)
+from modloc.engine.runtime.fusion import FusionConfig, top_candidates
+from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.training.datasets import segment_windows
 
 VIDEO_CLASSES = tuple(range(10))
 SEGMENT_CLASSES = tuple(range(2, 12))  # classes 0 and 1 are candidates the segment model skips

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.datasets import SegmentDataset, VideoLevelDataset
-from engine.infer import ordered_chunks
-from engine.inspection import inspect
-from engine.io import RecordKindError, read_video_level, read_videos
-from engine.localization import localize_split
-from engine.pipeline import Pipeline, ScoringModel
+from modloc.engine.base.inspection import inspect
+from modloc.engine.base.io import RecordKindError, read_video_level, read_videos
+from modloc.engine.runtime.infer import ordered_chunks
+from modloc.engine.runtime.offline_eval import localize_split
+from modloc.engine.runtime.pipeline import Pipeline, ScoringModel
+from modloc.training.datasets import SegmentDataset, VideoLevelDataset
 
 # file → (records, labels, sum of label ids, float64 sum of mean_rgb, of mean_audio, first id)
 VIDEO_LEVEL = {

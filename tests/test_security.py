@@ -1,4 +1,4 @@
-"""Bearer tokens, TLS and mutual TLS (engine.server.security) on a real grpc.aio server.
+"""Bearer tokens, TLS and mutual TLS (modloc.engine.service.security) on a real grpc.aio server.
 
 The server is in-process on a loopback port, with an echo service of every cardinality
 (bytes in, bytes out) and the gRPC health service; certificates are made with
@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.server.security import (
+from modloc.engine.service.security import (
     MIN_TOKEN_LENGTH,
     BearerTokenInterceptor,
     SecurityConfigError,

@@ -14,21 +14,21 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from engine._proto.inference import grpc_predict_v2_pb2 as kpb
-from engine._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
-from engine._proto.modloc.v1 import localization_pb2 as pb
-from engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tiny import split
 
-from engine.backends import open_backend
-from engine.client import LocalizationClient, video_chunks
-from engine.engine import Engine
-from engine.infer import infer
-from engine.io.examples import Video
-from engine.io.readers import read_videos
-from engine.server.process import ServerProcess
+from modloc.engine._proto.inference import grpc_predict_v2_pb2 as kpb
+from modloc.engine._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
+from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
+from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
+from modloc.engine.base.io.examples import Video
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.runtime.backends import open_backend
+from modloc.engine.runtime.infer import infer
+from modloc.engine.runtime.localizer import Engine
+from modloc.engine.service.client import LocalizationClient, video_chunks
+from modloc.engine.service.process import ServerProcess
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_FRAMES = 400
@@ -414,7 +414,7 @@ def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts
     import asyncio
     import threading
 
-    from engine.client import AsyncLocalizationClient
+    from modloc.engine.service.client import AsyncLocalizationClient
 
     state = str(tmp_path / "state")
     first = ServerProcess.start(tiny_artifacts, "--state-dir", state)
@@ -464,8 +464,8 @@ def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny
     import asyncio
     import errno
 
-    from engine.server.config import ServerConfig
-    from engine.server.core import EngineCore, StateFailure
+    from modloc.engine.service.config import ServerConfig
+    from modloc.engine.service.core import EngineCore, StateFailure
 
     state = tmp_path / "state"
     core = EngineCore.load(ServerConfig(artifacts=tiny_artifacts, state_dir=state))
@@ -494,7 +494,7 @@ def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny
 
 
 def test_metrics_endpoint_settings_are_checked(tiny_artifacts):
-    from engine.server.config import ServerConfig
+    from modloc.engine.service.config import ServerConfig
 
     with pytest.raises(ValueError, match="metrics_port: each of the processes would bind it"):
         ServerConfig(artifacts=tiny_artifacts, address="127.0.0.1:50999", processes=2, metrics_port=9100)
@@ -508,7 +508,7 @@ def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # the configuration is checked before any model loads
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", str(tiny_artifacts),
+    result = subprocess.run([sys.executable, "-m", "modloc", "serve", str(tiny_artifacts),
                              "--processes", "2", "--state-dir", str(tmp_path), "--address",
                              f"127.0.0.1:{port}"], capture_output=True, text=True)
     assert result.returncode == 1 and "rankings need a single owner" in result.stderr
@@ -529,7 +529,7 @@ def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
 def test_async_client(server, client, ingested, test_videos):
     import asyncio
 
-    from engine.client import AsyncLocalizationClient
+    from modloc.engine.service.client import AsyncLocalizationClient
 
     async def run():
         async with AsyncLocalizationClient(server.address, timeout=30) as aclient:
@@ -603,8 +603,8 @@ def test_health_is_not_serving_while_the_models_load(tiny_artifacts):
     """The port opens before the models load: probes see NOT_SERVING, the APIs UNAVAILABLE."""
     import asyncio
 
-    from engine.server.app import _Server
-    from engine.server.config import ServerConfig
+    from modloc.engine.service.app import _Server
+    from modloc.engine.service.config import ServerConfig
 
     async def scenario():
         server = _Server(ServerConfig(artifacts=tiny_artifacts, address="127.0.0.1:0", grace_seconds=1))
@@ -635,7 +635,7 @@ def test_health_is_not_serving_while_the_models_load(tiny_artifacts):
 
 
 def test_client_cli(server, client, ingested, tiny_dataset, tmp_path, capsys):
-    from engine.cli import main
+    from modloc.cli import main
 
     assert main(["client", "ingest", server.address, "--data", split(tiny_dataset, "test")]) == 0
     assert capsys.readouterr().out.strip() == f"ingested 0 videos ({len(ingested)} duplicates)"

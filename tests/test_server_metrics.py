@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics (engine.server.metrics) through a real grpc.aio server.
+"""The server's Prometheus metrics (modloc.engine.service.metrics) through a real grpc.aio server.
 
 (tests/test_metrics.py is the evaluation metrics' file: MAP@K, GAP.)
 """
@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.server.metrics import STAGES, UNKNOWN_METHOD, ServerMetrics
-from engine.server.security import BearerTokenInterceptor
+from modloc.engine.service.metrics import STAGES, UNKNOWN_METHOD, ServerMetrics
+from modloc.engine.service.security import BearerTokenInterceptor
 
 SERVICE = "modloc.test.Probe"
 TOKEN = "metrics-token-0123456789"

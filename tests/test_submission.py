@@ -1,4 +1,4 @@
-"""Tests of engine.submission: the Kaggle segment CSV and G's video prediction file."""
+"""Tests of modloc.engine.base.submission: the Kaggle segment CSV and G's video prediction file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.submission import (
+from modloc.engine.base.submission import (
     SUBMISSION_HEADER,
     ProblemKind,
     read_submission,
@@ -17,7 +17,7 @@ from engine.submission import (
     write_submission,
     write_video_predictions,
 )
-from engine.vocab import default_segment_class_ids
+from modloc.engine.base.vocab import default_segment_class_ids
 
 CLASSES = [3, 7]  # a two-class vocabulary keeps the hand-written files short
 
@@ -127,7 +127,7 @@ def test_a_file_that_is_not_text_is_named(tmp_path):
 
 
 def test_video_predictions_of_another_split_are_refused(tmp_path, tiny_dataset):
-    from engine.evaluation import evaluate_video_predictions
+    from modloc.engine.base.scoring import evaluate_video_predictions
 
     predictions = tmp_path / "predictions.csv"
     write_video_predictions(predictions, {"not-in-the-split": [(1, 0.5)]})

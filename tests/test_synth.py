@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.io import read_videos
-from engine.synth import (
+from modloc.engine.base.io import read_videos
+from modloc.engine.base.synth import (
     PRESETS,
     build_class_space,
     config_from,
@@ -17,7 +17,7 @@ from engine.synth import (
     iter_split,
     video_id,
 )
-from engine.vocab import default_segment_class_ids
+from modloc.engine.base.vocab import default_segment_class_ids
 
 TINY = PRESETS["tiny"]
 

@@ -112,7 +112,7 @@ class _Killed(Exception):
 
 
 def test_a_run_killed_midway_resumes_from_its_checkpoint(tables, tmp_path, monkeypatch):
-    from training.trainer import Trainer
+    from modloc.training.trainer import Trainer
 
     def argv(work: Path) -> list[str]:
         return ["--scale", "smoke", "--rows", "dummy", "--out", str(work / "tables.md"),

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from engine.io import (
+from modloc.engine.base.io import (
     CorruptRecordError,
     ReadStats,
     RecordKindError,
@@ -248,7 +248,7 @@ def test_encode_record_is_the_framing():
 
 
 def test_oversized_length_is_refused_before_reading(tmp_path):
-    from engine.io.tfrecord import MAX_RECORD_BYTES
+    from modloc.engine.base.io.tfrecord import MAX_RECORD_BYTES
 
     length = struct.pack("<Q", MAX_RECORD_BYTES + 1)
     path = tmp_path / "huge.tfrecord"

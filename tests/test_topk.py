@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.fusion import dummy_pairs
-from engine.io.tfrecord import CorruptRecordError, encode_record, iter_buffer_records
-from engine.metrics import SegmentTruth, rank_segments, segment_map
-from engine.topk import DurableTopK, TopK, TopKFormatError
+from modloc.engine.base.io.tfrecord import CorruptRecordError, encode_record, iter_buffer_records
+from modloc.engine.base.metrics import SegmentTruth, rank_segments, segment_map
+from modloc.engine.runtime.fusion import dummy_pairs
+from modloc.engine.runtime.topk import DurableTopK, TopK, TopKFormatError
 
 CLASSES = [3, 7, 11, 42]
 K = 6
@@ -398,7 +398,7 @@ def test_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog):
             durable.add(*_video(index))
     log = _log(tmp_path / "d")
     os.truncate(log, log.stat().st_size - 5)
-    with caplog.at_level(logging.WARNING, logger="engine.topk"):
+    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
         reopened = DurableTopK.open(tmp_path / "d", CLASSES, K)
     assert "torn by a crash" in caplog.text and str(log) in caplog.text
     assert reopened.topk.rankings() == _fed(range(11)).rankings()
@@ -448,7 +448,7 @@ def test_snapshot_then_more_adds_then_reopen(tmp_path):
 def test_a_snapshot_that_cannot_be_written_leaves_the_log_going(tmp_path, monkeypatch):
     import errno
 
-    import engine.atomic
+    import modloc.engine.base.atomic
 
     directory = tmp_path / "d"
     durable = DurableTopK.open(directory, CLASSES, K)
@@ -460,10 +460,10 @@ def test_a_snapshot_that_cannot_be_written_leaves_the_log_going(tmp_path, monkey
     def full_disk(source, destination):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(engine.atomic.os, "replace", full_disk)
+    monkeypatch.setattr(modloc.engine.base.atomic.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
         durable.snapshot()
-    monkeypatch.setattr(engine.atomic.os, "replace", real_replace)
+    monkeypatch.setattr(modloc.engine.base.atomic.os, "replace", real_replace)
     # no half-written file is left, and the log takes more: nothing acknowledged was at risk
     assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "log-00000000.tfrecord"]
     for index in range(10, 15):
@@ -481,7 +481,7 @@ def test_a_snapshot_left_unfinished_by_a_crash_is_discarded(tmp_path, caplog):
             durable.add(*_video(index))
     # the crash came after the snapshot's rename, before its data reached the disk
     (directory / "snapshot-00000001.topk").write_bytes(b"\0" * 100)
-    with caplog.at_level(logging.WARNING, logger="engine.topk"):
+    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
         reopened = DurableTopK.open(directory, CLASSES, K)
     assert "unfinished" in caplog.text
     assert reopened.topk.rankings() == _fed(range(10)).rankings()

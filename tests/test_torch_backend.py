@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.artifacts import (
+from modloc.engine.runtime.artifacts import (
     MANIFEST_FILE,
     PT2_FILE,
     ArtifactError,
     file_record,
     load_artifact,
 )
-from engine.backends import open_backend
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from engine.backends.torch_backend import TorchBackend
-from export.onnx_export import max_relative_error, parity_batches
+from modloc.engine.runtime.backends import open_backend
+from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from modloc.engine.runtime.backends.torch_backend import TorchBackend
+from modloc.export.onnx_export import max_relative_error, parity_batches
 
 REPO = Path(__file__).resolve().parents[1]
 # the same graph on two runtimes' float32 kernels: only the summation orders differ
@@ -88,7 +88,7 @@ def test_the_engine_loads_the_program_without_training_or_export_code(artifacts)
     script = f"""
 import sys
 import numpy as np
-from engine.backends import open_backend
+from modloc.engine.runtime.backends import open_backend
 backend = open_backend({str(artifacts['segment'])!r}, "torch")
 print(backend.run(np.zeros((2, 5, 1152), np.uint8), num_frames=np.array([5, 1])).shape)
 print(sorted({{name.split(".")[0] for name in sys.modules}} & {{"training", "export"}}))

@@ -18,20 +18,20 @@ import torch
 from safetensors.torch import load_file
 from tiny import TINY_MODEL, split, synth_manifest
 
-from engine.cli import main
-from engine.fusion import dummy_pairs, fuse, top_candidates
-from engine.io.readers import read_videos
-from engine.metrics import SegmentTruth, segment_map
-from engine.submission import read_submission
-from training.checkpoint import (
+from modloc.cli import main
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.metrics import SegmentTruth, segment_map
+from modloc.engine.base.submission import read_submission
+from modloc.engine.runtime.fusion import dummy_pairs, fuse, top_candidates
+from modloc.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_config_from_dict,
     read_checkpoint_config,
 )
-from training.config import OptimizerConfig, load_config
-from training.models import build_model
-from training.trainer import NonFiniteLossError, Trainer, clip_by_norm_, train
+from modloc.training.config import OptimizerConfig, load_config
+from modloc.training.models import build_model
+from modloc.training.trainer import NonFiniteLossError, Trainer, clip_by_norm_, train
 
 
 def pretrain_settings(dataset: Path, out: Path, **overrides) -> dict:
@@ -145,7 +145,7 @@ def test_staircase_learning_rate_at_the_boundaries():
     (",", "no class id"),
 ])
 def test_class_spaces_are_checked(spec, message):
-    from training.config import resolve_classes
+    from modloc.training.config import resolve_classes
 
     with pytest.raises(ValueError, match=message):
         resolve_classes(spec)
@@ -345,8 +345,8 @@ class _FixedLogits(torch.nn.Module):
 
 
 def test_segment_mode_evaluation_counts_negatively_rated_segments():
-    from training.data import TorchBatch
-    from training.evaluate import evaluate_batches
+    from modloc.training.data import TorchBatch
+    from modloc.training.evaluate import evaluate_batches
 
     # two segments rated for class 0: the positive one scored 0.3, the negative one 0.9;
     # G's eval.py (REFERENCE §8.4) weights both rows and counts both: GAP 0.5, Hit@1 0.5
@@ -364,7 +364,7 @@ def test_evaluating_on_unlabelled_data_warns(tiny_dataset, tmp_path, caplog):
     # the test split's ratings live in test_truth/: its records carry no labels
     settings = pretrain_settings(tiny_dataset, tmp_path / "run", max_steps=2, eval_every=2,
                                  **{"data.eval": [split(tiny_dataset, "test")]})
-    with caplog.at_level("WARNING", logger="training.trainer"):
+    with caplog.at_level("WARNING", logger="modloc.training.trainer"):
         result = train(load_config("pretrain", None, settings))
     assert result.evaluations[-1]["labelled"] == 0 and "loss" in result.evaluations[-1]
     assert "holds no example labelled in the run's classes" in caplog.text

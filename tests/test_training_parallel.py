@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from tiny import TINY_MODEL
 
-from training.config import load_config
-from training.trainer import train
+from modloc.training.config import load_config
+from modloc.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_towers_on_two_devices_equal_the_single_device_run(settings, single, tmp
 def torchrun(settings: Path, out: Path, *flags: str, ranks: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={ranks}", "-m", "engine.cli", "train", "--config", str(settings),
+               f"--nproc-per-node={ranks}", "-m", "modloc", "train", "--config", str(settings),
                "--out", str(out), *flags]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -23,15 +23,15 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip ins
 
 from tiny import TINY_MODEL, split  # noqa: E402
 
-from engine.artifacts import MANIFEST_FILE, ArtifactError, load_artifact  # noqa: E402
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from engine.backends.tensorrt_backend import TensorRTBackend, device_info  # noqa: E402
-from engine.cli import main  # noqa: E402
-from export.exporter import ExportSettings, export_checkpoint  # noqa: E402
-from export.onnx_export import parity_batches  # noqa: E402
-from export.trt import BuildSettings, ShapeRange, build_plan, rebuild_plan  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.trainer import train  # noqa: E402
+from modloc.cli import main  # noqa: E402
+from modloc.engine.runtime.artifacts import MANIFEST_FILE, ArtifactError, load_artifact  # noqa: E402
+from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from modloc.engine.runtime.backends.tensorrt_backend import TensorRTBackend, device_info  # noqa: E402
+from modloc.export.exporter import ExportSettings, export_checkpoint  # noqa: E402
+from modloc.export.onnx_export import parity_batches  # noqa: E402
+from modloc.export.trt import BuildSettings, ShapeRange, build_plan, rebuild_plan  # noqa: E402
+from modloc.training.config import load_config  # noqa: E402
+from modloc.training.trainer import train  # noqa: E402
 
 # probabilities: TensorRT against ONNX Runtime's CPU kernels on the same graph
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2}

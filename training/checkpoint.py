@@ -39,12 +39,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine import __version__
-from engine.atomic import fsync_path, replace_directory
-from engine.datasets import ClassSpace
-from engine.vocab import data_path
-from training.models import DBoFConfig, FeatureInput, MODTreeConfig, NeXtVLADConfig, build_model
-from training.models.registry import ModelConfig
+from modloc._version import __version__
+from modloc.engine.base.atomic import fsync_path, replace_directory
+from modloc.engine.base.vocab import data_path
+from modloc.training.datasets import ClassSpace
+from modloc.training.models import (
+    DBoFConfig,
+    FeatureInput,
+    MODTreeConfig,
+    NeXtVLADConfig,
+    build_model,
+)
+from modloc.training.models.registry import ModelConfig
 
 FORMAT = "modloc-checkpoint"
 FORMAT_VERSION = 1
@@ -95,7 +101,7 @@ class Checkpoint:
         preset: the registry preset the model came from, if any.
         class_ids: ``(C,)`` vocabulary ids of the model's outputs, in output order.
         preprocessing: how uint8 features become the model's input (see :func:`preprocessing`).
-        training: the run's :class:`training.config.TrainConfig` as a dict, if saved by a run.
+        training: the run's :class:`modloc.training.config.TrainConfig` as a dict, if saved by a run.
         state: the run's :class:`TrainingState`, if saved by a run.
     """
 
@@ -145,7 +151,7 @@ def num_classes_of(config: ModelConfig) -> int:
 def preprocessing(model: nn.Module, max_frames: int) -> dict:
     """How this install turns uint8 frames into ``model``'s input (recorded and checked).
 
-    ``input_transform`` is the model's :class:`training.models.FeatureInput` transform; the
+    ``input_transform`` is the model's :class:`modloc.training.models.FeatureInput` transform; the
     un-whitening one depends on the shipped PCA eigenvalues, identified by their sha256.
     """
     transform = model.inputs.transform
@@ -173,7 +179,7 @@ def save_checkpoint(
 
     Args:
         directory: the checkpoint directory; an existing one is replaced.
-        model: a model of :mod:`training.models` (its ``config`` is what rebuilds it).
+        model: a model of :mod:`modloc.training.models` (its ``config`` is what rebuilds it).
         class_ids: ``(C,)`` vocabulary ids of its outputs.
         max_frames: frames per video the model was trained on.
         preset: the registry name it was created from, for the record.

@@ -17,10 +17,10 @@ The recipes (:data:`RECIPES`) are plain nested dicts in the config-file layout, 
 
 Neither recipe sets λ: it is T² per layer (REFERENCE §4) unless given, so that a run that
 changes only the temperatures keeps the recipes' rule; the loaded config holds the resolved
-values (:class:`training.losses.LossConfig`).
+values (:class:`modloc.training.losses.LossConfig`).
 
 This module imports no torch (the CLI reads :data:`OPTIONS` at startup); the loss settings
-are :class:`training.losses.LossConfig`, imported when a config is built.
+are :class:`modloc.training.losses.LossConfig`, imported when a config is built.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 if TYPE_CHECKING:
-    from training.losses import LossConfig
+    from modloc.training.losses import LossConfig
 
 Phase = Literal["pretrain", "finetune"]
 Mode = Literal["video", "segment"]
@@ -47,7 +47,7 @@ ClassesSpec = str | tuple[int, ...] | None
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model preset of :func:`training.models.list_models` and overrides of its config.
+    """A model preset of :func:`modloc.training.models.list_models` and overrides of its config.
 
     For a tree, ``branching`` overrides the tree's shape and every other key the leaf's
     (e.g. ``{"branching": [2, 2], "cluster_size": 8, "hidden_size": 64}``). The class count,
@@ -129,10 +129,10 @@ class TrainConfig:
     are still those of the initialization.
 
     ``devices`` (two or more) spreads a MOD tree's towers over devices of this process,
-    e.g. ``("cuda:0", "cuda:1")``: only tower logits cross devices (:class:`training.parallel.
+    e.g. ``("cuda:0", "cuda:1")``: only tower logits cross devices (:class:`modloc.training.parallel.
     PlacedTree`); empty or one device: the whole model on ``device`` (or that one device).
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank owns a block of towers instead
-    (:mod:`training.trainer`); ``devices`` must then be empty.
+    (:mod:`modloc.training.trainer`); ``devices`` must then be empty.
     """
 
     phase: Phase = "pretrain"
@@ -201,7 +201,7 @@ class TrainConfig:
 
 
 def _loss_config_class():
-    from training.losses import LossConfig
+    from modloc.training.losses import LossConfig
 
     return LossConfig
 
@@ -407,7 +407,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
 def resolve_classes(spec: ClassesSpec) -> tuple[int, ...]:
     """The vocabulary ids of a :attr:`DataConfig.classes` spec, in output order: distinct
     ids of the 3862-class vocabulary (ValueError naming the first that is not)."""
-    from engine.vocab import NUM_VIDEO_CLASSES
+    from modloc.engine.base.vocab import NUM_VIDEO_CLASSES
 
     ids = _class_ids_of(spec)
     if not ids:
@@ -428,7 +428,7 @@ def _describe(spec: ClassesSpec) -> str:
 
 
 def _class_ids_of(spec: ClassesSpec) -> tuple[int, ...]:
-    from engine.vocab import NUM_VIDEO_CLASSES, default_segment_class_ids
+    from modloc.engine.base.vocab import NUM_VIDEO_CLASSES, default_segment_class_ids
 
     if spec is None:
         raise ValueError("no class space given")

@@ -1,11 +1,11 @@
-"""torch loading of :mod:`engine.datasets` streams.
+"""torch loading of :mod:`modloc.training.datasets` streams.
 
 Batches are built inside the DataLoader workers (one IPC message per batch, not per
 example) and cross to the main process as tensors that share the numpy buffers; features
 stay ``torch.uint8`` until the model dequantizes them on its device.
 
 Worker ``w`` of ``n`` reads part ``w`` of ``n`` of the dataset's own shard
-(:meth:`engine.datasets.VideoLevelDataset.subshard`), so ``shard=(rank, world)`` on the
+(:meth:`modloc.training.datasets.VideoLevelDataset.subshard`), so ``shard=(rank, world)`` on the
 dataset composes with workers and every example is read once per epoch overall.
 """
 
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from engine.datasets import Batch, FrameDataset
+from modloc.training.datasets import Batch, FrameDataset
 
 
 @dataclass(eq=False)
 class TorchBatch:
-    """:class:`engine.datasets.Batch` as tensors.
+    """:class:`modloc.training.datasets.Batch` as tensors.
 
     Attributes:
         video_ids: ``B`` video ids.

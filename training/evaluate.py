@@ -1,12 +1,12 @@
 """Evaluating checkpoints: video-level metrics, segment MAP@K of the fused system and the dummy.
 
-- :func:`evaluate_videos`: GAP@20, Hit@1, PERR and MAP (:class:`engine.metrics.VideoMetrics`)
+- :func:`evaluate_videos`: GAP@20, Hit@1, PERR and MAP (:class:`modloc.engine.base.metrics.VideoMetrics`)
   of a checkpoint on labelled videos, over its class space.
 - :func:`evaluate_segments`: the inference pipeline of REFERENCE §7 on a test split. A
   video-level checkpoint scores each video (its top-N classes are the candidates); a
   segment-level checkpoint scores the video's non-overlapping 5-frame windows
-  (:func:`engine.datasets.pack_segment_windows`, no mask, as in segment mode); the two are
-  fused (:mod:`engine.fusion`) and ranked per class; and the same candidates give the dummy
+  (:func:`modloc.training.datasets.pack_segment_windows`, no mask, as in segment mode); the two are
+  fused (:mod:`modloc.engine.runtime.fusion`) and ranked per class; and the same candidates give the dummy
   prediction. Both rankings are scored with the Kaggle MAP@K against the truth files. One
   checkpoint may serve as both models.
 - :func:`evaluate_batches`: metrics (and the loss) of a model on batches, the trainer's
@@ -27,16 +27,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.datasets import VideoLevelDataset
-from engine.features import MAX_FRAMES
-from engine.fusion import FusionConfig
-from engine.io.readers import Patterns
-from engine.localization import localize_split
-from engine.metrics import VideoMetrics
-from engine.pipeline import PipelineConfig, ScoringModel
-from training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
-from training.data import TorchBatch, make_loader
-from training.models import DBoFModel, TreeOutput
+from modloc.engine.base.features import MAX_FRAMES
+from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.metrics import VideoMetrics
+from modloc.engine.runtime.fusion import FusionConfig
+from modloc.engine.runtime.offline_eval import localize_split
+from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
+from modloc.training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
+from modloc.training.data import TorchBatch, make_loader
+from modloc.training.datasets import VideoLevelDataset
+from modloc.training.models import DBoFModel, TreeOutput
 
 LossFunction = Callable[[object, TorchBatch], torch.Tensor]
 
@@ -186,7 +186,7 @@ def evaluate_segments(
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
-    :func:`engine.localization.localize_split` with the checkpoints' models as scorers:
+    :func:`modloc.engine.runtime.offline_eval.localize_split` with the checkpoints' models as scorers:
     ``video`` gives the candidates (and the dummy's scores), ``segment`` (may be ``video``
     itself) scores every 5-frame window, without a mask as in segment mode (REFERENCE §3
     step 2: a partial window's padding enters the model as padding frames).
@@ -200,7 +200,7 @@ def evaluate_segments(
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
 
     Returns:
-        as :func:`~engine.localization.localize_split`.
+        as :func:`~modloc.engine.runtime.offline_eval.localize_split`.
     """
 
     def video_scorer(features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Losses of the MOD system (REFERENCE §4): BCE, online distillation, classifier L2.
 
-For a tree (:class:`training.models.MODTree`) the loss is::
+For a tree (:class:`modloc.training.models.MODTree`) the loss is::
 
     L = Σ_nodes BCE(node)                                     root, internal nodes, leaves
       + Σ_internal λ_d · mean_b Σ_children KL(softmax(z_node/T_d) ‖ softmax(z_child/T_d))
@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.mod_tree import MODTree, TreeOutput, internal_paths, node_name, tower_paths
+from modloc.training.models.mod_tree import (
+    MODTree,
+    TreeOutput,
+    internal_paths,
+    node_name,
+    tower_paths,
+)
 
 KL_EPSILON = 1e-8
 BCE_EPSILON = 1e-5
@@ -92,7 +98,7 @@ class LossTerms:
     """The total loss and every named term as it enters the total (``total == Σ terms``).
 
     Names: ``bce/<node>``, ``kl/<parent>><child>`` (already × λ), ``l2/<tower>`` (already
-    cumulative when that quirk is on); nodes as :func:`training.models.node_name` writes them.
+    cumulative when that quirk is on); nodes as :func:`modloc.training.models.node_name` writes them.
     """
 
     total: torch.Tensor

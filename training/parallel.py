@@ -2,7 +2,7 @@
 
 V3 builds one MixNeXtVLAD "tower" per GPU, feeds every tower the **same** batch and mixes the
 towers' logits at the root (REFERENCE §4). Here a tower is a subtree under the root of a
-:class:`~training.models.MODTree` (``(t,)``); only ``(B, C)`` tower logits cross devices.
+:class:`~modloc.training.models.MODTree` (``(t,)``); only ``(B, C)`` tower logits cross devices.
 
 **In one process** (:class:`PlacedTree`): the towers sit on a list of devices, the root gate
 and the input transform on the first. The uint8 batch moves to each device once and is turned
@@ -16,7 +16,7 @@ their logits with autograd, so every rank has every tower's logits and computes 
 mixture itself. NCCL on GPUs, gloo on CPUs (:func:`init_from_env`).
 
 Gradient scheme (exact: every gradient equals the single-process tree's). Split the
-single-process loss (:func:`training.losses.mod_loss`) as ``L = Σ_t S_t + R`` where
+single-process loss (:func:`modloc.training.losses.mod_loss`) as ``L = Σ_t S_t + R`` where
 
 - ``S_t``, tower ``t``'s subtree terms: BCE of ``t`` and every node below it, the KL on every
   edge below ``t``, and ``t``'s classifier L2 (under ``cumulative_l2``, ``(T − t)·L2_t``:
@@ -38,7 +38,7 @@ their BN statistics) equal after every optimizer step, with no broadcast. Dropou
 drawn by each rank's own RNG, as each of the reference's GPUs drew its own.
 
 Checkpoints stay in the single-process format: :meth:`DistributedMOD.full_state_dict`
-assembles the :class:`~training.models.MODTree` state dict on rank 0 and
+assembles the :class:`~modloc.training.models.MODTree` state dict on rank 0 and
 :meth:`DistributedMOD.load_full_state_dict` loads one into a rank's part; a
 :class:`PlacedTree`'s state dict *is* the tree's.
 """
@@ -57,9 +57,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.losses import LossConfig, LossTerms, bce, distillation_kl, l2_penalty
-from training.models.inputs import FeatureInput
-from training.models.mod_tree import (
+from modloc.training.losses import LossConfig, LossTerms, bce, distillation_kl, l2_penalty
+from modloc.training.models.inputs import FeatureInput
+from modloc.training.models.mod_tree import (
     MixtureGate,
     MixtureNode,
     MODTree,
@@ -69,7 +69,7 @@ from training.models.mod_tree import (
     internal_paths,
     node_name,
 )
-from training.models.nextvlad_model import NeXtVLADModel
+from modloc.training.models.nextvlad_model import NeXtVLADModel
 
 LOG = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def subtree_loss_terms(
     label_weights: torch.Tensor | None,
     config: LossConfig,
 ) -> dict[str, torch.Tensor]:
-    """Tower ``tower``'s terms of :func:`~training.losses.mod_loss`, named as it names them.
+    """Tower ``tower``'s terms of :func:`~modloc.training.losses.mod_loss`, named as it names them.
 
     BCE of the tower and every node below it, ``λ·KL`` on every edge below it and
     ``l2/<tower>`` = the *plain* L2 of ``leaves``' classifiers (the caller applies the
@@ -133,7 +133,7 @@ def root_loss_terms(
     label_weights: torch.Tensor | None,
     config: LossConfig,
 ) -> dict[str, torch.Tensor]:
-    """The root's terms of :func:`~training.losses.mod_loss`: its BCE and ``λ·KL(root ‖ t)``."""
+    """The root's terms of :func:`~modloc.training.losses.mod_loss`: its BCE and ``λ·KL(root ‖ t)``."""
     terms = {"bce/root": bce(output.root, labels, label_weights, config.bce)}
     terms.update(_kl_terms((), output.root, {
         (t,): logits for t, logits in enumerate(output.tower_logits)}, config))
@@ -199,7 +199,7 @@ def tower_devices(
 
 
 class PlacedTree(nn.Module):
-    """A :class:`~training.models.MODTree` with its towers on several devices of this process.
+    """A :class:`~modloc.training.models.MODTree` with its towers on several devices of this process.
 
     Takes over ``tree``'s modules (moving them), so its state dict has the tree's keys and
     loads the tree's checkpoints. Do not ``.to()`` it afterwards: that would collapse the
@@ -264,7 +264,7 @@ class PlacedTree(nn.Module):
         label_weights: torch.Tensor | None,
         config: LossConfig,
     ) -> LossTerms:
-        """:func:`~training.losses.mod_loss` of ``output``, each term computed where its logits
+        """:func:`~modloc.training.losses.mod_loss` of ``output``, each term computed where its logits
         live; the scalars gather on ``devices[0]``. Same names and values as ``mod_loss``."""
         _check_loss_config(config, self.config.branching)
         targets = {device: (labels.to(device),
@@ -413,7 +413,7 @@ class ShardLoss:
     group: dist.ProcessGroup
 
     def gather(self) -> LossTerms:
-        """Collective: every term of the whole tree, as :func:`~training.losses.mod_loss`
+        """Collective: every term of the whole tree, as :func:`~modloc.training.losses.mod_loss`
         names and values them, and their total; detached 0-dim float64 CPU tensors."""
         names = list(self.terms)
         values = torch.stack([v.detach().double() for v in self.terms.values()]).tolist()
@@ -535,7 +535,7 @@ class DistributedMOD(nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: the whole tree's state dict on rank 0 (CPU tensors), None elsewhere.
 
-        Keys and order are :class:`~training.models.MODTree`'s; the gate is rank 0's replica.
+        Keys and order are :class:`~modloc.training.models.MODTree`'s; the gate is rank 0's replica.
         Rank 0 holds the whole model in CPU memory for the moment.
         """
         own = {name: value.detach().cpu() for name, value in self.state_dict().items()}

@@ -10,16 +10,16 @@
   checkpoint's; the run only changes what holds no parameter (dropout, the mask mode).
   The class space is the checkpoint's unless ``data.classes`` names a subset of it, in
   which case the classifier rows (and their Adam slots) of those classes are kept
-  (:mod:`training.checkpoint`); a class the checkpoint lacks is an error.
+  (:mod:`modloc.training.checkpoint`); a class the checkpoint lacks is an error.
 
 One step: ``lr = base · decay^floor(step · batch / decay_examples)``; forward (under bf16
-autocast on CUDA if asked); the loss (:func:`training.losses.mod_loss` for a tree, with
+autocast on CUDA if asked); the loss (:func:`modloc.training.losses.mod_loss` for a tree, with
 every term named); a non-finite loss stops the run with :class:`NonFiniteLossError`
 before any weight changes; backward; every gradient tensor clipped to ``clip_norm`` on its
 own (:func:`clip_by_norm_`); Adam.
 
 Exact resume: the data order is a function of (seed, epoch, shard)
-(:mod:`engine.datasets`), so a checkpoint records the epoch and the batches of it already
+(:mod:`modloc.training.datasets`), so a checkpoint records the epoch and the batches of it already
 consumed, and a resumed run re-reads and skips those; with the weights, the Adam state
 and the torch RNG state (dropout) restored, a resumed run repeats the uninterrupted run's
 loss sequence. A run stopped between checkpoints resumes from its newest checkpoint.
@@ -30,12 +30,12 @@ Outputs in the run directory (``config.out``): ``step-XXXXXXXX/`` checkpoints (t
 ``tensorboard/`` (``loss/total``, ``loss/<term>`` for every BCE node, KL edge and L2 tower,
 ``train/lr``, ``train/examples_per_second``, ``eval/<metric>``).
 
-Model parallelism (a MOD tree of two or more layers; :mod:`training.parallel`):
+Model parallelism (a MOD tree of two or more layers; :mod:`modloc.training.parallel`):
 
-- ``devices`` (two or more) wraps the tree in a :class:`~training.parallel.PlacedTree`:
+- ``devices`` (two or more) wraps the tree in a :class:`~modloc.training.parallel.PlacedTree`:
   its towers on those devices of this process, the root gate and the loss on the first.
 - Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank owns a block of towers
-  (:class:`~training.parallel.DistributedMOD`, NCCL on GPUs, gloo on CPUs). Every rank
+  (:class:`~modloc.training.parallel.DistributedMOD`, NCCL on GPUs, gloo on CPUs). Every rank
   builds (or loads) the whole tree on the CPU as a single-process run does, so both start
   from the same weights, then keeps its part. Every rank reads the same batches; the root
   gate's gradients are summed over the ranks before clipping, and clipping and Adam stay
@@ -71,9 +71,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from engine.atomic import write_atomically
-from engine.datasets import FrameDataset, SegmentDataset, VideoLevelDataset
-from training.checkpoint import (
+from modloc.engine.base.atomic import write_atomically
+from modloc.training.checkpoint import (
     TrainingState,
     latest_checkpoint,
     list_checkpoints,
@@ -86,13 +85,14 @@ from training.checkpoint import (
     save_checkpoint,
     step_directory,
 )
-from training.config import TrainConfig, config_from_dict, resolve_classes
-from training.data import TorchBatch, make_loader
-from training.evaluate import evaluate_batches, resolve_device
-from training.losses import LossTerms, mod_loss, model_loss
-from training.models import MODTree, MODTreeConfig, build_model, model_config
-from training.models.registry import ModelConfig
-from training.parallel import DistributedMOD, PlacedTree, init_from_env
+from modloc.training.config import TrainConfig, config_from_dict, resolve_classes
+from modloc.training.data import TorchBatch, make_loader
+from modloc.training.datasets import FrameDataset, SegmentDataset, VideoLevelDataset
+from modloc.training.evaluate import evaluate_batches, resolve_device
+from modloc.training.losses import LossTerms, mod_loss, model_loss
+from modloc.training.models import MODTree, MODTreeConfig, build_model, model_config
+from modloc.training.models.registry import ModelConfig
+from modloc.training.parallel import DistributedMOD, PlacedTree, init_from_env
 
 log = logging.getLogger(__name__)
 

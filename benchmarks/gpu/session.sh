@@ -45,7 +45,7 @@ step 60 "carried wheels" python3 -m pip install -q --no-index --no-deps --no-com
 export PYTHONPATH=/tmp/site
 step 180 "build and install" python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 step 30 "environment" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, engine._native; print(\"torch\", torch.__version__, torch.cuda.get_device_name())"'
+  python3 -c "import torch, modloc.engine._native; print(\"torch\", torch.__version__, torch.cuda.get_device_name())"'
 
 cp benchmarks/results/bench_train.md benchmarks/results/bench_pipeline.md "$OUT/"
 step 150 "bench_train (paper sizes, bf16)" python3 benchmarks/bench_train.py --out "$OUT/bench_train.md"

@@ -5,9 +5,9 @@ Every model's ``forward(features, num_frames)`` takes the uint8 batch and return
 model input and mask. Presets: :func:`create_model`, :func:`list_models`.
 """
 
-from training.models.dbof import DBoFConfig, DBoFModel, MoEClassifier
-from training.models.inputs import FeatureInput
-from training.models.mod_tree import (
+from modloc.training.models.dbof import DBoFConfig, DBoFModel, MoEClassifier
+from modloc.training.models.inputs import FeatureInput
+from modloc.training.models.mod_tree import (
     MixtureGate,
     MixtureNode,
     MODTree,
@@ -18,9 +18,9 @@ from training.models.mod_tree import (
     node_name,
     tower_paths,
 )
-from training.models.nextvlad import NeXtVLAD
-from training.models.nextvlad_model import ContextGating, NeXtVLADConfig, NeXtVLADModel
-from training.models.registry import (
+from modloc.training.models.nextvlad import NeXtVLAD
+from modloc.training.models.nextvlad_model import ContextGating, NeXtVLADConfig, NeXtVLADModel
+from modloc.training.models.registry import (
     ModelInfo,
     build_model,
     count_parameters,

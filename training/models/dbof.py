@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.features import FEATURE_SIZE
-from training.models.inputs import FeatureInput
-from training.models.nextvlad import tf_batch_norm
+from modloc.engine.base.features import FEATURE_SIZE
+from modloc.training.models.inputs import FeatureInput
+from modloc.training.models.nextvlad import tf_batch_norm
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Sibling NeXtVLAD leaves evaluated together: grouped matmuls over a leaf axis.
 
-The leaves of a :class:`~training.models.mod_tree.MixtureNode` read the same input and share
+The leaves of a :class:`~modloc.training.models.mod_tree.MixtureNode` read the same input and share
 one layout, so the frame-level work of all ``n`` siblings (everything that scales with
 ``B·M``, which is nearly all of a NeXtVLAD's FLOPs) can run as a few large kernels instead of
 ``n`` passes of a Python loop:
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.features import RGB_SIZE
-from training.models.mod_tree import MixtureNode
-from training.models.nextvlad import NeXtVLAD
-from training.models.nextvlad_model import NeXtVLADModel
+from modloc.engine.base.features import RGB_SIZE
+from modloc.training.models.mod_tree import MixtureNode
+from modloc.training.models.nextvlad import NeXtVLAD
+from modloc.training.models.nextvlad_model import NeXtVLADModel
 
 
 def grouped_leaf_logits(
@@ -115,8 +115,8 @@ def grouped_nextvlad(
 def use_grouped_leaves(model: nn.Module, enabled: bool = True) -> int:
     """Evaluate the sibling leaves of every leaf-holding node in ``model`` grouped (or not).
 
-    Works on a :class:`~training.models.MODTree` and on anything holding its nodes (the
-    placed and distributed trees of :mod:`training.parallel`). Parameters, buffers and the
+    Works on a :class:`~modloc.training.models.MODTree` and on anything holding its nodes (the
+    placed and distributed trees of :mod:`modloc.training.parallel`). Parameters, buffers and the
     state dict are untouched: only how ``MixtureNode.leaf_logits`` computes changes, through
     the node's ``grouped_leaves`` flag. Returns the number of nodes switched.
     """

@@ -2,8 +2,8 @@
 
 Batches stay ``uint8`` until they reach the model (REFERENCE §5, DESIGN "the data's one
 walk"). :class:`FeatureInput` turns them into the float input the models were trained on and
-marks padding, which uint8 cannot encode (:mod:`engine.features`): frames at or beyond
-``num_frames[b]`` become :func:`engine.features.padding_input` and get mask 0.
+marks padding, which uint8 cannot encode (:mod:`modloc.engine.base.features`): frames at or beyond
+``num_frames[b]`` become :func:`modloc.engine.base.features.padding_input` and get mask 0.
 
 The constants are non-persistent buffers: an exported graph folds them, and checkpoints hold
 learned state only (the constants come from the shipped eigenvalues, not from training).
@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.features import DEQUANT_BIAS, DEQUANT_SCALE, FEATURE_SIZE, input_affine, padding_input
+from modloc.engine.base.features import (
+    DEQUANT_BIAS,
+    DEQUANT_SCALE,
+    FEATURE_SIZE,
+    input_affine,
+    padding_input,
+)
 
 InputTransform = Literal["unwhiten", "l2"]
 
@@ -28,7 +34,7 @@ class FeatureInput(nn.Module):
 
     Transforms:
         ``"unwhiten"``: the MOD input (REFERENCE §5), ``q * scale + bias`` with
-            :func:`engine.features.input_affine`; padding = :func:`engine.features.padding_input`.
+            :func:`modloc.engine.base.features.input_affine`; padding = :func:`modloc.engine.base.features.padding_input`.
         ``"l2"``: the starter code's input (G ``train.py``): dequantize, padding 0.0, then
             L2-normalize every frame over its 1152 dims (TF ``l2_normalize``, so padding
             stays 0). Only the DBoF baseline uses it.

@@ -9,7 +9,7 @@ tree. Every internal node mixes its children's *logits* with an input-dependent 
 
 The root's logits are the prediction. The forward returns every node's logits so the loss
 can supervise each node and distil each parent into its children
-(:func:`training.losses.mod_loss`).
+(:func:`modloc.training.losses.mod_loss`).
 
 Nodes are addressed by their path from the root: ``()`` is the root, ``(t,)`` child t of
 the root, ``(t, m)`` child m of that, … Leaves are numbered in depth-first order, so in a
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.features import FEATURE_SIZE
-from training.models.inputs import FeatureInput
-from training.models.nextvlad import init_linear_, tf_batch_norm
-from training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
+from modloc.engine.base.features import FEATURE_SIZE
+from modloc.training.models.inputs import FeatureInput
+from modloc.training.models.nextvlad import init_linear_, tf_batch_norm
+from modloc.training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
 
 Path = tuple[int, ...]
 
@@ -117,7 +117,7 @@ class MixtureNode(nn.Module):
         super().__init__()
         self.gate = MixtureGate(branching[0])
         self.holds_leaves = len(branching) == 1
-        # Set by training.models.grouped.use_grouped_leaves: siblings as grouped matmuls.
+        # Set by modloc.training.models.grouped.use_grouped_leaves: siblings as grouped matmuls.
         self.grouped_leaves = False
         self.branches = nn.ModuleList(
             NeXtVLADModel(leaf) if self.holds_leaves else MixtureNode(branching[1:], leaf)
@@ -148,10 +148,12 @@ class MixtureNode(nn.Module):
         """``(B, n, C)`` logits of this node's leaves on the same input.
 
         The one place leaves are evaluated: sibling leaves share the input and the layout,
-        so with ``grouped_leaves`` they run as grouped matmuls (:mod:`training.models.grouped`).
+        so with ``grouped_leaves`` they run as grouped matmuls (:mod:`modloc.training.models.grouped`).
         """
         if self.grouped_leaves:
-            from training.models.grouped import grouped_leaf_logits  # grouped imports this module
+            from modloc.training.models.grouped import (
+                grouped_leaf_logits,  # grouped imports this module
+            )
 
             return grouped_leaf_logits(list(self.branches), x, mask)
         return torch.stack([leaf.forward_input(x, mask) for leaf in self.branches], dim=1)

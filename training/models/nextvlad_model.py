@@ -19,9 +19,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from engine.features import AUDIO_SIZE, RGB_SIZE
-from training.models.inputs import FeatureInput
-from training.models.nextvlad import NeXtVLAD, init_linear_, tf_batch_norm
+from modloc.engine.base.features import AUDIO_SIZE, RGB_SIZE
+from modloc.training.models.inputs import FeatureInput
+from modloc.training.models.nextvlad import NeXtVLAD, init_linear_, tf_batch_norm
 
 Mode = Literal["video", "segment"]
 

@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from training.models.dbof import DBoFConfig, DBoFModel
-from training.models.mod_tree import MODTree, MODTreeConfig
-from training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
+from modloc.training.models.dbof import DBoFConfig, DBoFModel
+from modloc.training.models.mod_tree import MODTree, MODTreeConfig
+from modloc.training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
 
 ModelConfig = NeXtVLADConfig | DBoFConfig | MODTreeConfig
 

@@ -1,0 +1,173 @@
+"""The offline localization loop of REFERENCE §7 on a test split, and its MAP@K.
+
+:func:`localize_split` runs :class:`modloc.engine.runtime.pipeline.Pipeline` (top-N candidates, every
+5-frame window scored, ``P_vid^a · P_seg^b`` fusion) over a test split with any two
+scoring models, a PyTorch model (:mod:`modloc.training.evaluate`) or an ONNX Runtime, PyTorch or
+TensorRT backend (:mod:`modloc.export.validation`), ranks the fused pairs and the dummy
+prediction per class (:class:`modloc.engine.runtime.topk.TopK`), and scores both with the Kaggle segment
+MAP@K: every runtime shares the serving engine's own code, so their numbers compare
+directly. :func:`video_batches` and :func:`score_windows` are the plain batch loops the
+export checks use.
+
+Videos are capped at 300 frames (the reference reader's limit).
+
+Pure numpy: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
+from modloc.engine.base.io.examples import Video
+from modloc.engine.base.io.readers import Patterns, read_videos
+from modloc.engine.base.io.tfrecord import expand_paths
+from modloc.engine.base.metrics import SegmentTruth, segment_map
+from modloc.engine.base.submission import write_submission
+from modloc.engine.base.vocab import default_segment_class_ids
+from modloc.engine.runtime.fusion import dummy_pairs
+from modloc.engine.runtime.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    Scorer,
+    ScoringModel,
+    check_rankable_id,
+)
+from modloc.engine.runtime.topk import TopK
+
+MultiScorer = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+
+
+def video_batches(patterns: Patterns, batch_size: int,
+                  max_frames: int = MAX_FRAMES) -> Iterator[tuple[list[Video], np.ndarray, np.ndarray]]:
+    """``(videos, features, num_frames)``: videos capped at ``max_frames``, their frames
+    zero-padded to ``max_frames`` in a ``(B, max_frames, 1152)`` uint8 batch. A record
+    without frames raises, naming its file and record."""
+    chunk: list[Video] = []
+    for video in read_videos(patterns, require_frames=True):
+        chunk.append(video)
+        if len(chunk) == batch_size:
+            yield _padded(chunk, max_frames)
+            chunk = []
+    if chunk:
+        yield _padded(chunk, max_frames)
+
+
+def _padded(videos: list[Video], max_frames: int) -> tuple[list[Video], np.ndarray, np.ndarray]:
+    features = np.zeros((len(videos), max_frames, FEATURE_SIZE), np.uint8)
+    num_frames = np.zeros(len(videos), np.int32)
+    for row, video in enumerate(videos):
+        frames = video.features[:max_frames]
+        features[row, : len(frames)] = frames
+        num_frames[row] = len(frames)
+    return videos, features, num_frames
+
+
+def score_windows(score: MultiScorer, features: np.ndarray, num_frames: np.ndarray,
+                  batch_size: int) -> dict[str, np.ndarray]:
+    """``score`` over ``(W, 5, 1152)`` windows in batches of ``batch_size``, concatenated."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for begin in range(0, len(features), batch_size):
+        end = begin + batch_size
+        for name, probabilities in score(features[begin:end], num_frames[begin:end]).items():
+            parts.setdefault(name, []).append(np.asarray(probabilities))
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def localize_split(
+    video: ScoringModel,
+    segment: ScoringModel,
+    test: Patterns,
+    truth: Patterns,
+    class_ids: Sequence[int] | None = None,
+    config: PipelineConfig | None = None,
+    submissions: str | os.PathLike | None = None,
+    progress: bool | None = False,
+    chunk_videos: int = 256,
+) -> dict:
+    """Segment MAP@K of the fused system and of the dummy prediction on a test split.
+
+    Args:
+        video: the video-level model (candidates, and the dummy's scores); segment: the
+            segment-level model (:class:`~modloc.engine.runtime.pipeline.ScoringModel`).
+        test: the split's frame-level TFRecords; truth: its segment ratings (e.g.
+            ``test_truth/``).
+        class_ids: the classes ranked (submission rows); default the 1000 segment classes.
+        config: batching, candidates, exponents, partial windows and ``k`` (default: the
+            reference's fusion).
+        submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
+        progress: a progress bar on stderr (None: only on a terminal).
+        chunk_videos: videos per pipeline call.
+
+    Returns:
+        ``{"fused": {...}, "dummy": {...}, "videos", "windows", "k", "seconds"}``; each
+        system holds ``map``, ``ceiling`` (:func:`~modloc.engine.base.metrics.segment_map`: the MAP
+        of its segments in the best order), ``classes`` (scored), ``found_positives`` (of
+        ``positives``, the positive ratings), ``ranked_segments`` and, with
+        ``submissions``, its ``submission`` path.
+    """
+    started = time.perf_counter()
+    config = config or PipelineConfig()
+    fusion = config.fusion
+    targets = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
+    pipeline = Pipeline(video, segment, config)
+    rankers = {"fused": TopK(targets, fusion.k), "dummy": TopK(targets, fusion.k)}
+    with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
+              file=sys.stderr) as bar:
+        for chunk in _chunks(_rankable_videos(test), chunk_videos):
+            for result in pipeline.localize(chunk):
+                rankers["fused"].add(result.video_id, *result.ranking_pairs(fusion.include_partial))
+                rankers["dummy"].add(result.video_id, *dummy_pairs(
+                    result.num_frames, result.candidate_ids, result.candidate_scores,
+                    fusion.include_partial))
+            bar.update(len(chunk))
+            bar.set_postfix(windows=pipeline.times.windows)
+    if not pipeline.times.videos:
+        raise ValueError(f"no test video in {test}")
+    ratings = SegmentTruth.from_videos(read_videos(truth))
+    result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k,
+                    "positives": int(sum(ratings.num_positives.values()))}
+    for name, ranker in rankers.items():
+        rankings = ranker.rankings()
+        scores = segment_map(rankings, ratings, k=fusion.k)
+        result[name] = {"map": scores.map, "ceiling": scores.ceiling, "classes": scores.classes,
+                        "found_positives": scores.found_positives,
+                        "ranked_segments": sum(map(len, rankings.values()))}
+        if submissions is not None:
+            path = Path(submissions) / f"{name}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_submission(path, rankings, class_ids=targets, max_segments=fusion.k)
+            result[name]["submission"] = str(path)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _rankable_videos(patterns: Patterns) -> Iterator[Video]:
+    """The videos of ``patterns``; one without frames, or whose id a segment id
+    ``'<video id>:<start>'`` cannot carry, raises naming its file and record."""
+    for path in expand_paths(patterns):
+        # no skip_corrupt: the position in the file is the record index
+        for record_index, video in enumerate(read_videos(path, require_frames=True)):
+            check_rankable_id(video.id, f"{path}: record {record_index}: ")
+            yield video
+
+
+def _chunks(videos: Iterable[Video], size: int) -> Iterator[list[Video]]:
+    chunk: list[Video] = []
+    for video in videos:
+        chunk.append(video)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+__all__ = ["MultiScorer", "Scorer", "localize_split", "score_windows", "video_batches"]

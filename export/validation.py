@@ -1,0 +1,141 @@
+"""Segment MAP@K of exported models, computed from any scorer (ONNX Runtime, TensorRT, PyTorch).
+
+A scorer maps a uint8 batch to probabilities: ``(features (B, M, 1152), num_frames (B,))
+→ (B, C)``; a backend's ``run`` is one (:func:`backend_scorer`).
+
+- :func:`validation_map`: the measure of the precision variants and of the leaf choice.
+  Several scorers read the same batches of a rated split (the synthetic ``validate``
+  split), and each one's rankings are scored with the Kaggle segment MAP@K against the
+  split's own ratings. What a model ranks depends on its kind:
+
+  - a **segment** model ranks every full 5-frame window of every video for each of its
+    classes by its own window score (no video model, so the number measures the segment
+    model alone);
+  - a **video** model gives the dummy prediction: each full window gets its video's score
+    for each of the video's top-N classes.
+
+- :func:`fused_segment_map`: the inference pipeline of REFERENCE §7 on a test split with a
+  video-level and a segment-level scorer: :func:`modloc.engine.runtime.offline_eval.localize_split`, the
+  loop :func:`modloc.training.evaluate.evaluate_segments` runs with PyTorch, so the two MAP@K
+  values compare directly.
+
+Videos are capped at 300 frames and a video-level batch is padded to 300 frames, as the
+reference's reader does (a tree's gates average over padded frames too).
+
+Pure numpy: the engine's fusion, ranking and metric code, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from modloc.engine.base.features import MAX_FRAMES
+from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
+from modloc.engine.runtime.backends import Backend
+from modloc.engine.runtime.fusion import FusionConfig, dummy_pairs, top_candidates
+from modloc.engine.runtime.offline_eval import (
+    MultiScorer,
+    Scorer,
+    localize_split,
+    score_windows,
+    video_batches,
+)
+from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
+from modloc.engine.runtime.topk import TopK
+from modloc.training.datasets import pack_segment_windows
+
+
+def backend_scorer(backend: Backend) -> Scorer:
+    """``backend.run`` as a scorer."""
+    return lambda features, num_frames: backend.run(features, num_frames=num_frames)
+
+
+@dataclass(frozen=True)
+class _Ratings:
+    """The ratings of a video without its frames (what :class:`SegmentTruth` reads)."""
+
+    id: str
+    segment_labels: np.ndarray
+    segment_start_times: np.ndarray
+    segment_scores: np.ndarray
+
+
+def validation_map(
+    score: MultiScorer,
+    kind: str,
+    class_ids: Sequence[int],
+    patterns: Patterns,
+    k: int = MAX_SEGMENTS_PER_CLASS,
+    top_n: int = 20,
+    batch_size: int = 32,
+    window_batch_size: int = 1024,
+) -> dict[str, float]:
+    """Segment MAP@K of every output of ``score`` on a rated split (module doc).
+
+    Args:
+        score: ``(features, num_frames) → {name: (B, C) probabilities}``.
+        kind: ``"video"`` (dummy prediction from the video scores) or ``"segment"``
+            (windows ranked by their own scores).
+        class_ids: vocabulary ids of the columns.
+        patterns: frame-level TFRecords with segment ratings (a validate split).
+        k: MAP@K's K; top_n: candidate classes per video (video kind).
+
+    Returns:
+        ``{name: MAP@K}``.
+    """
+    if kind not in ("video", "segment"):
+        raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
+    ids = np.asarray(class_ids, dtype=np.int64)
+    rankers: dict[str, TopK] = {}
+    ratings: list[_Ratings] = []
+    for videos, features, num_frames in video_batches(patterns, batch_size):
+        ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times, v.segment_scores)
+                       for v in videos)
+        if kind == "video":
+            for name, probabilities in score(features, num_frames).items():
+                ranker = rankers.setdefault(name, TopK(ids, k))
+                candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
+                for row, video in enumerate(videos):
+                    ranker.add(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
+                                                      candidate_scores[row]))
+            continue
+        packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
+        scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
+        for name, probabilities in scores.items():
+            ranker = rankers.setdefault(name, TopK(ids, k))
+            for row, video in enumerate(videos):
+                own = packed.windows(row)
+                full = np.flatnonzero(~own.partial)
+                window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
+                ranker.add(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
+                           window_scores[full].ravel())
+    if not ratings:
+        raise ValueError(f"no video in {patterns}")
+    truth = SegmentTruth.from_videos(ratings)
+    return {name: segment_map(ranker.rankings(), truth, k=k).map for name, ranker in rankers.items()}
+
+
+def fused_segment_map(
+    video: Backend,
+    segment: Backend,
+    test: Patterns,
+    truth: Patterns,
+    class_ids: Sequence[int] | None = None,
+    fusion: FusionConfig | None = None,
+    batch_size: int = 32,
+    window_batch_size: int = 1024,
+) -> dict:
+    """Segment MAP@K of the fused system and of the dummy prediction on a test split, with
+    two loaded backends: :func:`modloc.engine.runtime.offline_eval.localize_split`, the serving
+    pipeline, with ``batch_size`` videos per video-model call."""
+    config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
+                            window_batch_size=window_batch_size)
+    return localize_split(ScoringModel.from_backend(video), ScoringModel.from_backend(segment),
+                          test, truth, class_ids, config)
+
+
+__all__ = ["backend_scorer", "fused_segment_map", "validation_map"]

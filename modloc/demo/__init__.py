@@ -1,0 +1,316 @@
+"""``modloc demo``: the whole product end to end on the built-in synthetic data.
+
+Stages (each adds one key to ``<out>/report.json``, rewritten after every stage so that a
+failed run still shows how far it got):
+
+- ``data``: generate the synthetic YouTube-8M-format dataset;
+- ``inspect``: read every split back and count what is in it;
+- ``systems``: write reference submissions for the test split and score them with the
+  Kaggle MAP@K: ``random`` (a random ranking of all full test segments for each class)
+  and ``perfect`` (the positives of the truth file, which must score exactly 1.0);
+- ``pretrain``: pre-train a small MOD tree (:data:`DEMO_MODEL`) on the video labels of
+  ``train/`` (the ``pretrain`` recipe, shortened);
+- ``finetune``: fine-tune it on the rated segments of ``validate/`` (the ``finetune``
+  recipe: T = 20, λ = 400, dropout 0.75, the Adam state restored);
+- ``evaluate``: run the inference pipeline on ``test/`` (the pre-trained model's top-20
+  candidates, the fine-tuned model's window scores, ``P_vid^0.05 · P_seg^0.95``) and score
+  it, and the dummy prediction, with the Kaggle MAP@K: ``systems.mod`` and
+  ``systems.dummy`` beside ``random`` and ``perfect``;
+- ``export``: export both checkpoints to ONNX artifacts (distill leaf and ensemble, fp32
+  and INT8) and score the test split through ONNX Runtime, which must give PyTorch's MAP@K
+  to 1e-4 (:func:`modloc.demo.export_stage.run_export_stage`);
+- ``infer``: the serving engine offline, as ``modloc infer`` runs it (:func:`modloc.engine.runtime.infer.infer`:
+  the ensemble artifacts on ONNX Runtime, the native per-class top-K): writes
+  ``<out>/submission.csv``, scores it, checks it against the export stage's MAP@K (1e-4)
+  and the dummy prediction, and draws the timeline of the test video with the most
+  positive ratings to ``<out>/timeline.png`` (:func:`modloc.engine.runtime.timeline.show`);
+- ``serve``: ``modloc serve`` on the same artifacts (a subprocess on a loopback port), the
+  test split streamed through ``Localize`` and ``Ingest`` with the Python client, the
+  submission fetched from the service (``<out>/served_submission.csv``) and scored: its
+  MAP@K must equal the ``infer`` stage's (1e-4); the server is stopped with SIGTERM and
+  must drain and exit 0.
+
+The training and export stages need the ``training`` and ``export`` packages (torch, onnx);
+they are imported inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from modloc.engine.base.atomic import write_atomically
+from modloc.engine.base.baselines import oracle_rankings, random_rankings, video_segment_ids
+from modloc.engine.base.inspection import inspect
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
+from modloc.engine.base.scoring import evaluate_submission
+from modloc.engine.base.submission import write_submission
+from modloc.engine.base.synth import SPLITS, config_from, generate
+
+log = logging.getLogger(__name__)
+
+MAP_AGREEMENT = 1e-4  # two runs of the same artifacts may batch videos differently
+
+INSPECT_KEYS = ("files", "records", "videos", "frames", "labels", "rated_segments",
+                "positive_segments", "corrupt_records")
+
+# The demo's MOD tree: the final system's layout (a 2-layer tree of NeXtVLADs) at a size
+# that trains in about a minute on 2 CPU cores: 2 towers × 2 leaves, 8 clusters, 2 groups,
+# no expansion, hidden 64 (the paper's: 4 × 3, 128, 8, ×2, 2048).
+DEMO_MODEL = {"branching": [2, 2], "cluster_size": 8, "groups": 2, "expansion": 1,
+              "hidden_size": 64, "gating_reduction": 4}
+# Where the demo departs from the recipes, and why:
+# - a few hundred steps instead of a million: a larger learning rate and BatchNorm momentum
+#   (slim's 0.001 momentum leaves eval-mode statistics at their initial values for
+#   thousands of steps);
+# - videos cut to their first 60 frames when pre-training (a fifth of the compute; the
+#   evaluation reads whole videos);
+# - fine-tuning batches of 64, not 512: the validate split holds about 1200 rated segments.
+DEMO_PRETRAIN = {"model.overrides": DEMO_MODEL, "batch_size": 16, "epochs": 3, "max_steps": None,
+                 "optimizer.learning_rate": 4e-3, "bn_momentum": 0.1, "data.max_frames": 60,
+                 "data.pad_to": "longest", "data.workers": 1}
+DEMO_FINETUNE = {"batch_size": 64, "epochs": 10, "optimizer.learning_rate": 1e-3,
+                 "bn_momentum": 0.1}
+
+
+def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", workers: int = 2,
+             k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
+    """Run every stage under ``out_dir``; returns the report (also in ``report.json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "report.json"
+    report: dict = {"preset": preset, "stages": {}}
+
+    def stage_done(name: str, started: float) -> None:
+        report["stages"][name] = {"seconds": round(time.perf_counter() - started, 2)}
+        write_atomically(report_path, json.dumps(report, indent=2) + "\n")
+        log.info("demo stage %s done in %.1f s", name, report["stages"][name]["seconds"])
+
+    started = time.perf_counter()
+    data_dir = out / "data"
+    config = config_from(preset)
+    synth = generate(config, data_dir, workers=workers)
+    manifest = json.loads((data_dir / "synth.json").read_text())
+    report["data"] = {"path": str(data_dir), "seed": config.seed, "splits": synth.splits,
+                      "segment_classes": len(manifest["segment_class_ids"])}
+    stage_done("data", started)
+
+    started = time.perf_counter()
+    split_globs = {split: str(data_dir / pattern) for split, pattern in manifest["layout"].items()}
+    report["inspect"] = {}
+    for split in (*SPLITS, "test_truth"):
+        counts = inspect(split_globs[split]).to_json()
+        report["inspect"][split] = {key: counts[key] for key in INSPECT_KEYS}
+    stage_done("inspect", started)
+
+    started = time.perf_counter()
+    submissions = out / "submissions"
+    submissions.mkdir(exist_ok=True)
+    test_segments = video_segment_ids(read_videos(split_globs["test"]))
+    systems = {
+        "random": random_rankings(test_segments, manifest["segment_class_ids"], k=k, seed=config.seed),
+        "perfect": oracle_rankings(read_videos(split_globs["test_truth"])),
+    }
+    report["systems"] = {}
+    for name, rankings in systems.items():
+        path = submissions / f"{name}.csv"
+        write_submission(path, rankings)
+        scores = evaluate_submission(str(path), split_globs["test_truth"], k=k)
+        report["systems"][name] = {
+            "map": scores["map"], "ceiling": scores["ceiling"], "classes": scores["classes"], "k": k,
+            "submission": str(path),
+        }
+    report["systems"]["random"]["candidate_segments"] = len(test_segments)
+    stage_done("systems", started)
+
+    classes = manifest["segment_class_ids"] + manifest["extra_class_ids"]
+    with single_threaded():
+        started = time.perf_counter()
+        pretrained = train_stage(out / "pretrain", "pretrain", {
+            **DEMO_PRETRAIN, "data.train": [split_globs["train"]], "data.classes": classes,
+            "seed": config.seed})
+        report["pretrain"] = pretrained
+        stage_done("pretrain", started)
+
+        started = time.perf_counter()
+        report["finetune"] = train_stage(out / "finetune", "finetune", {
+            **DEMO_FINETUNE, "data.train": [split_globs["validate"]],
+            "init_from": pretrained["checkpoint"], "seed": config.seed})
+        stage_done("finetune", started)
+
+        started = time.perf_counter()
+        report["evaluate"] = _evaluate_stage(report, split_globs, manifest["segment_class_ids"],
+                                             submissions, k)
+        stage_done("evaluate", started)
+
+        from modloc.demo.export_stage import run_export_stage
+
+        started = time.perf_counter()
+        report["export"] = run_export_stage(
+            out, report["pretrain"]["checkpoint"], report["finetune"]["checkpoint"],
+            validation=split_globs["validate"], test=split_globs["test"],
+            truth=split_globs["test_truth"], class_ids=manifest["segment_class_ids"], k=k,
+            pytorch={"fused": report["systems"]["mod"]["map"],
+                     "dummy": report["systems"]["dummy"]["map"]})
+        stage_done("export", started)
+
+    started = time.perf_counter()
+    report["infer"] = _infer_stage(out, report, split_globs, manifest["segment_class_ids"], k)
+    stage_done("infer", started)
+
+    started = time.perf_counter()
+    report["serve"] = _serve_stage(out, report, split_globs, k)
+    stage_done("serve", started)
+    return report
+
+
+def _serve_stage(out: Path, report: dict, split_globs: dict, k: int) -> dict:
+    """The test split through the gRPC service; its submission must score as ``infer``'s."""
+    import shutil
+
+    from modloc.engine.service.client import LocalizationClient
+    from modloc.engine.service.process import ServerProcess
+
+    state = out / "serve-state"
+    shutil.rmtree(state, ignore_errors=True)  # a rerun starts from empty rankings
+    variants = report["infer"]["variants"]
+    server = ServerProcess.start(out / "export", "--video", variants["video"], "--segment",
+                                 variants["segment"], "--k", str(k), "--state-dir", str(state))
+    try:
+        videos = list(read_videos(split_globs["test"]))
+        with LocalizationClient(server.address, timeout=300) as client:
+            started = time.perf_counter()
+            localized = sum(1 for _ in client.localize(videos))
+            localize_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            acks = client.ingest(videos)
+            ingest_seconds = time.perf_counter() - started
+            path = out / "served_submission.csv"
+            client.submission(path)
+            stats = client.stats()
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise RuntimeError(f"modloc serve exited with status {status} after SIGTERM:\n{server.log()}")
+    scores = evaluate_submission(str(path), split_globs["test_truth"], k=k)
+    if abs(scores["map"] - report["infer"]["map"]) > MAP_AGREEMENT:
+        raise ValueError(f"the service's submission scores {scores['map']:.6f}, modloc infer's "
+                         f"{report['infer']['map']:.6f}")
+    return {"address": server.address, "submission": str(path), "map": scores["map"],
+            "classes": scores["classes"], "localized": localized, "ingested": len(acks),
+            "localize_videos_per_second": round(localized / localize_seconds, 1),
+            "ingest_videos_per_second": round(len(acks) / ingest_seconds, 1),
+            "windows_scored": stats.windows_scored, "exit_status": status}
+
+
+def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int], k: int) -> dict:
+    """``modloc infer`` on the test split with the exported ensembles, and one timeline."""
+    from modloc.engine.runtime.fusion import FusionConfig
+    from modloc.engine.runtime.infer import infer
+    from modloc.engine.runtime.pipeline import PipelineConfig
+    from modloc.engine.runtime.timeline import show
+
+    variants = {"video": "ensemble-fp32", "segment": "ensemble-fp32"}
+    result = infer(out / "export", split_globs["test"], out / "submission.csv",
+                   truth=split_globs["test_truth"], **variants,
+                   config=PipelineConfig(fusion=FusionConfig(k=k)), class_ids=class_ids, progress=False)
+    exported = report["export"]["onnxruntime"]["fp32"]["fused"]
+    if abs(result["map"] - exported) > MAP_AGREEMENT:
+        raise ValueError(f"modloc infer's MAP@K {result['map']:.6f} differs from the export stage's "
+                         f"{exported:.6f} for the same artifacts")
+    busiest = max(read_videos(split_globs["test_truth"]),
+                  key=lambda video: (int((video.segment_scores > 0).sum()), video.id))
+    timeline = show(busiest.id, out / "export", split_globs["test"], out / "timeline.png",
+                    truth=split_globs["test_truth"], **variants)
+    return {**{key: result[key] for key in ("submission", "map", "classes", "videos", "windows",
+                                            "videos_per_second", "segments_per_second", "seconds")},
+            "variants": variants, "dummy_map": report["systems"]["dummy"]["map"],
+            "beats_dummy": result["map"] > report["systems"]["dummy"]["map"],
+            "timeline": {"video": busiest.id, "png": timeline["png"]}}
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch thread for the training stages (data loading takes the other core).
+
+    The demo's models are small: on a 2-core machine that is also busy, two intra-op
+    threads spend more time synchronizing than computing (tenfold slower steps, measured).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_stage(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every: int | None = None,
+                resume: bool = False) -> dict:
+    """Train with ``recipe`` and ``settings``; the report's summary of the run.
+
+    ``checkpoint_every`` steps a checkpoint is written (besides the final one); ``resume``
+    continues the run from the newest checkpoint in ``run_dir``. ``seconds`` in the summary
+    is the run's training time since step 0, resumes included.
+    """
+    from modloc.training.checkpoint import read_checkpoint_config
+    from modloc.training.config import load_config
+    from modloc.training.trainer import CURVES_FILE, train
+
+    config = load_config(recipe, None, {**settings, "out": str(run_dir), "eval_every": None,
+                                        "checkpoint_every": checkpoint_every, "keep_checkpoints": 1,
+                                        "resume": resume, "log_every": 10, "progress": False})
+    result = train(config)
+    saved = read_checkpoint_config(result.checkpoint)
+    sums = {kind: sum(value for name, value in result.final_terms.items()
+                      if name.split("/")[0] == kind) for kind in ("bce", "kl", "l2")}
+    return {
+        "model": saved["model"]["preset"],
+        "steps": result.steps,
+        "epochs": result.epoch,
+        "examples": result.examples,
+        "seconds": result.total_seconds,
+        "resumed_at_step": result.start_step,
+        "examples_per_second": round(result.examples / result.total_seconds, 1),
+        # step 1's loss is known to a call that began there; a resume that found the run
+        # already at its end ran no step, and its final loss is the checkpoint's
+        "first_loss": result.losses[0] if result.start_step == 0 else None,
+        "final_loss": result.final_loss if result.losses else saved["training"]["state"]["loss"],
+        "final_terms": sums,
+        "loss_terms": len(result.final_terms),
+        "temperatures": list(config.loss.temperatures),
+        "lambdas": list(config.loss.lambdas),
+        "checkpoint": result.checkpoint,
+        "loss_curves": str(run_dir / CURVES_FILE),
+    }
+
+
+def _evaluate_stage(report: dict, split_globs: dict, class_ids: list[int], submissions: Path,
+                    k: int) -> dict:
+    """Score the fine-tuned system and the dummy prediction into ``report["systems"]``."""
+    from modloc.engine.runtime.fusion import FusionConfig
+    from modloc.training.checkpoint import load_checkpoint
+    from modloc.training.evaluate import evaluate_segments, evaluate_videos
+
+    video = load_checkpoint(report["pretrain"]["checkpoint"])
+    segment = load_checkpoint(report["finetune"]["checkpoint"])
+    fusion = FusionConfig(k=k)
+    result = evaluate_segments(video, segment, split_globs["test"], split_globs["test_truth"],
+                               class_ids, fusion, submissions=submissions, progress=False)
+    for system, name in (("mod", "fused"), ("dummy", "dummy")):
+        report["systems"][system] = {"map": result[name]["map"], "ceiling": result[name]["ceiling"],
+                                     "classes": result[name]["classes"], "k": k,
+                                     "submission": result[name]["submission"]}
+    videos = evaluate_videos(video, split_globs["validate"], progress=False)
+    return {
+        "videos": result["videos"], "windows": result["windows"], "top_n": fusion.top_n,
+        "exponents": [fusion.video_exponent, fusion.segment_exponent],
+        "pretrained_video_metrics": {key: videos[key] for key in ("gap", "hit_at_one", "perr", "map")},
+    }
