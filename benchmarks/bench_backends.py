@@ -48,13 +48,13 @@ from _common import RESULTS, provenance, write_section
 
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.synth import config_from, generate
+from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.artifacts import load_artifact
 from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
 from modloc.engine.runtime.offline_eval import video_batches
 from modloc.export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
 from modloc.training.checkpoint import load_checkpoint, save_checkpoint
-from modloc.training.datasets import pack_segment_windows
 from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
 
 RESULTS_FILE = RESULTS / "bench_backends.md"

@@ -37,8 +37,8 @@ from google.protobuf.internal import api_implementation
 
 from modloc.engine.base.io.examples import FEATURE_SIZE, Video, encode_video
 from modloc.engine.base.io.native import read_frame_batches
-from modloc.engine.base.io.readers import iter_all_records, read_videos
-from modloc.engine.base.io.tfrecord import write_records
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import iter_all_records, write_records
 
 RESULTS_FILE = RESULTS / "bench_io.md"
 

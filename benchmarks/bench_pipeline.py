@@ -43,12 +43,12 @@ from bench_backends import add_model_arguments, random_checkpoint
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.synth import config_from, generate
+from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import open_backend
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.localizer import Engine
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
 from modloc.export.exporter import ExportSettings, export_checkpoint
-from modloc.training.datasets import pack_segment_windows
 
 RESULTS_FILE = RESULTS / "bench_pipeline.md"
 HEADER = """# The localization pipeline: videos/s and segments/s per backend and batch size

@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, provenance
 
-from modloc.engine.base.vocab import default_segment_class_ids
+from modloc.engine.base.vocab import ClassSpace, default_segment_class_ids
 from modloc.engine.runtime.topk import TopK, default_slack
-from modloc.training.datasets import ClassSpace
 
 RESULTS_FILE = RESULTS / "bench_topk.md"
 CANDIDATES = 20

@@ -38,7 +38,7 @@ from _common import RESULTS, cpu_model, provenance, write_section
 
 from modloc.training.losses import LossConfig, mod_loss, model_loss
 from modloc.training.models import MODTree, count_parameters, create_model
-from modloc.training.models.grouped import use_grouped_leaves
+from modloc.training.models.mod_tree import use_grouped_leaves
 
 RESULTS_FILE = RESULTS / "bench_train.md"
 HEADER = """# Training-step throughput

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from modloc.engine.base.atomic import replace_directory
-from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS
 from modloc.engine.runtime.artifacts import (
     ONNX_FILE,

@@ -44,12 +44,12 @@ from onnxruntime.quantization import (
 )
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.artifacts import ONNX_DATA_FILE, Artifact
 from modloc.engine.runtime.backends import Backend, graph_inputs
 from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from modloc.engine.runtime.offline_eval import video_batches
-from modloc.training.datasets import pack_segment_windows
 
 MAP_TOLERANCE = 0.005
 QUANTIZED_OPS = ("MatMul", "Gemm")

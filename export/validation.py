@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
+from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.fusion import FusionConfig, dummy_pairs, top_candidates
 from modloc.engine.runtime.offline_eval import (
@@ -46,7 +47,6 @@ from modloc.engine.runtime.offline_eval import (
 )
 from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
 from modloc.engine.runtime.topk import TopK
-from modloc.training.datasets import pack_segment_windows
 
 
 def backend_scorer(backend: Backend) -> Scorer:

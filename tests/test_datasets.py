@@ -11,23 +11,19 @@ import pytest
 from modloc.engine.base.features import MAX_FRAMES, masked_model_input, padding_input
 from modloc.engine.base.io.examples import (
     FEATURE_SIZE,
+    RecordKindError,
     Video,
     VideoLevelRecord,
     encode_truth,
     encode_video,
     encode_video_level,
 )
-from modloc.engine.base.io.readers import RecordKindError, read_videos
+from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import write_records
+from modloc.engine.base.vocab import ClassSpace
+from modloc.engine.base.windows import pack_segment_windows, segment_windows
 from modloc.training import datasets
-from modloc.training.datasets import (
-    ClassSpace,
-    InvalidRatingError,
-    SegmentDataset,
-    VideoLevelDataset,
-    pack_segment_windows,
-    segment_windows,
-)
+from modloc.training.datasets import InvalidRatingError, SegmentDataset, VideoLevelDataset
 
 PB = {"decoder": "protobuf"}
 

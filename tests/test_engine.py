@@ -15,8 +15,8 @@ import pytest
 from tiny import split, synth_manifest
 
 from modloc.cli import main
-from modloc.engine.base.io.examples import Video, encode_truth, encode_video
-from modloc.engine.base.io.readers import RecordKindError, read_videos
+from modloc.engine.base.io.examples import RecordKindError, Video, encode_truth, encode_video
+from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import write_records
 from modloc.engine.base.scoring import evaluate_submission
 from modloc.engine.base.submission import read_submission

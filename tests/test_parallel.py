@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 
 from modloc.training.losses import LossConfig, mod_loss
 from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
-from modloc.training.models.grouped import grouped_leaf_logits, use_grouped_leaves
+from modloc.training.models.grouped import grouped_leaf_logits
+from modloc.training.models.mod_tree import use_grouped_leaves
 from modloc.training.parallel import (
     DistributedMOD,
     PlacedTree,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.windows import segment_windows
 from modloc.engine.runtime.batcher import (
     Batcher,
     BatcherClosed,
@@ -18,7 +19,6 @@ from modloc.engine.runtime.batcher import (
 )
 from modloc.engine.runtime.fusion import FusionConfig, top_candidates
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
-from modloc.training.datasets import segment_windows
 
 VIDEO_CLASSES = tuple(range(10))
 SEGMENT_CLASSES = tuple(range(2, 12))  # classes 0 and 1 are candidates the segment model skips

@@ -41,8 +41,7 @@ from torch import nn
 
 from modloc._version import __version__
 from modloc.engine.base.atomic import fsync_path, replace_directory
-from modloc.engine.base.vocab import data_path
-from modloc.training.datasets import ClassSpace
+from modloc.engine.base.vocab import ClassSpace, data_path
 from modloc.training.models import (
     DBoFConfig,
     FeatureInput,

@@ -10,9 +10,6 @@ Two example layouts (REFERENCE §2):
   the 5 frames ``[start, start + 5)``, labels = the rating scores at the rated classes and
   weights 1.0 exactly there (so BCE only sees rated (segment, class) pairs).
 
-and the test-time cut of a video into non-overlapping 5-frame windows (REFERENCE §7):
-:func:`segment_windows` for one video, :func:`pack_segment_windows` for many.
-
 The batch contract (:class:`Batch`) that the models rely on: features stay uint8 end to end;
 ``num_frames[b]`` counts the valid frames of row ``b``; frames at index ``>= num_frames[b]``
 are padding, stored as uint8 zeros. A padding frame means 0.0 *after dequantization*, which
@@ -40,75 +37,13 @@ from typing import Literal
 
 import numpy as np
 
-from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES, SEGMENT_FRAMES, num_segments
+from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES, SEGMENT_FRAMES
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.io.readers import Patterns, decode_frame_records, read_videos
-from modloc.engine.base.io.tfrecord import ReadStats, expand_paths, iter_records
-from modloc.engine.base.vocab import NUM_VIDEO_CLASSES
+from modloc.engine.base.io.readers import decode_frame_records, read_videos
+from modloc.engine.base.io.tfrecord import Patterns, ReadStats, expand_paths, iter_records
+from modloc.engine.base.vocab import ClassSpace, as_class_space
 
 PadTo = Literal["max_frames", "longest"]
-
-# --- class space ----------------------------------------------------------------------
-
-
-class ClassSpace:
-    """The classes a model outputs, in output order, as ids of the 3862-class vocabulary.
-
-    ``ClassSpace(None)`` is the identity over the whole vocabulary; ``ClassSpace(ids)`` with
-    e.g. the 1000 segment class ids (:func:`modloc.engine.base.vocab.default_segment_class_ids`) makes
-    output ``j`` the vocabulary class ``ids[j]``.
-    """
-
-    def __init__(self, class_ids: Sequence[int] | np.ndarray | None = None):
-        if class_ids is None:
-            ids = np.arange(NUM_VIDEO_CLASSES, dtype=np.int64)
-        else:
-            ids = np.asarray(class_ids)
-            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-                raise ValueError(f"class_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-            ids = ids.astype(np.int64)
-            outside = ids[(ids < 0) | (ids >= NUM_VIDEO_CLASSES)]
-            if len(outside):
-                raise ValueError(
-                    f"class_ids outside the {NUM_VIDEO_CLASSES}-class vocabulary: {outside[:10].tolist()}"
-                )
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("class_ids has repeated ids")
-        ids.setflags(write=False)
-        self.class_ids = ids
-        # vocabulary id -> output position, -1 for ids outside the space
-        self._position = np.full(NUM_VIDEO_CLASSES, -1, dtype=np.int64)
-        self._position[ids] = np.arange(len(ids))
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_ids)
-
-    def positions(self, vocabulary_ids: np.ndarray) -> np.ndarray:
-        """``(n,)`` vocabulary ids → ``(n,)`` int64 output positions, -1 outside the space.
-
-        Ids outside the vocabulary (negative, >= 3862) are outside the space too: a record
-        with such a label is dropped label by label, not rejected.
-        """
-        ids = np.asarray(vocabulary_ids, dtype=np.int64)
-        result = np.full(ids.shape, -1, dtype=np.int64)
-        known = (ids >= 0) & (ids < NUM_VIDEO_CLASSES)
-        result[known] = self._position[ids[known]]
-        return result
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ClassSpace) and np.array_equal(self.class_ids, other.class_ids)
-
-    def __hash__(self) -> int:
-        return hash(self.class_ids.tobytes())
-
-    def __repr__(self) -> str:
-        return f"ClassSpace({self.num_classes} classes)"
-
-
-def _class_space(class_ids: ClassSpace | Sequence[int] | np.ndarray | None) -> ClassSpace:
-    return class_ids if isinstance(class_ids, ClassSpace) else ClassSpace(class_ids)
-
 
 # --- batches and counts ---------------------------------------------------------------
 
@@ -202,7 +137,7 @@ class FrameDataset(abc.ABC):
     ):
         # expanded once, eagerly: a glob that matches nothing fails here, not in a worker
         self.paths = expand_paths(patterns)
-        self.class_space = _class_space(class_ids)
+        self.class_space = as_class_space(class_ids)
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.max_frames = int(max_frames)
@@ -521,122 +456,7 @@ def _shuffle_buffer(items: Iterable[_Example], capacity: int, rng: np.random.Gen
     yield from buffer
 
 
-# --- test-time segmentation (REFERENCE §7) --------------------------------------------
-
-
-@dataclass(eq=False)
-class SegmentWindows:
-    """Non-overlapping windows of one video at frames 0, 5, 10, ...
-
-    Attributes:
-        features: ``(S, 5, 1152)`` uint8, ``S = ceil(n / 5)``; the last window zero-padded
-            past the video's end.
-        starts: ``(S,)`` int64 first frame of each window.
-        num_frames: ``(S,)`` int32 valid frames per window (5, except a partial last one).
-        partial: ``(S,)`` bool, True for a window with fewer than 5 valid frames.
-    """
-
-    features: np.ndarray
-    starts: np.ndarray
-    num_frames: np.ndarray
-    partial: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-
-@dataclass(eq=False)
-class PackedWindows:
-    """The windows of many videos in one array (no per-video padding to 300 frames).
-
-    Attributes:
-        video_ids: ``V`` video ids.
-        features: ``(W, 5, 1152)`` uint8, ``W = sum_v ceil(n_v / 5)``.
-        starts, num_frames, partial: ``(W,)`` as in :class:`SegmentWindows`.
-        offsets: ``(V + 1,)`` int64; video ``v`` owns windows ``offsets[v]:offsets[v + 1]``.
-    """
-
-    video_ids: list[str]
-    features: np.ndarray
-    starts: np.ndarray
-    num_frames: np.ndarray
-    partial: np.ndarray
-    offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def windows(self, video: int) -> SegmentWindows:
-        """The windows of video number ``video`` (views into the packed arrays)."""
-        window = slice(int(self.offsets[video]), int(self.offsets[video + 1]))
-        return SegmentWindows(
-            self.features[window], self.starts[window], self.num_frames[window], self.partial[window]
-        )
-
-
-def _frames_of(video: Video | np.ndarray, max_frames: int | None) -> np.ndarray:
-    frames = video.features if isinstance(video, Video) else np.asarray(video)
-    if frames.dtype != np.uint8 or frames.ndim != 2 or frames.shape[1] != FEATURE_SIZE:
-        raise ValueError(f"expected (n, {FEATURE_SIZE}) uint8 features, got {frames.dtype} {frames.shape}")
-    return frames if max_frames is None else frames[:max_frames]
-
-
-def _window_layout(frames: int, segment_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``starts``, ``num_frames`` and ``partial`` of the windows of a ``frames``-frame video."""
-    starts = np.arange(num_segments(frames, segment_frames), dtype=np.int64) * segment_frames
-    valid = np.minimum(frames - starts, segment_frames).astype(np.int32)
-    return starts, valid, valid < segment_frames
-
-
-def segment_windows(
-    video: Video | np.ndarray, segment_frames: int = SEGMENT_FRAMES, max_frames: int | None = None
-) -> SegmentWindows:
-    """Cut a video (or its ``(n, 1152)`` uint8 features) into ``ceil(n / 5)`` windows.
-
-    ``max_frames`` caps the video first (None: every frame; the reference reader capped at
-    300). When ``n`` is a multiple of ``segment_frames`` the features are a reshaped view
-    of the video's (C-contiguous) array; otherwise the zero-padded last window makes a
-    single copy necessary.
-    """
-    frames = _frames_of(video, max_frames)
-    starts, valid, partial = _window_layout(len(frames), segment_frames)
-    count = len(starts)
-    if len(frames) == count * segment_frames:
-        features = frames.reshape(count, segment_frames, FEATURE_SIZE)
-    else:
-        features = np.zeros((count, segment_frames, FEATURE_SIZE), dtype=np.uint8)
-        features.reshape(-1, FEATURE_SIZE)[: len(frames)] = frames
-    return SegmentWindows(features, starts, valid, partial)
-
-
-def pack_segment_windows(
-    videos: Sequence[Video], segment_frames: int = SEGMENT_FRAMES, max_frames: int | None = None
-) -> PackedWindows:
-    """The windows of ``videos`` packed into one ``(W, 5, 1152)`` array with offsets.
-
-    Each frame is copied once, and only the padding rows of partial windows are zeroed.
-    """
-    frame_arrays = [_frames_of(video, max_frames) for video in videos]
-    layouts = [_window_layout(len(frames), segment_frames) for frames in frame_arrays]
-    offsets = np.zeros(len(videos) + 1, dtype=np.int64)
-    np.cumsum([len(starts) for starts, _, _ in layouts], out=offsets[1:])
-    flat = np.empty((int(offsets[-1]) * segment_frames, FEATURE_SIZE), dtype=np.uint8)
-    for frames, begin, end in zip(frame_arrays, offsets[:-1], offsets[1:], strict=True):
-        row = int(begin) * segment_frames
-        flat[row : row + len(frames)] = frames
-        flat[row + len(frames) : int(end) * segment_frames] = 0
-    return PackedWindows(
-        video_ids=[video.id for video in videos],
-        features=flat.reshape(-1, segment_frames, FEATURE_SIZE),
-        starts=np.concatenate([starts for starts, _, _ in layouts] or [np.zeros(0, np.int64)]),
-        num_frames=np.concatenate([valid for _, valid, _ in layouts] or [np.zeros(0, np.int32)]),
-        partial=np.concatenate([partial for _, _, partial in layouts] or [np.zeros(0, bool)]),
-        offsets=offsets,
-    )
-
-
 __all__ = [
-    "Batch", "ClassSpace", "DatasetStats", "FrameDataset", "InvalidRatingError", "PackedWindows",
-    "SegmentDataset", "SegmentWindows", "VideoLevelDataset", "pack_segment_windows",
-    "segment_windows",
+    "Batch", "DatasetStats", "FrameDataset", "InvalidRatingError", "SegmentDataset",
+    "VideoLevelDataset",
 ]

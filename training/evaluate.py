@@ -5,7 +5,7 @@
 - :func:`evaluate_segments`: the inference pipeline of REFERENCE §7 on a test split. A
   video-level checkpoint scores each video (its top-N classes are the candidates); a
   segment-level checkpoint scores the video's non-overlapping 5-frame windows
-  (:func:`modloc.training.datasets.pack_segment_windows`, no mask, as in segment mode); the two are
+  (:func:`modloc.engine.base.windows.pack_segment_windows`, no mask, as in segment mode); the two are
   fused (:mod:`modloc.engine.runtime.fusion`) and ranked per class; and the same candidates give the dummy
   prediction. Both rankings are scored with the Kaggle MAP@K against the truth files. One
   checkpoint may serve as both models.
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import VideoMetrics
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.offline_eval import localize_split

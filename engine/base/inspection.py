@@ -14,8 +14,8 @@ import numpy as np
 
 from modloc.engine.base.features import SEGMENT_FRAMES
 from modloc.engine.base.io.examples import VideoLevelRecord
-from modloc.engine.base.io.readers import Patterns, read_any
-from modloc.engine.base.io.tfrecord import ReadStats, expand_paths
+from modloc.engine.base.io.readers import read_any
+from modloc.engine.base.io.tfrecord import Patterns, ReadStats, expand_paths
 from modloc.engine.base.vocab import NUM_VIDEO_CLASSES
 
 

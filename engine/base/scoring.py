@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.io.readers import Patterns, read_any
+from modloc.engine.base.io.readers import read_any
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import SegmentTruth, VideoMetrics, segment_map
 from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
 from modloc.engine.base.submission import read_submission, read_video_predictions

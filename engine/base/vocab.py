@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -112,3 +113,66 @@ def default_segment_class_ids() -> np.ndarray:
     ids = read_segment_class_ids()
     ids.setflags(write=False)
     return ids
+
+
+# --- class spaces -----------------------------------------------------------------
+
+
+class ClassSpace:
+    """The classes a model outputs, in output order, as ids of the 3862-class vocabulary.
+
+    ``ClassSpace(None)`` is the identity over the whole vocabulary; ``ClassSpace(ids)`` with
+    e.g. the 1000 segment class ids (:func:`modloc.engine.base.vocab.default_segment_class_ids`) makes
+    output ``j`` the vocabulary class ``ids[j]``.
+    """
+
+    def __init__(self, class_ids: Sequence[int] | np.ndarray | None = None):
+        if class_ids is None:
+            ids = np.arange(NUM_VIDEO_CLASSES, dtype=np.int64)
+        else:
+            ids = np.asarray(class_ids)
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"class_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+            ids = ids.astype(np.int64)
+            outside = ids[(ids < 0) | (ids >= NUM_VIDEO_CLASSES)]
+            if len(outside):
+                raise ValueError(
+                    f"class_ids outside the {NUM_VIDEO_CLASSES}-class vocabulary: {outside[:10].tolist()}"
+                )
+            if len(np.unique(ids)) != len(ids):
+                raise ValueError("class_ids has repeated ids")
+        ids.setflags(write=False)
+        self.class_ids = ids
+        # vocabulary id -> output position, -1 for ids outside the space
+        self._position = np.full(NUM_VIDEO_CLASSES, -1, dtype=np.int64)
+        self._position[ids] = np.arange(len(ids))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    def positions(self, vocabulary_ids: np.ndarray) -> np.ndarray:
+        """``(n,)`` vocabulary ids → ``(n,)`` int64 output positions, -1 outside the space.
+
+        Ids outside the vocabulary (negative, >= 3862) are outside the space too: a record
+        with such a label is dropped label by label, not rejected.
+        """
+        ids = np.asarray(vocabulary_ids, dtype=np.int64)
+        result = np.full(ids.shape, -1, dtype=np.int64)
+        known = (ids >= 0) & (ids < NUM_VIDEO_CLASSES)
+        result[known] = self._position[ids[known]]
+        return result
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassSpace) and np.array_equal(self.class_ids, other.class_ids)
+
+    def __hash__(self) -> int:
+        return hash(self.class_ids.tobytes())
+
+    def __repr__(self) -> str:
+        return f"ClassSpace({self.num_classes} classes)"
+
+
+def as_class_space(class_ids: ClassSpace | Sequence[int] | np.ndarray | None) -> ClassSpace:
+    """``class_ids`` as a :class:`ClassSpace` (itself when it is one)."""
+    return class_ids if isinstance(class_ids, ClassSpace) else ClassSpace(class_ids)

@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.io.readers import Patterns, read_videos
-from modloc.engine.base.io.tfrecord import expand_paths
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import Patterns, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
 from modloc.engine.runtime.distributed import (
     Shard,

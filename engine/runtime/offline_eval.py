@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.io.readers import Patterns, read_videos
-from modloc.engine.base.io.tfrecord import expand_paths
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import Patterns, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
 from modloc.engine.base.submission import write_submission
 from modloc.engine.base.vocab import default_segment_class_ids

@@ -38,8 +38,9 @@ import numpy as np
 
 from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.vocab import ClassSpace
+from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.fusion import FusionConfig, fuse, top_candidates
-from modloc.training.datasets import ClassSpace, pack_segment_windows
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(features (B, M, 1152) uint8, num_frames (B,) int32) → (B, C)`` probabilities."""

@@ -20,7 +20,8 @@ import numpy as np
 from modloc.engine.base.atomic import write_atomically
 from modloc.engine.base.features import SEGMENT_FRAMES
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.io.readers import Patterns, read_videos
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.vocab import Vocabulary, default_vocabulary
 from modloc.engine.runtime.pipeline import VideoLocalization
 

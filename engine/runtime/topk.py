@@ -67,7 +67,7 @@ from modloc.engine.base.io.tfrecord import (
     iter_stream_records,
 )
 from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS, segment_id
-from modloc.training.datasets import ClassSpace
+from modloc.engine.base.vocab import ClassSpace
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.runtime.backends import BACKENDS
 from modloc.engine.runtime.batcher import BatcherConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
 
@@ -20,7 +21,6 @@ GRPC_MESSAGE_CEILING = (1 << 31) - 1
 # One whole 300-frame video (300 x 1152 bytes) plus the request's framing fits in far less.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * MIB
 MESSAGE_OVERHEAD = 4096  # bytes a request adds around its features (id, flags, framing)
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ library call:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from modloc.cli.common import print_json
 from modloc.engine.runtime.artifacts import GRAPHS, PRECISIONS
 
 
@@ -23,9 +23,6 @@ def add_commands(subparsers) -> None:
     _add_build(subparsers)
 
 
-def _print_json(payload) -> None:
-    json.dump(payload, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 def _leaf(text: str) -> int | str:
@@ -92,7 +89,7 @@ def _run_export(args: argparse.Namespace) -> int:
         map_tolerance=args.map_tolerance, threads=args.threads)
     artifacts = export_checkpoint(args.checkpoint, args.out, settings)
     if args.json:
-        _print_json({"checkpoint": args.checkpoint, "artifacts": artifacts})
+        print_json({"checkpoint": args.checkpoint, "artifacts": artifacts})
         return 0
     for item in artifacts:
         measured = "" if item["map"] is None else f"  MAP@K {item['map']:.4f}"
@@ -154,7 +151,7 @@ def _run_build(args: argparse.Namespace) -> int:
                   f"{plan['device']['name']} (sm {plan['device']['compute_capability']}), "
                   f"{plan['build_seconds']} s")
     if args.json:
-        _print_json(plans)
+        print_json(plans)
     return 0
 
 

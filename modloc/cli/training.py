@@ -13,11 +13,9 @@ torch: each handler imports what it runs. Every verb wraps one library function:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
-from modloc.cli import positive_int
+from modloc.cli.common import positive_int, print_json
 from modloc.training.config import (
     OPTIONS,
     Option,
@@ -40,9 +38,6 @@ def add_commands(subparsers) -> None:
     _add_evaluate(subparsers)
 
 
-def _print_json(payload: dict) -> None:
-    json.dump(payload, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 # --- models ---------------------------------------------------------------------------
@@ -67,7 +62,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
     models = list_models(num_classes=args.classes)
     if args.json:
-        _print_json({"num_classes": args.classes, "models": [
+        print_json({"num_classes": args.classes, "models": [
             {"name": m.name, "description": m.description, "parameters": m.num_params}
             for m in models]})
         return 0
@@ -153,13 +148,13 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides.update(parse_assignment(item) for item in args.set)
     config = load_config(args.recipe, args.config, overrides)
     if args.print_config:
-        _print_json(config.to_dict())
+        print_json(config.to_dict())
         return 0
     result = train(config)
     if os.environ.get("RANK", "0") != "0":  # a torchrun rank: rank 0 reports
         return 0
     if args.json:
-        _print_json(result.to_json())
+        print_json(result.to_json())
     else:
         if result.losses:
             print(f"{result.phase}: {result.steps} steps ({result.steps - result.start_step} in "
@@ -229,7 +224,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, window_batch_size=args.window_batch_size,
                       workers=args.workers, device=args.device, submissions=args.submissions)
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     if "video" in result:
         video = result["video"]

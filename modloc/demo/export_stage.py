@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from modloc.engine.base.io.readers import Patterns
+from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS
 from modloc.engine.runtime.artifacts import load_artifact
 from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend

@@ -30,10 +30,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from modloc.engine.base.features import RGB_SIZE
-from modloc.training.models.mod_tree import MixtureNode
 from modloc.training.models.nextvlad import NeXtVLAD
 from modloc.training.models.nextvlad_model import NeXtVLADModel
 
@@ -110,17 +108,3 @@ def grouped_nextvlad(
     # TF l2_normalize floors the squared norm at 1e-12, i.e. the norm at 1e-6
     vlad = F.normalize(vlad, dim=2, eps=1e-6).reshape(n, batch, group_size * clusters)
     return torch.stack([v.vlad_bn(leaf_vlad) for v, leaf_vlad in zip(vlads, vlad, strict=True)])
-
-
-def use_grouped_leaves(model: nn.Module, enabled: bool = True) -> int:
-    """Evaluate the sibling leaves of every leaf-holding node in ``model`` grouped (or not).
-
-    Works on a :class:`~modloc.training.models.MODTree` and on anything holding its nodes (the
-    placed and distributed trees of :mod:`modloc.training.parallel`). Parameters, buffers and the
-    state dict are untouched: only how ``MixtureNode.leaf_logits`` computes changes, through
-    the node's ``grouped_leaves`` flag. Returns the number of nodes switched.
-    """
-    nodes = [m for m in model.modules() if isinstance(m, MixtureNode) and m.holds_leaves]
-    for node in nodes:
-        node.grouped_leaves = enabled
-    return len(nodes)

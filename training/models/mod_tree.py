@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from modloc.engine.base.features import FEATURE_SIZE
+from modloc.training.models.grouped import grouped_leaf_logits
 from modloc.training.models.inputs import FeatureInput
 from modloc.training.models.nextvlad import init_linear_, tf_batch_norm
 from modloc.training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
@@ -117,7 +118,7 @@ class MixtureNode(nn.Module):
         super().__init__()
         self.gate = MixtureGate(branching[0])
         self.holds_leaves = len(branching) == 1
-        # Set by modloc.training.models.grouped.use_grouped_leaves: siblings as grouped matmuls.
+        # Set by use_grouped_leaves: siblings as grouped matmuls.
         self.grouped_leaves = False
         self.branches = nn.ModuleList(
             NeXtVLADModel(leaf) if self.holds_leaves else MixtureNode(branching[1:], leaf)
@@ -151,10 +152,6 @@ class MixtureNode(nn.Module):
         so with ``grouped_leaves`` they run as grouped matmuls (:mod:`modloc.training.models.grouped`).
         """
         if self.grouped_leaves:
-            from modloc.training.models.grouped import (
-                grouped_leaf_logits,  # grouped imports this module
-            )
-
             return grouped_leaf_logits(list(self.branches), x, mask)
         return torch.stack([leaf.forward_input(x, mask) for leaf in self.branches], dim=1)
 
@@ -208,3 +205,17 @@ class MODTree(nn.Module):
         In eval mode its forward equals ``self(...).logits[leaf_paths(branching)[index]]``.
         """
         return copy.deepcopy(self.node(leaf_paths(self.config.branching)[index]))
+
+
+def use_grouped_leaves(model: nn.Module, enabled: bool = True) -> int:
+    """Evaluate the sibling leaves of every leaf-holding node in ``model`` grouped (or not).
+
+    Works on a :class:`MODTree` and on anything holding its nodes (the
+    placed and distributed trees of :mod:`modloc.training.parallel`). Parameters, buffers and the
+    state dict are untouched: only how ``MixtureNode.leaf_logits`` computes changes, through
+    the node's ``grouped_leaves`` flag. Returns the number of nodes switched.
+    """
+    nodes = [m for m in model.modules() if isinstance(m, MixtureNode) and m.holds_leaves]
+    for node in nodes:
+        node.grouped_leaves = enabled
+    return len(nodes)

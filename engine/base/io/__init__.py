@@ -5,6 +5,7 @@ from modloc.engine.base.io.examples import (
     FEATURE_SIZE,
     RGB_SIZE,
     RecordFormatError,
+    RecordKindError,
     Video,
     VideoLevelRecord,
     decode_video,
@@ -14,12 +15,7 @@ from modloc.engine.base.io.examples import (
     encode_video_level,
     is_frame_level,
 )
-from modloc.engine.base.io.readers import (
-    RecordKindError,
-    iter_all_records,
-    read_video_level,
-    read_videos,
-)
+from modloc.engine.base.io.readers import read_video_level, read_videos
 from modloc.engine.base.io.tfrecord import (
     CorruptRecordError,
     ReadStats,
@@ -27,6 +23,7 @@ from modloc.engine.base.io.tfrecord import (
     TFRecordWriter,
     encode_record,
     expand_paths,
+    iter_all_records,
     iter_buffer_records,
     iter_records,
     masked_crc32c,

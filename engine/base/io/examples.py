@@ -24,6 +24,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from modloc.engine._proto.modloc import yt8m_example_pb2 as pb
+from modloc.engine.base.io.tfrecord import CorruptRecordError, Record
 
 RGB_SIZE = 1024
 AUDIO_SIZE = 128
@@ -325,3 +326,38 @@ def encode_video_level(record: VideoLevelRecord, id_key: str = "id") -> bytes:
     features.feature["mean_rgb"].float_list.value.extend(record.mean_rgb.tolist())
     features.feature["mean_audio"].float_list.value.extend(record.mean_audio.tolist())
     return message.SerializeToString()
+
+
+class RecordKindError(CorruptRecordError):
+    """A well-formed record that a frame-level reader cannot hand out: a video-level
+    ``Example``, or a record without frames where the caller needs features.
+
+    Raised even with ``skip_corrupt``: such a record means the wrong files were given
+    (video-level shards, or ``test_truth/`` ratings where features are needed), and
+    skipping them would silently read nothing.
+    """
+
+
+def frame_record_problem(
+    record: Record, video_id: str, rgb_frames: int, audio_frames: int, require_frames: bool
+) -> RecordKindError | None:
+    """Why a decoded frame-level ``record`` must not be handed out, or None.
+
+    Frame-level records without frames are legitimate: a ``test_truth`` file holds only
+    ratings. They are refused only with ``require_frames`` (training and localization,
+    which would otherwise run on all-padding inputs).
+    """
+    if not rgb_frames and not audio_frames and not is_frame_level(record.payload):
+        # field 1 is Features in both messages: an Example decodes as a frameless video
+        return RecordKindError(
+            record.source, record.index, record.offset,
+            f"video {video_id!r} is a video-level Example (mean_rgb/mean_audio, no frame "
+            "features); this needs frame-level SequenceExample records",
+        )
+    if require_frames and not min(rgb_frames, audio_frames):
+        return RecordKindError(
+            record.source, record.index, record.offset,
+            f"video {video_id!r} has no frames ({rgb_frames} rgb, {audio_frames} audio); "
+            "this needs frame features, which a ratings-only record (a test_truth file) lacks",
+        )
+    return None

@@ -21,17 +21,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from modloc.engine import _native
-from modloc.engine.base.io.examples import RecordFormatError, Video, decode_video
-from modloc.engine.base.io.readers import (
-    Patterns,
+from modloc.engine.base.io.examples import (
+    RecordFormatError,
     RecordKindError,
+    Video,
+    decode_video,
     frame_record_problem,
-    iter_all_records,
 )
 from modloc.engine.base.io.tfrecord import (
     CorruptRecordError,
+    Patterns,
     ReadStats,
     Record,
+    iter_all_records,
     iter_buffer_records,
 )
 
@@ -173,7 +175,7 @@ def _first_refused(
     batch: FrameBatch, positions: list[int], records: list[Record], require_frames: bool
 ) -> tuple[int, RecordKindError] | None:
     """``(batch index, error)`` of the first decoded video a frame-level reader refuses
-    (:func:`modloc.engine.base.io.readers.frame_record_problem`); ``positions[i]`` is video ``i``'s record."""
+    (:func:`modloc.engine.base.io.examples.frame_record_problem`); ``positions[i]`` is video ``i``'s record."""
     # without require_frames only a video with no frame in either stream can be refused
     # (a video-level Example); most batches have none, and skip the per-record check
     combine = np.minimum if require_frames else np.maximum
@@ -269,7 +271,7 @@ def read_frame_batches(
     record that fails framing, its CRC or decoding raises :class:`CorruptRecordError` naming
     the file, the record and its byte offset, or with ``skip_corrupt=True`` is counted in
     ``stats`` and left out; a video-level ``Example`` (or, with ``require_frames``, a record
-    without frames) raises :class:`~modloc.engine.base.io.readers.RecordKindError` in either mode.
+    without frames) raises :class:`~modloc.engine.base.io.examples.RecordKindError` in either mode.
     """
     yield from _batches(
         iter_all_records(patterns, skip_corrupt, stats),

@@ -22,61 +22,21 @@ from modloc.engine.base.io.examples import (
     VideoLevelRecord,
     decode_video,
     decode_video_level,
+    frame_record_problem,
     is_frame_level,
 )
+from modloc.engine.base.io.native import read_frame_batches
 from modloc.engine.base.io.tfrecord import (
     CorruptRecordError,
+    Patterns,
     ReadStats,
     Record,
     expand_paths,
+    iter_all_records,
     iter_records,
 )
 
-Patterns = str | os.PathLike | Iterable[str | os.PathLike]
 T = TypeVar("T")
-
-
-class RecordKindError(CorruptRecordError):
-    """A well-formed record that a frame-level reader cannot hand out: a video-level
-    ``Example``, or a record without frames where the caller needs features.
-
-    Raised even with ``skip_corrupt``: such a record means the wrong files were given
-    (video-level shards, or ``test_truth/`` ratings where features are needed), and
-    skipping them would silently read nothing.
-    """
-
-
-def frame_record_problem(
-    record: Record, video_id: str, rgb_frames: int, audio_frames: int, require_frames: bool
-) -> RecordKindError | None:
-    """Why a decoded frame-level ``record`` must not be handed out, or None.
-
-    Frame-level records without frames are legitimate: a ``test_truth`` file holds only
-    ratings. They are refused only with ``require_frames`` (training and localization,
-    which would otherwise run on all-padding inputs).
-    """
-    if not rgb_frames and not audio_frames and not is_frame_level(record.payload):
-        # field 1 is Features in both messages: an Example decodes as a frameless video
-        return RecordKindError(
-            record.source, record.index, record.offset,
-            f"video {video_id!r} is a video-level Example (mean_rgb/mean_audio, no frame "
-            "features); this needs frame-level SequenceExample records",
-        )
-    if require_frames and not min(rgb_frames, audio_frames):
-        return RecordKindError(
-            record.source, record.index, record.offset,
-            f"video {video_id!r} has no frames ({rgb_frames} rgb, {audio_frames} audio); "
-            "this needs frame features, which a ratings-only record (a test_truth file) lacks",
-        )
-    return None
-
-
-def iter_all_records(
-    patterns: Patterns, skip_corrupt: bool = False, stats: ReadStats | None = None
-) -> Iterator[Record]:
-    """CRC-checked records of every file named by ``patterns``, file by file in sorted order."""
-    for path in expand_paths(patterns):
-        yield from iter_records(path, skip_corrupt, stats)
 
 
 def decode_records(
@@ -131,8 +91,6 @@ def read_videos(
     features), while without it such records (``test_truth`` ratings) are yielded.
     """
     if decoder == "native":
-        from modloc.engine.base.io.native import read_frame_batches
-
         for batch in read_frame_batches(
             patterns, skip_corrupt=skip_corrupt, stats=stats, require_frames=require_frames
         ):

@@ -41,6 +41,10 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+# one path or glob pattern, or several
+Patterns = str | os.PathLike | Iterable[str | os.PathLike]
+
+
 class CorruptRecordError(ValueError):
     """A record that fails its framing or CRC check, or does not decode."""
 
@@ -234,7 +238,7 @@ def iter_buffer_records(
     yield from iter_stream_records(io.BytesIO(buffer), source, skip_corrupt, stats)
 
 
-def expand_paths(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+def expand_paths(patterns: Patterns) -> list[str]:
     """Files named by one or more paths or glob patterns, sorted, without repeats.
 
     Raises FileNotFoundError naming the pattern that matched nothing: a typo in a glob
@@ -251,3 +255,11 @@ def expand_paths(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> l
             raise FileNotFoundError(f"no TFRecord file matches {pattern!r}")
         paths.extend(matches)
     return list(dict.fromkeys(paths))
+
+
+def iter_all_records(
+    patterns: Patterns, skip_corrupt: bool = False, stats: ReadStats | None = None
+) -> Iterator[Record]:
+    """CRC-checked records of every file named by ``patterns``, file by file in sorted order."""
+    for path in expand_paths(patterns):
+        yield from iter_records(path, skip_corrupt, stats)

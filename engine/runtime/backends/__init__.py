@@ -21,94 +21,34 @@ this package costs nothing and needs none of them.
 
 from __future__ import annotations
 
-import importlib
 import os
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 
-import numpy as np
-
-from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE
-from modloc.engine.runtime.artifacts import Artifact, ArtifactError, frame_mask, load_artifact
-
-BACKENDS = {
-    "onnxruntime": ("modloc.engine.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
-    "tensorrt": ("modloc.engine.runtime.backends.tensorrt_backend", "TensorRTBackend"),
-    "torch": ("modloc.engine.runtime.backends.torch_backend", "TorchBackend"),
-}
+from modloc.engine.runtime.artifacts import Artifact, ArtifactError, load_artifact
+from modloc.engine.runtime.backends.interface import Backend, graph_inputs
 
 
-class Backend(ABC):
-    """A loaded artifact that scores batches.
+def _onnxruntime() -> type[Backend]:
+    from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    Attributes:
-        name: the backend's name (a key of :data:`BACKENDS`).
-        artifact: the verified artifact it runs (manifest included).
-    """
-
-    name: str
-
-    def __init__(self, artifact: Artifact):
-        self.artifact = artifact
-
-    @property
-    def class_ids(self) -> tuple[int, ...]:
-        """Vocabulary ids of the output columns."""
-        return self.artifact.class_ids
-
-    @property
-    def kind(self) -> str:
-        """``"video"`` or ``"segment"``."""
-        return self.artifact.kind
-
-    @property
-    def precision(self) -> str:
-        return self.artifact.precision
-
-    @abstractmethod
-    def run(self, features: np.ndarray, mask: np.ndarray | None = None,
-            num_frames: np.ndarray | None = None) -> np.ndarray:
-        """``(B, M, 1152)`` uint8 frames → ``(B, C)`` float32 probabilities.
-
-        Padding is given by ``mask`` (``(B, M)``, 1 at valid frames) or by ``num_frames``
-        (``(B,)`` valid frames per row); with neither, every frame is valid. The bytes of
-        padded frames are ignored.
-        """
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release what the backend holds (sessions, engines, device memory)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    return OnnxRuntimeBackend
 
 
-def graph_inputs(artifact: Artifact, features: np.ndarray, mask: np.ndarray | None = None,
-                 num_frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The graph's input arrays, by name, for a batch (checked, C-contiguous).
+def _tensorrt() -> type[Backend]:
+    from modloc.engine.runtime.backends.tensorrt_backend import TensorRTBackend
 
-    ``features`` is split into ``rgb`` and ``audio`` for a graph that takes them apart.
-    """
-    features = np.asarray(features)
-    if features.dtype != np.uint8 or features.ndim != 3 or features.shape[2] != FEATURE_SIZE:
-        raise ValueError(f"features must be (B, M, {FEATURE_SIZE}) uint8, got "
-                         f"{features.dtype} {features.shape}")
-    batch, frames, _ = features.shape
-    if mask is not None and num_frames is not None:
-        raise ValueError("give the padding as mask or as num_frames, not both")
-    if num_frames is not None:
-        mask = frame_mask(num_frames, frames)
-    elif mask is None:
-        mask = np.ones((batch, frames), np.float32)
-    mask = np.ascontiguousarray(mask, dtype=np.float32)
-    if mask.shape != (batch, frames):
-        raise ValueError(f"mask must be ({batch}, {frames}), got {mask.shape}")
-    if artifact.split_streams:
-        return {"rgb": np.ascontiguousarray(features[:, :, :RGB_SIZE]),
-                "audio": np.ascontiguousarray(features[:, :, RGB_SIZE:]), "mask": mask}
-    return {"features": np.ascontiguousarray(features), "mask": mask}
+    return TensorRTBackend
+
+
+def _torch() -> type[Backend]:
+    from modloc.engine.runtime.backends.torch_backend import TorchBackend
+
+    return TorchBackend
+
+
+# The one list of backend names; each class is imported only when its backend is opened.
+BACKENDS: dict[str, Callable[[], type[Backend]]] = {
+    "onnxruntime": _onnxruntime, "tensorrt": _tensorrt, "torch": _torch}
 
 
 def open_backend(artifact: Artifact | str | os.PathLike, backend: str = "onnxruntime",
@@ -118,8 +58,7 @@ def open_backend(artifact: Artifact | str | os.PathLike, backend: str = "onnxrun
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
-    module, name = BACKENDS[backend]
-    return getattr(importlib.import_module(module), name)(artifact, **options)
+    return BACKENDS[backend]()(artifact, **options)
 
 
 __all__ = ["BACKENDS", "ArtifactError", "Backend", "graph_inputs", "open_backend"]

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from modloc.engine.runtime.artifacts import Artifact, ArtifactError, TensorSpec, check_io
-from modloc.engine.runtime.backends import Backend, graph_inputs
+from modloc.engine.runtime.backends.interface import Backend, graph_inputs
 
 # ONNX Runtime's type strings for the dtypes an artifact's inputs and outputs use
 _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",

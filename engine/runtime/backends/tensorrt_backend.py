@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from modloc.engine.runtime.artifacts import Artifact, ArtifactError, TensorSpec, check_io
-from modloc.engine.runtime.backends import Backend, graph_inputs
+from modloc.engine.runtime.backends.interface import Backend, graph_inputs
 
 Rebuild = Callable[[Artifact], Artifact]
 

@@ -43,7 +43,7 @@ from modloc.engine.runtime.artifacts import (
     TensorSpec,
     check_io,
 )
-from modloc.engine.runtime.backends import Backend, graph_inputs
+from modloc.engine.runtime.backends.interface import Backend, graph_inputs
 
 
 def import_torch():

@@ -1,0 +1,177 @@
+"""The service verbs of ``modloc``: ``serve`` (the gRPC server) and ``client`` (calls to one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from modloc.cli.common import positive_int, print_json
+from modloc.cli.runtime import add_pipeline_options, pipeline_settings
+
+
+def add_commands(subparsers) -> None:
+    """Register these verbs on ``modloc``'s subparsers."""
+    _add_serve(subparsers)
+    _add_client(subparsers)
+
+
+def _add_serve(subparsers) -> None:
+    from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.service.config import ServerConfig
+
+    defaults = ServerConfig.__dataclass_fields__
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the modloc.v1 gRPC API (plus KServe v2, health, reflection)",
+        description=(
+            "Load exported artifacts and serve Localize/Ingest streams, per-class rankings "
+            "(TopSegments, Submission), Stats and ModelInfo over gRPC. Prints 'listening on "
+            "HOST:PORT' once serving (port 0 picks a free port). SIGTERM/SIGINT drain: health "
+            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written."
+        ),
+    )
+    add_pipeline_options(parser)
+    parser.add_argument("--address", default=defaults["address"].default,
+                        help="host:port to bind (default %(default)s)")
+    parser.add_argument("--state-dir", help="directory of the durable rankings (without it the "
+                        "server serves Localize only)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes sharing the port via SO_REUSEPORT (Localize only; "
+                        "refused with --state-dir)")
+    parser.add_argument("--snapshot-seconds", type=float, default=defaults["snapshot_seconds"].default)
+    parser.add_argument("--snapshot-videos", type=int, default=defaults["snapshot_videos"].default)
+    for name in ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
+                 "max_id_bytes", "max_top_k"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default,
+                            help="(default %(default)s)")
+    parser.add_argument("--batch-wait", type=float, default=BatcherConfig().max_wait,
+                        help="seconds the oldest queued video waits for company (default %(default)s)")
+    parser.add_argument("--max-queued-videos", type=int, default=BatcherConfig().max_queued_videos)
+    parser.add_argument("--grace", type=float, default=defaults["grace_seconds"].default,
+                        help="seconds a drain waits for open streams (default %(default)s)")
+    parser.add_argument("--token-file", help="bearer tokens, one a line")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow listening beyond loopback without tokens")
+    parser.add_argument("--tls-cert", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", help="server private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.service.app import serve
+    from modloc.engine.service.config import ServerConfig
+
+    pipeline, backend_options = pipeline_settings(args)
+    batcher = BatcherConfig(max_batch_videos=args.video_batch, max_wait=args.batch_wait,
+                            max_queued_videos=args.max_queued_videos)
+    config = ServerConfig(
+        artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
+        backend_options=backend_options, pipeline=pipeline, batcher=batcher,
+        address=args.address, state_dir=args.state_dir, snapshot_seconds=args.snapshot_seconds,
+        snapshot_videos=args.snapshot_videos, max_message_bytes=args.max_message_bytes,
+        max_frames=args.max_frames, max_streams=args.max_streams,
+        max_inflight_videos=args.max_inflight_videos, max_id_bytes=args.max_id_bytes,
+        max_top_k=args.max_top_k, grace_seconds=args.grace, processes=args.processes,
+        token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        metrics_port=args.metrics_port)
+    # the server's events (one key=value line each) go to stderr whatever -v says
+    logging.getLogger("modloc.server").setLevel(logging.INFO)
+    return serve(config, on_ready=lambda address: print(f"listening on {address}", flush=True))
+
+
+def _add_client(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "client",
+        help="talk to a modloc server: localize, ingest, top, submission, stats",
+        description="Send TFRecord videos to a running 'modloc serve', or read its rankings.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("address", help="host:port of the server")
+    common.add_argument("--token-file", help="file whose first token is sent as the bearer token")
+    common.add_argument("--tls-ca", help="CA certificate of the server (PEM); enables TLS")
+    common.add_argument("--timeout", type=float, help="seconds per call")
+    common.add_argument("--max-message-bytes", type=int, help="the server's message limit")
+    localize = actions.add_parser("localize", parents=[common], help="localize videos; JSON lines out")
+    localize.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
+    localize.add_argument("--threshold", type=float, default=0.0)
+    localize.add_argument("--max-segments", type=int, default=0)
+    localize.add_argument("--window", type=positive_int, default=32,
+                          help="unanswered videos at most (keep under the server's "
+                               "--max-inflight-videos)")
+    ingest = actions.add_parser("ingest", parents=[common], help="ingest videos into the rankings")
+    ingest.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords")
+    ingest.add_argument("--window", type=positive_int, default=32, help="unacknowledged videos at most")
+    ingest.add_argument("--reconnect-timeout", type=float, default=60.0,
+                        help="seconds each retry waits for the server to come back before "
+                             "giving up (default 60)")
+    top = actions.add_parser("top", parents=[common], help="one class's ranking")
+    top.add_argument("class_id", type=int)
+    top.add_argument("--k", type=int, default=10)
+    top.add_argument("--offset", type=int, default=0)
+    submission = actions.add_parser("submission", parents=[common], help="download the Kaggle CSV")
+    submission.add_argument("--out", required=True)
+    actions.add_parser("stats", parents=[common], help="the server's counters")
+    parser.set_defaults(handler=_run_client)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        return _client_action(args)
+    except grpc.RpcError as error:
+        raise RuntimeError(_rpc_failure(error, args)) from error
+
+
+def _rpc_failure(error, args: argparse.Namespace) -> str:
+    """A failed call in one line: the status code's name and what the server said."""
+    import grpc
+
+    code, details = error.code(), error.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"UNAVAILABLE: the server at {args.address} could not be reached ({details})"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout is not None:
+        return (f"DEADLINE_EXCEEDED: the server at {args.address} did not answer within "
+                f"--timeout {args.timeout:g} s")
+    return f"{code.name}: {details}"
+
+
+def _client_action(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from modloc.engine.service.client import LocalizationClient
+    from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES
+
+    token = None
+    if args.token_file:
+        from modloc.engine.service.security import load_tokens
+
+        token = load_tokens(args.token_file)[0]
+    with LocalizationClient(args.address, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
+                            max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES) as client:
+        if args.action == "localize":
+            for response in client.localize(args.data, args.threshold, args.max_segments,
+                                            window=args.window):
+                print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True)))
+        elif args.action == "ingest":
+            acks = client.ingest(args.data, window=args.window, progress=None,
+                                 reconnect_timeout=args.reconnect_timeout)
+            duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
+            print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
+        elif args.action == "top":
+            for entry in client.top_segments(args.class_id, args.k, args.offset):
+                print(f"{entry.rank}\t{entry.video_id}:{entry.start_seconds}\t{entry.score:.6g}")
+        elif args.action == "submission":
+            data = client.submission(args.out)
+            print(f"wrote {args.out} ({len(data)} bytes)")
+        else:
+            # every counter, zeros included: a script reading one must find it
+            print_json(MessageToDict(client.stats(), always_print_fields_with_no_presence=True))
+    return 0
