@@ -1,6 +1,6 @@
 """Throughput of the whole localization pipeline per backend and batch size.
 
-The engine as ``modloc infer`` and the service run it (:class:`modloc.engine.runtime.localizer.Engine`):
+The engine as ``modloc infer`` and the service run it (:class:`modloc.engine.runtime.localizer.Localizer`):
 video-level scores → top-20 candidates → every 5-frame window scored → ``P_vid^a · P_seg^b``
 → per-class top-K (K = 100,000, the native accumulator), over synthetic videos already
 decoded in memory (reading is ``bench_io.py``'s question). Rows:
@@ -46,8 +46,9 @@ from modloc.engine.base.synth import config_from, generate
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import open_backend
 from modloc.engine.runtime.fusion import FusionConfig
-from modloc.engine.runtime.localizer import Engine
+from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.engine.runtime.rankings import Rankings
 from modloc.export.exporter import ExportSettings, export_checkpoint
 
 RESULTS_FILE = RESULTS / "bench_pipeline.md"
@@ -101,9 +102,10 @@ def bench_backend(root: Path, videos, backend: str, window_batches, args, option
                             ScoringModel.from_backend(segment_backend), config)
 
         def whole_pipeline(pipeline=pipeline):
-            engine = Engine(pipeline, class_ids=segment_backend.class_ids)  # fresh rankings per pass
+            # fresh rankings per pass
+            localizer = Localizer(pipeline, Rankings(segment_backend.class_ids, pipeline.config.fusion.k))
             for begin in range(0, len(videos), args.chunk):
-                engine.localize(videos[begin:begin + args.chunk])
+                localizer.localize(videos[begin:begin + args.chunk])
 
         alone = median_pass(model_alone, args.repeats)
         before = dict(pipeline.times.seconds)

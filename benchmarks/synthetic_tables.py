@@ -21,7 +21,7 @@ What one run does
    video labels of ``train`` (the ``pretrain`` recipe, T = λ = 1), then fine-tuning on the
    rated segments of ``validate`` (the ``finetune`` recipe: dropout 0.75, L2 1e-4, Adam
    state restored, the row's T and λ = T²), with the demo's shortened schedules
-   (:data:`modloc.demo.DEMO_PRETRAIN`, :data:`modloc.demo.DEMO_FINETUNE`: a few epochs, a
+   (:data:`modloc.training.small_scale.SMALL_PRETRAIN`, :data:`~modloc.training.small_scale.SMALL_FINETUNE`: a few epochs, a
    larger learning rate and BatchNorm momentum) and the demo's trainer entry point.
 3. **Scoring.** Segment MAP@K on ``test`` through the engine's pipeline
    (:func:`modloc.training.evaluate.evaluate_segments`: top-20 candidates from the video model,
@@ -102,10 +102,10 @@ from pathlib import Path
 
 from _common import RESULTS, cpu_model, provenance
 
-from modloc.demo import DEMO_FINETUNE, DEMO_PRETRAIN, single_threaded, train_stage
 from modloc.engine.base.atomic import write_atomically
 from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
 from modloc.engine.base.synth import SynthConfig, config_from, generate
+from modloc.training.small_scale import SMALL_FINETUNE, SMALL_PRETRAIN, single_threaded, train_run
 
 RESULTS_FILE = RESULTS / "tables.md"
 # Steps between a training run's checkpoints, from which a killed run resumes: about five
@@ -477,24 +477,24 @@ class Benchmark:
 
     def settings(self, run: RunSpec, seed: int, parent_checkpoint: str | None,
                  capped: bool = True) -> tuple[str, dict]:
-        """The recipe and overrides ``modloc.demo.train_stage`` gets for ``run`` (with
+        """The recipe and overrides ``modloc.training.small_scale.train_run`` gets for ``run`` (with
         ``capped``, ``steps_cap`` replaces the schedule's length)."""
         common = {"seed": seed, "device": self.device}
         if run.kind == "pretrain":
             recipe = "pretrain"
-            settings = {**DEMO_PRETRAIN, **self.scale.pretrain, "model.name": run.preset,
+            settings = {**SMALL_PRETRAIN, **self.scale.pretrain, "model.name": run.preset,
                         "model.overrides": dict(run.overrides),
                         "data.train": [self.data.glob("train")], "data.classes": self.data.all_classes}
         elif run.kind == "scratch":
             # the fine-tuning recipe (segment mode, dropout 0.75, L2 1e-4) on a fresh model
             recipe = "finetune"
-            settings = {**DEMO_FINETUNE, **self.scale.finetune, "phase": "pretrain",
+            settings = {**SMALL_FINETUNE, **self.scale.finetune, "phase": "pretrain",
                         "model.name": run.preset, "model.overrides": dict(run.overrides),
                         "data.train": [self.data.glob("validate")],
                         "data.classes": self.data.segment_classes}
         elif run.kind == "finetune":
             recipe = "finetune"
-            settings = {**DEMO_FINETUNE, **self.scale.finetune, "init_from": parent_checkpoint,
+            settings = {**SMALL_FINETUNE, **self.scale.finetune, "init_from": parent_checkpoint,
                         "data.train": [self.data.glob("validate")],
                         "loss.temperatures": [run.temperature],
                         "loss.lambdas": [run.temperature ** 2]}
@@ -539,7 +539,7 @@ class Benchmark:
             say(f"train {key} seed {seed}: " + (f"resume from {latest_checkpoint(directory).name}"
                                                 if resume else "start"))
             with self._threads():
-                summary = train_stage(directory, recipe, settings, checkpoint_every=CHECKPOINT_EVERY,
+                summary = train_run(directory, recipe, settings, checkpoint_every=CHECKPOINT_EVERY,
                                       resume=resume)
             record = {**summary, "run": key, "seed": seed, "hash": self.run_hash(key, seed),
                       "device": self.device_label, "parameters": self._parameters(summary["checkpoint"])}
@@ -874,8 +874,8 @@ window of every video: the row's segment model alone, without the video model's 
 - models: NeXtVLAD {json.dumps(scale.nextvlad)}, large {json.dumps(scale.nextvlad_large)},
   MOD leaves {json.dumps(scale.mod_leaf)}, DBoF {json.dumps(scale.dbof)}
 - schedules (the demo's, `engine/demo.py`, with the scale's changes): pretrain
-  {json.dumps(_schedule(DEMO_PRETRAIN, scale.pretrain))}; fine-tune
-  {json.dumps(_schedule(DEMO_FINETUNE, scale.finetune))}
+  {json.dumps(_schedule(SMALL_PRETRAIN, scale.pretrain))}; fine-tune
+  {json.dumps(_schedule(SMALL_FINETUNE, scale.finetune))}
 - this invocation: {counts['trained']} runs trained, {counts['evaluated']} (row, seed) results scored,
   {counts['cached']} taken from `{counts['work']}`
 

@@ -49,7 +49,7 @@ from modloc.engine.runtime.artifacts import (
 )
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
-from modloc.engine.runtime.offline_eval import Scorer
+from modloc.engine.runtime.pipeline import Scorer, backend_scorer
 from modloc.export.graph import export_module
 from modloc.export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
 from modloc.export.onnx_export import (
@@ -69,7 +69,7 @@ from modloc.export.precision import (
     open_runner,
     quantize_int8,
 )
-from modloc.export.validation import backend_scorer, validation_map
+from modloc.export.validation import validation_map
 from modloc.training.checkpoint import Checkpoint, load_checkpoint
 from modloc.training.models import MODTree, NeXtVLADModel, TreeOutput, leaf_paths
 

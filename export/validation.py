@@ -1,7 +1,7 @@
 """Segment MAP@K of exported models, computed from any scorer (ONNX Runtime, TensorRT, PyTorch).
 
 A scorer maps a uint8 batch to probabilities: ``(features (B, M, 1152), num_frames (B,))
-→ (B, C)``; a backend's ``run`` is one (:func:`backend_scorer`).
+→ (B, C)``; a backend's ``run`` is one (:func:`modloc.engine.runtime.pipeline.backend_scorer`).
 
 - :func:`validation_map`: the measure of the precision variants and of the leaf choice.
   Several scorers read the same batches of a rated split (the synthetic ``validate``
@@ -28,40 +28,24 @@ Pure numpy: the engine's fusion, ranking and metric code, no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from modloc.engine.base.features import MAX_FRAMES
 from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
+from modloc.engine.base.metrics.segment import VideoRatings
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.fusion import FusionConfig, dummy_pairs, top_candidates
 from modloc.engine.runtime.offline_eval import (
     MultiScorer,
-    Scorer,
     localize_split,
     score_windows,
     video_batches,
 )
 from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
-from modloc.engine.runtime.topk import TopK
-
-
-def backend_scorer(backend: Backend) -> Scorer:
-    """``backend.run`` as a scorer."""
-    return lambda features, num_frames: backend.run(features, num_frames=num_frames)
-
-
-@dataclass(frozen=True)
-class _Ratings:
-    """The ratings of a video without its frames (what :class:`SegmentTruth` reads)."""
-
-    id: str
-    segment_labels: np.ndarray
-    segment_start_times: np.ndarray
-    segment_scores: np.ndarray
+from modloc.engine.runtime.rankings import Rankings
 
 
 def validation_map(
@@ -90,33 +74,32 @@ def validation_map(
     if kind not in ("video", "segment"):
         raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
     ids = np.asarray(class_ids, dtype=np.int64)
-    rankers: dict[str, TopK] = {}
-    ratings: list[_Ratings] = []
+    systems: dict[str, Rankings] = {}
+    ratings: list[VideoRatings] = []
     for videos, features, num_frames in video_batches(patterns, batch_size):
-        ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times, v.segment_scores)
-                       for v in videos)
+        ratings.extend(VideoRatings.of(v) for v in videos)
         if kind == "video":
             for name, probabilities in score(features, num_frames).items():
-                ranker = rankers.setdefault(name, TopK(ids, k))
+                rankings = systems.setdefault(name, Rankings(ids, k))
                 candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
                 for row, video in enumerate(videos):
-                    ranker.add(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
+                    rankings.add_pairs(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
                                                       candidate_scores[row]))
             continue
         packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
         scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
         for name, probabilities in scores.items():
-            ranker = rankers.setdefault(name, TopK(ids, k))
+            rankings = systems.setdefault(name, Rankings(ids, k))
             for row, video in enumerate(videos):
                 own = packed.windows(row)
                 full = np.flatnonzero(~own.partial)
                 window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
-                ranker.add(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
+                rankings.add_pairs(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
                            window_scores[full].ravel())
     if not ratings:
         raise ValueError(f"no video in {patterns}")
     truth = SegmentTruth.from_videos(ratings)
-    return {name: segment_map(ranker.rankings(), truth, k=k).map for name, ranker in rankers.items()}
+    return {name: segment_map(rankings.rows(), truth, k=k).map for name, rankings in systems.items()}
 
 
 def fused_segment_map(
@@ -138,4 +121,4 @@ def fused_segment_map(
                           test, truth, class_ids, config)
 
 
-__all__ = ["backend_scorer", "fused_segment_map", "validation_map"]
+__all__ = ["fused_segment_map", "validation_map"]

@@ -279,3 +279,16 @@ def test_demo_help_names_every_stage(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     for stage in ("inspect", "pre-train", "fine-tune", "export", "infer", "serve"):
         assert stage in shown, stage
+
+
+def test_rebuild_plans_hands_the_tensorrt_backend_the_export_rebuild_hook(capsys):
+    from modloc.cli import build_parser
+    from modloc.cli.runtime import pipeline_settings
+    from modloc.export.trt import rebuild_plan
+
+    parser = build_parser()
+    _, options = pipeline_settings(parser.parse_args(
+        ["infer", "artifacts", "--data", "x", "--out", "y", "--backend", "tensorrt", "--rebuild-plans"]))
+    assert options == {"rebuild": rebuild_plan}
+    assert main(["infer", "artifacts", "--data", "x", "--out", "y", "--rebuild-plans"]) == 1
+    assert "--rebuild-plans is an option of the tensorrt backend" in capsys.readouterr().err

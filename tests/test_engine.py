@@ -22,8 +22,9 @@ from modloc.engine.base.scoring import evaluate_submission
 from modloc.engine.base.submission import read_submission
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.infer import Prefetcher, infer
-from modloc.engine.runtime.localizer import Engine, artifact_paths
+from modloc.engine.runtime.localizer import Localizer, artifact_paths
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.engine.runtime.rankings import Rankings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,9 +111,9 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
     infer(tiny_artifacts, split(tiny_dataset, "test"), plain, config=config, progress=False)
 
     videos = list(read_videos(split(tiny_dataset, "test")))  # file order: the videos' orders
-    with Engine.from_artifacts(tiny_artifacts, config=config) as engine:
+    with Localizer.from_artifacts(tiny_artifacts, config=config) as engine:
         results = engine.localize(videos, rank=False)
-    ranked = set(engine.class_ids)
+    ranked = set(engine.rankings.class_ids)
     expansion: dict[int, list[tuple[float, int, int]]] = {}
     for order, (video, result) in enumerate(zip(videos, results, strict=True)):
         for class_id, score in zip(result.candidate_ids.tolist(), result.candidate_scores.tolist(),
@@ -130,7 +131,7 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
             if (class_id, order, start) in allowed and value > 0:
                 expected.setdefault(class_id, []).append((-value, order, start))
     rows = read_submission(str(cut))
-    for class_id in engine.class_ids:
+    for class_id in engine.rankings.class_ids:
         want = [f"{videos[order].id}:{start}" for _, order, start in sorted(expected.get(class_id, []))]
         assert rows[class_id] == want, class_id
     assert rows != read_submission(str(plain))  # at k = 12 the cut changes rankings
@@ -138,7 +139,7 @@ def test_infer_with_the_expansion_cut_ranks_as_the_reference_pipeline(tiny_artif
 
 def test_fallback_fills_only_from_each_videos_top_1000_classes():
     from modloc.engine.base.io.examples import Video
-    from modloc.engine.runtime.localizer import FALLBACK_CLASSES_PER_VIDEO
+    from modloc.engine.runtime.rankings import FALLBACK_CLASSES_PER_VIDEO
 
     # 1500 video classes scored by rank: class c gets 1 - c / 1500, so classes 0..999 are
     # the video's top 1000; the ranked classes 998, 999 (inside) and 1200 (outside)
@@ -146,10 +147,10 @@ def test_fallback_fills_only_from_each_videos_top_1000_classes():
     video_model = ScoringModel(lambda f, n: np.tile(1 - np.arange(1500, dtype=np.float32) / 1500,
                                                     (len(f), 1)), classes)
     segment_model = ScoringModel(lambda f, n: np.zeros((len(f), 3), np.float32), (998, 999, 1200))
-    engine = Engine(Pipeline(video_model, segment_model, PipelineConfig(fusion=FusionConfig(k=4))),
-                    class_ids=[998, 999, 1200], fallback=True)
-    engine.localize([Video("v", np.zeros((10, 1152), np.uint8))], orders=[0])
-    rows = engine.rankings()
+    localizer = Localizer(Pipeline(video_model, segment_model, PipelineConfig(fusion=FusionConfig(k=4))),
+                          Rankings([998, 999, 1200], k=4, fallback=True))
+    localizer.localize([Video("v", np.zeros((10, 1152), np.uint8))], orders=[0])
+    rows = localizer.rankings.rows()
     assert FALLBACK_CLASSES_PER_VIDEO == 1000
     assert rows[998] == rows[999] == ["v:0", "v:5"] and rows[1200] == []
 
@@ -157,11 +158,11 @@ def test_fallback_fills_only_from_each_videos_top_1000_classes():
 def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_dataset, classes):
     videos = list(read_videos(split(tiny_dataset, "test")))
     config = PipelineConfig(fusion=FusionConfig(top_n=2, k=400))
-    with Engine.from_artifacts(tiny_artifacts, config=config, class_ids=classes) as plain, \
-            Engine.from_artifacts(tiny_artifacts, config=config, class_ids=classes, fallback=True) as filled:
+    with Localizer.from_artifacts(tiny_artifacts, config=config, class_ids=classes) as plain, \
+            Localizer.from_artifacts(tiny_artifacts, config=config, class_ids=classes, fallback=True) as filled:
         plain.localize(videos)
         filled.localize(videos)
-        before, after = plain.rankings(), filled.rankings()
+        before, after = plain.rankings.rows(), filled.rankings.rows()
     full_segments = sum(len(v.features[:300]) // 5 for v in videos)
     for class_id in classes:
         assert after[class_id][: len(before[class_id])] == before[class_id]  # fused first, untouched
@@ -178,7 +179,7 @@ def test_artifact_paths_name_what_is_missing(tiny_artifacts, tmp_path):
     with pytest.raises(FileNotFoundError, match="from modloc export"):
         artifact_paths(tmp_path)
     with pytest.raises(ValueError, match="video-level model where a segment-level"):
-        Engine.from_artifacts(tiny_artifacts, segment=str(tiny_artifacts / "video" / "distill-fp32"))
+        Localizer.from_artifacts(tiny_artifacts, segment=str(tiny_artifacts / "video" / "distill-fp32"))
 
 
 def test_show_draws_a_timeline_png_with_the_ratings(tiny_artifacts, tiny_dataset, tmp_path, capsys):
@@ -195,7 +196,7 @@ def test_show_draws_a_timeline_png_with_the_ratings(tiny_artifacts, tiny_dataset
 
 def test_engine_localize_returns_candidates_and_fused_windows(tiny_artifacts, tiny_dataset, classes):
     videos = list(read_videos(split(tiny_dataset, "test")))[:3]
-    with Engine.from_artifacts(tiny_artifacts, class_ids=classes) as engine:
+    with Localizer.from_artifacts(tiny_artifacts, class_ids=classes) as engine:
         results = engine.localize(videos)
     for video, result in zip(videos, results, strict=True):
         assert result.video_id == video.id
@@ -211,9 +212,9 @@ def test_the_same_artifacts_rank_the_same_on_pytorch_and_onnx_runtime(tiny_artif
     videos = list(read_videos(split(tiny_dataset, "test")))
     rankings = {}
     for backend in ("onnxruntime", "torch"):
-        with Engine.from_artifacts(tiny_artifacts, variant, variant, backend, class_ids=classes) as engine:
+        with Localizer.from_artifacts(tiny_artifacts, variant, variant, backend, class_ids=classes) as engine:
             engine.localize(videos)
-            rankings[backend] = {c: engine.ranking.ranking(c) for c in classes}
+            rankings[backend] = {c: engine.rankings.ranking(c) for c in classes}
     for class_id in classes:
         onnx_rows, torch_rows = rankings["onnxruntime"][class_id], rankings["torch"][class_id]
         assert [(v, s) for v, s, _ in onnx_rows] == [(v, s) for v, s, _ in torch_rows], class_id
@@ -256,11 +257,11 @@ def test_backend_flags_that_do_not_fit_are_refused(tmp_path, capsys, flags, mess
 # --- infer's reading, over an engine of constant models (no artifacts) -----------------
 
 
-def constant_engine(*args, **options) -> Engine:
-    """Stands in for Engine.from_artifacts: two models that score every class 0.5."""
+def constant_engine(*args, **options) -> Localizer:
+    """Stands in for Localizer.from_artifacts: two models that score every class 0.5."""
     model = ScoringModel(lambda features, num_frames: np.full((len(features), 3), 0.5, np.float32),
                          (3, 4, 5))
-    return Engine(Pipeline(model, model), class_ids=[3, 4, 5])
+    return Localizer(Pipeline(model, model), Rankings([3, 4, 5]))
 
 
 def reader_threads() -> list[threading.Thread]:
@@ -283,12 +284,12 @@ def test_infer_stops_and_joins_its_reader_when_the_engine_fails(tmp_path, monkey
             calls.append(len(videos))
             if len(calls) == 2:
                 raise RuntimeError("device lost")
-            return Engine.localize(engine, videos, orders)
+            return Localizer.localize(engine, videos, orders)
 
         engine.localize = localize
         return engine
 
-    monkeypatch.setattr(Engine, "from_artifacts", failing_engine)
+    monkeypatch.setattr(Localizer, "from_artifacts", failing_engine)
     with pytest.raises(RuntimeError, match="device lost"):
         infer("unused", data, tmp_path / "s.csv", chunk_videos=1, progress=False)
     # the reader, with chunks still to read, was stopped and joined, not left running
@@ -301,7 +302,7 @@ def test_infer_over_a_file_that_fails_midway_names_the_record(tmp_path, monkeypa
     path = tmp_path / "test.tfrecord"
     good = [encode_video(Video(f"v{i}", np.full((10, 1152), 7, np.uint8))) for i in range(3)]
     write_records(path, [*good, encode_truth(Video("t0", np.zeros((10, 1152), np.uint8))), *good])
-    monkeypatch.setattr(Engine, "from_artifacts", constant_engine)
+    monkeypatch.setattr(Localizer, "from_artifacts", constant_engine)
     with pytest.raises(RecordKindError, match=rf"{path}: record 3 at byte offset \d+: video 't0' "
                        "has no frames"):
         infer("unused", str(path), tmp_path / "s.csv", chunk_videos=1, progress=False)
@@ -311,7 +312,7 @@ def test_infer_over_a_file_that_fails_midway_names_the_record(tmp_path, monkeypa
 
 def test_infer_refuses_a_video_id_a_segment_id_cannot_carry_when_it_is_read(tmp_path, monkeypatch):
     data = write_videos(tmp_path / "test.tfrecord", ["a", "b", "D:/videos/v2.mp4", "c"])
-    monkeypatch.setattr(Engine, "from_artifacts", constant_engine)
+    monkeypatch.setattr(Localizer, "from_artifacts", constant_engine)
     with pytest.raises(ValueError, match=rf"{data}: record 2: video id 'D:/videos/v2.mp4' cannot "
                        "be ranked: a Kaggle segment id '<video id>:<start>' needs"):
         infer("unused", data, tmp_path / "s.csv", chunk_videos=8, progress=False)

@@ -7,7 +7,9 @@ function-level import is still a dependency) and checks them against the layer t
     base ← runtime ← service;  base, runtime ← training ← export;  roof (cli, demo) → all
 
 A computed import (``importlib.import_module`` / ``__import__`` with anything but a
-string literal) is refused too: it would hide an edge from this test.
+string literal) is refused too, since it would hide an edge from this test, unless the module
+names it can import stand in a literal table in the same file (the lazy attributes of the
+public API): each name in the table then counts as an import.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ def imports_of(module: str, path: Path, known: set[str]) -> tuple[set[str], list
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     computed = []
+    table = {node.value for statement in tree.body if isinstance(statement, (ast.Assign, ast.AnnAssign))
+             for node in ast.walk(statement)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and node.value.startswith("modloc.")}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -86,7 +92,9 @@ def imports_of(module: str, path: Path, known: set[str]) -> tuple[set[str], list
             name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
             if name in ("import_module", "__import__") and not (
                     node.args and isinstance(node.args[0], ast.Constant)):
-                computed.append(f"{path}:{node.lineno}")
+                if not table:
+                    computed.append(f"{path}:{node.lineno}")
+                found.update(table)
             elif name in ("import_module", "__import__"):
                 found.add(node.args[0].value)
     return {name for name in found if name == "modloc" or name.startswith("modloc.")}, computed
@@ -173,3 +181,13 @@ def test_a_computed_import_is_reported(tmp_path):
     found, computed = imports_of("modloc.engine.base.probe", path, {"modloc.engine.base.vocab"})
     assert computed == [f"{path}:3"]
     assert found == {"modloc.engine.base", "modloc.engine.base.vocab"}
+
+
+def test_a_computed_import_from_a_literal_table_counts_its_names(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("import importlib\nTABLE = {'x': 'modloc.engine.service.core'}\n"
+                    "def get(name):\n    return importlib.import_module(TABLE[name])\n")
+    found, computed = imports_of("modloc.engine.base.probe", path, set())
+    assert computed == [] and found == {"modloc.engine.service.core"}
+    assert upward_edges({"modloc.engine.base.probe": found}) == [
+        "modloc.engine.base.probe (base) imports modloc.engine.service.core (service)"]

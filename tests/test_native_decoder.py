@@ -37,7 +37,6 @@ from modloc.engine.base.io import (
 )
 from modloc.engine.base.io.native import (
     FrameBatch,
-    decode_buffer,
     decode_payloads,
     read_frame_batches,
 )
@@ -628,13 +627,15 @@ def test_framing_error_after_the_videos_before_it(tmp_path):
     payloads = [encode_video(video(1, seed=s)) for s in range(3)]
     data = bytearray(b"".join(encode_record(p) for p in payloads))
     data[-1] ^= 0xFF  # data CRC of the last record
+    path = tmp_path / "damaged.tfrecord"
+    path.write_bytes(bytes(data))
     with pytest.raises(CorruptRecordError, match="data CRC mismatch") as raised:
         seen = []
-        for batch in decode_buffer(bytes(data), source="mem", videos_per_batch=64):
+        for batch in read_frame_batches(str(path), videos_per_batch=64):
             seen += [v.id for v in batch.videos()]
-    assert seen == ["v0", "v1"] and raised.value.source == "mem"
+    assert seen == ["v0", "v1"] and raised.value.source == str(path)
     stats = ReadStats()
-    batches = list(decode_buffer(bytes(data), skip_corrupt=True, stats=stats))
+    batches = list(read_frame_batches(str(path), skip_corrupt=True, stats=stats))
     assert [v.id for b in batches for v in b.videos()] == ["v0", "v1"]
     assert (stats.records, stats.corrupt_records) == (2, 1)
 

@@ -26,7 +26,7 @@ from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.runtime.backends import open_backend
 from modloc.engine.runtime.infer import infer
-from modloc.engine.runtime.localizer import Engine
+from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.service.client import LocalizationClient, video_chunks
 from modloc.engine.service.process import ServerProcess
 
@@ -103,8 +103,8 @@ def wait_idle(client, timeout=5.0) -> pb.StatsResponse:
 
 
 def test_localize_equals_in_process_engine(client, tiny_artifacts, test_videos):
-    with Engine.from_artifacts(tiny_artifacts) as engine:
-        expected = {r.video_id: r for r in engine.localize(test_videos, rank=False)}
+    with Localizer.from_artifacts(tiny_artifacts) as localizer:
+        expected = {r.video_id: r for r in localizer.localize(test_videos, rank=False)}
     responses = list(client.localize(test_videos))
     assert sorted(r.video_id for r in responses) == sorted(expected)
     for response in responses:
@@ -485,7 +485,7 @@ def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny
         with pytest.raises(StateFailure):
             core.submission_csv()
         with pytest.raises(StateFailure):
-            core.ranking(core.engine.class_ids[0], 1, 0)
+            core.ranking(core.localizer.rankings.class_ids[0], 1, 0)
         await core.close()
 
     asyncio.run(scenario())

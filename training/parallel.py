@@ -46,7 +46,6 @@ assembles the :class:`~modloc.training.models.MODTree` state dict on rank 0 and
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,8 +69,6 @@ from modloc.training.models.mod_tree import (
     node_name,
 )
 from modloc.training.models.nextvlad_model import NeXtVLADModel
-
-LOG = logging.getLogger(__name__)
 
 # torch 2.13 renamed the single-tensor collectives and warns on the old names; the project
 # admits torch >= 2.4, which has only the old ones
@@ -570,18 +567,3 @@ def _seeded(seed: int, part: int, build):
         # CUDA dropout streams must go on where the checkpoint left them
         torch.default_generator.manual_seed(int(np.random.SeedSequence((seed, part)).generate_state(1)[0]))
         return build()
-
-
-def log_loss_terms(
-    loss: ShardLoss, step: int, logger: logging.Logger = LOG
-) -> LossTerms:
-    """Collective: gather the whole tree's loss terms and log them on rank 0 (one line).
-
-    Returns the gathered :class:`LossTerms` on every rank.
-    """
-    gathered = loss.gather()
-    if dist.get_rank(loss.group) == 0:
-        logger.info("step %d loss %.6f %s", step, gathered.total.item(),
-                    " ".join(f"{name}={value.item():.6f}" for name, value in
-                             gathered.terms.items()))
-    return gathered

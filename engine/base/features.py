@@ -37,12 +37,6 @@ def quantize(values: np.ndarray) -> np.ndarray:
     return np.round((clipped - QUANT_MIN) * 255.0 / (QUANT_MAX - QUANT_MIN)).astype(np.uint8)
 
 
-def dequantize(quantized: np.ndarray) -> np.ndarray:
-    """uint8 features → float32 (G's ``Dequantize``)."""
-    return (np.asarray(quantized, dtype=np.float32) * np.float32(DEQUANT_SCALE)
-            + np.float32(DEQUANT_BIAS))
-
-
 @functools.lru_cache(maxsize=1)
 def rgb_unwhitening_scale() -> np.ndarray:
     """``(1024,)`` float32 ``sqrt(e) + 1e-4`` from the shipped PCA eigenvalues."""
@@ -108,7 +102,7 @@ def num_segments(num_frames: int, segment_frames: int = SEGMENT_FRAMES) -> int:
 
 __all__ = [
     "AUDIO_SIZE", "DEQUANT_BIAS", "DEQUANT_SCALE", "FEATURE_SIZE", "MAX_FRAMES", "RGB_OFFSET",
-    "RGB_SIZE", "SEGMENT_FRAMES", "dequantize", "input_affine", "masked_model_input", "model_input",
+    "RGB_SIZE", "SEGMENT_FRAMES", "input_affine", "masked_model_input", "model_input",
     "num_segments",
     "padding_input", "quantize", "rgb_unwhitening_scale",
 ]

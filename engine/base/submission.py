@@ -94,6 +94,20 @@ class Problem:
         return f"{where}: {self.kind.value}: {self.message}"
 
 
+def check_rankable_id(video_id: str, where: str = "") -> None:
+    """Refuse a video id that a ranked segment id ``'<video id>:<start>'`` (REFERENCE §7,
+    the Kaggle CSV) cannot carry: empty, or holding whitespace, ':' or ','.
+
+    Only ranking needs this: such a video can still be localized (``modloc show``, the
+    Localize service). ``where`` (e.g. ``"file.tfrecord: record 3: "``) prefixes the message.
+    """
+    if video_id and not any(c.isspace() or c in ":," for c in video_id):
+        return
+    raise ValueError(f"{where}video id {video_id!r} cannot be ranked: a Kaggle segment id "
+                     "'<video id>:<start>' needs a non-empty video id without whitespace, "
+                     "':' or ','")
+
+
 def write_submission(
     path_or_file: PathOrFile,
     rankings: Mapping[int, Sequence[str]],

@@ -24,8 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +32,8 @@ from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import Patterns, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
+from modloc.engine.base.metrics.segment import VideoRatings
+from modloc.engine.base.submission import check_rankable_id
 from modloc.engine.runtime.distributed import (
     Shard,
     broadcast,
@@ -43,24 +43,13 @@ from modloc.engine.runtime.distributed import (
     video_order,
 )
 from modloc.engine.runtime.expansion import ExpansionCut, entries_of
-from modloc.engine.runtime.localizer import Engine
-from modloc.engine.runtime.pipeline import PipelineConfig, check_rankable_id
-from modloc.engine.runtime.topk import TopK
+from modloc.engine.runtime.localizer import Localizer
+from modloc.engine.runtime.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 CHUNK_VIDEOS = 256  # videos per engine call: large device batches, bounded memory
 PREFETCH_CHUNKS = 2  # decoded chunks waiting while the engine works on one
-
-
-@dataclass(frozen=True)
-class _Ratings:
-    """A video's segment ratings without its frames (what SegmentTruth reads)."""
-
-    id: str
-    segment_labels: object
-    segment_start_times: object
-    segment_scores: object
 
 
 def ordered_chunks(files: list[tuple[int, str]], size: int) -> Iterator[tuple[list[Video], list[int]]]:
@@ -142,22 +131,22 @@ class Prefetcher:
         self.close()
 
 
-def _expansion_cut(engine, files: list[tuple[int, str]], chunk_videos: int, shard: Shard,
+def _expansion_cut(localizer: Localizer, files: list[tuple[int, str]], chunk_videos: int, shard: Shard,
                    progress: bool | None, description: str) -> ExpansionCut:
     """The first pass of ``--expansion-cut``: every video's candidates (the video model
     alone), gathered from every rank; the cut built on rank 0 and sent to all."""
-    ranked = set(engine.class_ids)
+    ranked = set(localizer.rankings.class_ids)
     parts = []
     with tqdm(desc=f"{description} (video scores)", unit="video", file=sys.stderr,
               disable=None if progress is None else not progress, position=shard.rank) as bar, \
             Prefetcher(ordered_chunks(files, chunk_videos)) as chunks:
         for videos, orders in chunks:
-            candidate_ids, candidate_scores = engine.pipeline.candidates(videos)
+            candidate_ids, candidate_scores = localizer.pipeline.candidates(videos)
             parts.append(entries_of(videos, orders, candidate_ids, candidate_scores, ranked))
             bar.update(len(videos))
     local = np.concatenate(parts) if parts else np.zeros((0, 4))
     gathered = gather(local, shard)
-    cut = ExpansionCut.build(np.concatenate(gathered), engine.k) if shard.is_root else None
+    cut = ExpansionCut.build(np.concatenate(gathered), localizer.rankings.k) if shard.is_root else None
     return broadcast(cut, shard)
 
 
@@ -205,42 +194,37 @@ def infer(
     files = expand_paths(data)
     mine = shard_files(files, shard)
     started = time.perf_counter()
-    ratings: list[_Ratings] = []
-    with Engine.from_artifacts(artifacts, video, segment, backend, config,
-                               backend_options=backend_options, fallback=fallback,
-                               class_ids=class_ids) as engine:
+    ratings: list[VideoRatings] = []
+    with Localizer.from_artifacts(artifacts, video, segment, backend, config,
+                                  backend_options=backend_options, class_ids=class_ids,
+                                  fallback=fallback) as localizer:
+        rankings = localizer.rankings
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
         if expansion_cut:
-            engine.expansion = _expansion_cut(engine, mine, chunk_videos, shard, progress, description)
+            rankings.expansion = _expansion_cut(localizer, mine, chunk_videos, shard, progress, description)
         with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
                   file=sys.stderr, position=shard.rank) as bar:
             with Prefetcher(ordered_chunks(mine, chunk_videos)) as chunks:
                 for videos, orders in chunks:
-                    engine.localize(videos, orders)
+                    localizer.localize(videos, orders)
                     if truth is None:
-                        ratings.extend(_Ratings(v.id, v.segment_labels, v.segment_start_times,
-                                                v.segment_scores)
-                                       for v in videos if len(v.segment_labels))
+                        ratings.extend(VideoRatings.of(v) for v in videos if len(v.segment_labels))
                     bar.update(len(videos))
                     elapsed = max(bar.format_dict["elapsed"], 1e-9)
-                    bar.set_postfix(segments_per_s=f"{engine.pipeline.times.windows / elapsed:,.0f}")
-        local = {"rank": shard.rank, "files": len(mine), "ranking": engine.ranking.to_bytes(),
-                 "fallback": engine.fallback.to_bytes() if engine.fallback is not None else None,
-                 "times": engine.pipeline.times.to_json(), "ratings": ratings}
+                    bar.set_postfix(segments_per_s=f"{localizer.pipeline.times.windows / elapsed:,.0f}")
+        local = {"rank": shard.rank, "files": len(mine), "rankings": rankings.state(),
+                 "times": localizer.pipeline.times.to_json(), "ratings": ratings}
         parts = gather(local, shard)
         if not shard.is_root:
             finish(shard)
             return None
         for part in parts[1:]:
-            engine.ranking.merge(TopK.from_bytes(part["ranking"]))
-            if engine.fallback is not None:
-                engine.fallback.merge(TopK.from_bytes(part["fallback"]))
+            rankings.merge_state(part["rankings"])
         videos_seen = sum(part["times"]["videos"] for part in parts)
         if not videos_seen:
             raise ValueError(f"no video in {data}")
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        rankings = engine.rankings()
-        engine.write_submission(out)
+        rows = rankings.rows()
+        rankings.write_submission(out)
     finish(shard)
     seconds = time.perf_counter() - started
     windows = sum(part["times"]["windows"] for part in parts)
@@ -249,14 +233,14 @@ def infer(
         "ranks": shard.world_size, "backend": backend, "seconds": round(seconds, 3),
         "videos_per_second": round(videos_seen / seconds, 1),
         "segments_per_second": round(windows / seconds, 1),
-        "ranked_segments": sum(map(len, rankings.values())), "k": engine.k,
+        "ranked_segments": sum(map(len, rows.values())), "k": rankings.k,
         "stage_seconds": {stage: round(sum(p["times"]["seconds"][stage] for p in parts), 3)
                           for stage in parts[0]["times"]["seconds"]},
     }
     rated = SegmentTruth.from_videos(read_videos(truth)) if truth is not None else \
         SegmentTruth.from_videos(r for part in parts for r in part["ratings"])
     if len(rated):
-        scores = segment_map(rankings, rated, k=engine.k)
+        scores = segment_map(rows, rated, k=rankings.k)
         report.update(map=scores.map, ceiling=scores.ceiling, classes=scores.classes)
     log.info("infer: %d videos, %d windows in %.1f s → %s", videos_seen, windows, seconds, out)
     return report

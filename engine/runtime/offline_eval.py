@@ -4,7 +4,7 @@
 5-frame window scored, ``P_vid^a · P_seg^b`` fusion) over a test split with any two
 scoring models, a PyTorch model (:mod:`modloc.training.evaluate`) or an ONNX Runtime, PyTorch or
 TensorRT backend (:mod:`modloc.export.validation`), ranks the fused pairs and the dummy
-prediction per class (:class:`modloc.engine.runtime.topk.TopK`), and scores both with the Kaggle segment
+prediction per class (:class:`modloc.engine.runtime.rankings.Rankings`), and scores both with the Kaggle segment
 MAP@K: every runtime shares the serving engine's own code, so their numbers compare
 directly. :func:`video_batches` and :func:`score_windows` are the plain batch loops the
 export checks use.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +30,10 @@ from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import Patterns, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
-from modloc.engine.base.submission import write_submission
-from modloc.engine.base.vocab import default_segment_class_ids
 from modloc.engine.runtime.fusion import dummy_pairs
-from modloc.engine.runtime.pipeline import (
-    Pipeline,
-    PipelineConfig,
-    Scorer,
-    ScoringModel,
-    check_rankable_id,
-)
-from modloc.engine.runtime.topk import TopK
+from modloc.engine.runtime.infer import ordered_chunks
+from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+from modloc.engine.runtime.rankings import Rankings
 
 MultiScorer = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 
@@ -116,15 +109,15 @@ def localize_split(
     started = time.perf_counter()
     config = config or PipelineConfig()
     fusion = config.fusion
-    targets = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
     pipeline = Pipeline(video, segment, config)
-    rankers = {"fused": TopK(targets, fusion.k), "dummy": TopK(targets, fusion.k)}
+    systems = {name: Rankings(class_ids, fusion.k, include_partial=fusion.include_partial)
+               for name in ("fused", "dummy")}
     with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
-        for chunk in _chunks(_rankable_videos(test), chunk_videos):
+        for chunk, _ in ordered_chunks(list(enumerate(expand_paths(test))), chunk_videos):
             for result in pipeline.localize(chunk):
-                rankers["fused"].add(result.video_id, *result.ranking_pairs(fusion.include_partial))
-                rankers["dummy"].add(result.video_id, *dummy_pairs(
+                systems["fused"].add(result)
+                systems["dummy"].add_pairs(result.video_id, *dummy_pairs(
                     result.num_frames, result.candidate_ids, result.candidate_scores,
                     fusion.include_partial))
             bar.update(len(chunk))
@@ -134,40 +127,18 @@ def localize_split(
     ratings = SegmentTruth.from_videos(read_videos(truth))
     result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k,
                     "positives": int(sum(ratings.num_positives.values()))}
-    for name, ranker in rankers.items():
-        rankings = ranker.rankings()
-        scores = segment_map(rankings, ratings, k=fusion.k)
+    for name, rankings in systems.items():
+        rows = rankings.rows()
+        scores = segment_map(rows, ratings, k=fusion.k)
         result[name] = {"map": scores.map, "ceiling": scores.ceiling, "classes": scores.classes,
                         "found_positives": scores.found_positives,
-                        "ranked_segments": sum(map(len, rankings.values()))}
+                        "ranked_segments": sum(map(len, rows.values()))}
         if submissions is not None:
             path = Path(submissions) / f"{name}.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_submission(path, rankings, class_ids=targets, max_segments=fusion.k)
+            rankings.write_submission(path)
             result[name]["submission"] = str(path)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
 
-def _rankable_videos(patterns: Patterns) -> Iterator[Video]:
-    """The videos of ``patterns``; one without frames, or whose id a segment id
-    ``'<video id>:<start>'`` cannot carry, raises naming its file and record."""
-    for path in expand_paths(patterns):
-        # no skip_corrupt: the position in the file is the record index
-        for record_index, video in enumerate(read_videos(path, require_frames=True)):
-            check_rankable_id(video.id, f"{path}: record {record_index}: ")
-            yield video
-
-
-def _chunks(videos: Iterable[Video], size: int) -> Iterator[list[Video]]:
-    chunk: list[Video] = []
-    for video in videos:
-        chunk.append(video)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-__all__ = ["MultiScorer", "Scorer", "localize_split", "score_windows", "video_batches"]
+__all__ = ["MultiScorer", "localize_split", "score_windows", "video_batches"]

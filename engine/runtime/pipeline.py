@@ -12,7 +12,8 @@ For a batch of videos (uint8 frames)::
     stage 3  fusion       P_vid^a · P_seg^b for each (window, candidate), a = 0.05, b = 0.95
 
 and returns one :class:`VideoLocalization` per video. Stage 4, the per-class top-K over
-all videos, is :class:`modloc.engine.runtime.topk.TopK`; :class:`modloc.engine.runtime.localizer.Engine` joins them.
+all videos, is :class:`modloc.engine.runtime.rankings.Rankings`; :class:`modloc.engine.runtime.localizer.Localizer`
+joins them.
 
 A model is anything that scores uint8 batches (:class:`ScoringModel`): a backend
 (:meth:`ScoringModel.from_backend`, ONNX Runtime, PyTorch or TensorRT) or a function (the
@@ -40,6 +41,7 @@ from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.vocab import ClassSpace
 from modloc.engine.base.windows import pack_segment_windows
+from modloc.engine.runtime.backends.interface import Backend
 from modloc.engine.runtime.fusion import FusionConfig, fuse, top_candidates
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -58,18 +60,9 @@ def check_video(video: Video) -> None:
         raise ValueError(f"video {video.id!r} has no frames")
 
 
-def check_rankable_id(video_id: str, where: str = "") -> None:
-    """Refuse a video id that a ranked segment id ``'<video id>:<start>'`` (REFERENCE §7,
-    the Kaggle CSV) cannot carry: empty, or holding whitespace, ':' or ','.
-
-    Only ranking needs this: such a video can still be localized (``modloc show``, the
-    Localize service). ``where`` (e.g. ``"file.tfrecord: record 3: "``) prefixes the message.
-    """
-    if video_id and not any(c.isspace() or c in ":," for c in video_id):
-        return
-    raise ValueError(f"{where}video id {video_id!r} cannot be ranked: a Kaggle segment id "
-                     "'<video id>:<start>' needs a non-empty video id without whitespace, "
-                     "':' or ','")
+def backend_scorer(backend: Backend) -> Scorer:
+    """A backend's ``run`` as a :data:`Scorer`."""
+    return lambda features, num_frames: backend.run(features, num_frames=num_frames)
 
 
 @dataclass(frozen=True)
@@ -94,7 +87,7 @@ class ScoringModel:
         """A loaded :class:`modloc.engine.runtime.backends.Backend` as a scoring model."""
         artifact = backend.artifact
         gated = artifact.kind == "video" and artifact.graph == "ensemble"
-        return cls(score=lambda features, num_frames: backend.run(features, num_frames=num_frames),
+        return cls(score=backend_scorer(backend),
                    class_ids=tuple(int(c) for c in backend.class_ids),
                    fixed_frames=MAX_FRAMES if gated else None,
                    name=f"{backend.name}:{artifact.path.name}")
@@ -333,4 +326,4 @@ class Pipeline:
         return fused
 
 
-__all__ = ["check_rankable_id", "check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]
+__all__ = ["backend_scorer", "check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]

@@ -107,15 +107,15 @@ def show(video_id: str, artifacts: str | os.PathLike, data: Patterns, out: str |
          truth: Patterns | None = None, **engine_options) -> dict:
     """Localize one video of ``data`` with the artifacts and draw its timeline to ``out``.
 
-    ``engine_options`` go to :meth:`modloc.engine.runtime.localizer.Engine.from_artifacts` (variants,
+    ``engine_options`` go to :meth:`modloc.engine.runtime.localizer.Localizer.from_artifacts` (variants,
     backend, pipeline config). Returns a summary: the candidates and the best segments.
     """
-    from modloc.engine.runtime.localizer import Engine
+    from modloc.engine.runtime.localizer import Localizer
 
     video = find_video(video_id, data)
     ratings = ratings_of(video_id, read_videos(truth)) if truth is not None else ratings_of(video_id, [video])
-    with Engine.from_artifacts(artifacts, **engine_options) as engine:
-        result = engine.localize([video], rank=False)[0]
+    with Localizer.from_artifacts(artifacts, **engine_options) as localizer:
+        result = localizer.localize([video], rank=False)[0]
     path = render_timeline(result, out, ratings)
     return {"video": video_id, "frames": result.num_frames, "png": str(path),
             "candidates": [{"class": int(c), "video_score": float(s),

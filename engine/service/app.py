@@ -130,7 +130,7 @@ class _Server:
         self.core = await asyncio.to_thread(EngineCore.load, config)
         self.localization.core = self.core
         # the engine's own backends: KServe clients call the very models the pipeline runs
-        video_backend, segment_backend = self.core.engine.backends
+        video_backend, segment_backend = self.core.localizer.backends
         self.kserve.attach({kserve.DEFAULT_MODEL_NAMES["video"]: video_backend,
                             kserve.DEFAULT_MODEL_NAMES["segment"]: segment_backend})
         self.core.start_background()
@@ -179,14 +179,14 @@ class _Server:
     async def drain(self, reason: str) -> None:
         """Health NOT_SERVING, refuse new streams, let the open ones finish within the grace
         period, stop, final snapshot."""
-        log_event("drain_started", reason=reason, active_streams=self.core.active_streams,
+        log_event("drain_started", reason=reason, active_streams=self.localization.active_streams,
                   inflight_videos=self.core.inflight)
         self.ready = False
         self.core.draining = True
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.grace_seconds
-        while (self.core.active_streams or self.core.inflight) and loop.time() < deadline:
+        while (self.localization.active_streams or self.core.inflight) and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
         await self.server.stop(max(0.0, deadline - loop.time()))
         await self.core.close()

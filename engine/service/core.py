@@ -7,8 +7,8 @@ v1 engine: today both live in one process; the core could move to its own proces
 the handlers changing.
 
 **Durability and acknowledgement order.** :meth:`EngineCore.ingest` localizes a group of
-videos, adds each to the :class:`modloc.engine.runtime.topk.DurableTopK` (appending to its insert log),
-then commits once for the whole group (flush + fsync) and only then returns, so an
+videos, adds each to the durable :class:`modloc.engine.runtime.rankings.Rankings` (appending to its
+insert log), then commits once for the whole group (flush + fsync) and only then returns, so an
 acknowledgement always means "on disk": a crash loses nothing acknowledged. A video that
 was added before is reported as a duplicate and changes nothing, which makes re-sending
 an unacknowledged tail after a crash safe.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
 import logging
 import threading
 import time
@@ -34,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modloc.engine.base.io.examples import Video
-from modloc.engine.base.submission import write_submission
-from modloc.engine.base.vocab import default_segment_class_ids, default_vocabulary
+from modloc.engine.base.vocab import default_vocabulary
 from modloc.engine.runtime.batcher import Batcher
-from modloc.engine.runtime.localizer import Engine
+from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import VideoLocalization
-from modloc.engine.runtime.topk import DurableTopK
 from modloc.engine.service.config import ServerConfig
 
 log = logging.getLogger("modloc.server")
@@ -82,29 +79,28 @@ def log_event(event: str, **fields) -> None:
 
 
 class EngineCore:
-    """The engine, its batcher and (with a state directory) the durable rankings.
+    """The localizer, its batcher and (with a state directory) its durable rankings.
 
     Args:
         config: the server's settings.
-        engine: the engine to serve (its ``ranking`` must be ``rankings`` when given).
-        rankings: the durable per-class top-K; None serves Localize only.
+        localizer: the models and rankings to serve; rankings that are not durable serve
+            Localize only.
 
     Use :meth:`load` to build one from ``config``.
     """
 
-    def __init__(self, config: ServerConfig, engine: Engine, rankings: DurableTopK | None):
+    def __init__(self, config: ServerConfig, localizer: Localizer):
         self.config = config
-        self.engine = engine
-        self.rankings = rankings
+        self.localizer = localizer
+        self.rankings = localizer.rankings if localizer.rankings.durable else None
         # what ModelInfo reports: the manifests of the artifacts just opened
         self.manifests = tuple((Path(backend.artifact.path) / "manifest.json").read_text()
-                               for backend in engine.backends)
-        self.batcher = Batcher(engine.pipeline, config.batcher)
+                               for backend in localizer.backends)
+        self.batcher = Batcher(localizer.pipeline, config.batcher)
         self.vocabulary = default_vocabulary()
         self.started = time.monotonic()
         self.draining = False
         self.inflight = 0  # videos admitted and not yet answered (event-loop thread only)
-        self.active_streams = 0  # maintained by the front
         self.videos_localized = 0
         self.videos_ingested = 0
         self.duplicates = 0
@@ -121,19 +117,11 @@ class EngineCore:
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
         """Open the artifacts on the backend and restore the rankings from ``state_dir``."""
-        class_ids = default_segment_class_ids()
-        rankings = DurableTopK.open(config.state_dir, class_ids, config.pipeline.fusion.k) \
-            if config.state_dir is not None else None
-        try:
-            engine = Engine.from_artifacts(config.artifacts, config.video, config.segment,
-                                           config.backend, config.pipeline,
-                                           backend_options=config.backend_options,
-                                           ranking=rankings, class_ids=class_ids)
-        except BaseException:
-            if rankings is not None:
-                rankings.close()
-            raise
-        core = cls(config, engine, rankings)
+        localizer = Localizer.from_artifacts(config.artifacts, config.video, config.segment,
+                                             config.backend, config.pipeline,
+                                             backend_options=config.backend_options,
+                                             state_dir=config.state_dir)
+        core = cls(config, localizer)
         log_event("core_loaded", backend=config.backend, state_dir=config.state_dir,
                   ingested_before=core.ranked_videos)
         return core
@@ -209,13 +197,12 @@ class EngineCore:
                 self.on_state_failure()
 
     def _add_and_commit_durably(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
-        include_partial = self.config.pipeline.fusion.include_partial
         outcomes = []
         with self._add_lock:
             for result in results:
                 # Without an explicit order a video's tie key is the number registered before it.
-                sequence = self.rankings.topk.stats().videos
-                added = self.rankings.add(result.video_id, *result.ranking_pairs(include_partial))
+                sequence = self.rankings.videos
+                added = self.rankings.add(result)
                 outcomes.append(IngestOutcome(result.video_id, not added, sequence + 1 if added else 0))
             fresh = sum(not outcome.duplicate for outcome in outcomes)
             self._since_snapshot += fresh
@@ -258,7 +245,7 @@ class EngineCore:
     @property
     def ranked_videos(self) -> int:
         """Videos in the rankings (0 without a state directory)."""
-        return self.rankings.topk.stats().videos if self.rankings is not None else 0
+        return self.rankings.videos if self.rankings is not None else 0
 
     def ranking(self, class_id: int, k: int, offset: int) -> list[tuple[str, int, float]]:
         """``(video id, start, fused score)`` of ranks ``[offset, offset + k)`` of a class.
@@ -274,24 +261,21 @@ class EngineCore:
         depth = self.config.pipeline.fusion.k
         if offset >= depth:
             raise IndexError(f"offset={offset} is at or past the ranking depth {depth}")
-        return self.rankings.topk.ranking(class_id, limit=k, offset=offset)
+        return self.rankings.ranking(class_id, limit=k, offset=offset)
 
     def submission_csv(self) -> str:
         """The Kaggle CSV of the current rankings (what ``modloc infer`` writes)."""
         if self.rankings is None:
             raise NoRankings("this server keeps no rankings (start it with a state directory)")
         self._check_state()
-        text = io.StringIO()
-        write_submission(text, self.rankings.topk.rankings(), class_ids=self.engine.class_ids,
-                         max_segments=self.engine.k)
-        return text.getvalue()
+        return self.rankings.submission_csv()
 
     def stats(self) -> dict:
         """Counters for StatsResponse (and the metrics module)."""
-        times = self.engine.pipeline.times
+        times = self.localizer.pipeline.times
         return {"videos_localized": self.videos_localized, "videos_ingested": self.videos_ingested,
                 "windows_scored": times.windows, "duplicates": self.duplicates,
-                "queue_depth": self.batcher.queue_depth, "active_streams": self.active_streams,
+                "queue_depth": self.batcher.queue_depth,
                 "inflight_videos": self.inflight, "stages": dict(times.seconds),
                 "batch_sizes": dict(self.batcher.stats.batch_sizes),
                 "videos_received": dict(self.received),
@@ -307,7 +291,7 @@ class EngineCore:
                 "backend": self.config.backend, "top_n": fusion.top_n,
                 "video_exponent": fusion.video_exponent,
                 "segment_exponent": fusion.segment_exponent, "k": fusion.k,
-                "ranked_class_ids": list(self.engine.class_ids)}
+                "ranked_class_ids": list(self.localizer.rankings.class_ids)}
 
     # --- shutdown ---------------------------------------------------------------------
 
@@ -317,11 +301,10 @@ class EngineCore:
         if self._snapshot_task is not None:
             self._snapshot_task.cancel()
         await asyncio.to_thread(self.batcher.close, True)
-        if self.rankings is not None:
-            if self.state_failure is None:  # after a failure the files are the state to keep
-                await asyncio.to_thread(self._snapshot, "shutdown")
-            self.rankings.close()
-        self.engine.close()
+        if self.rankings is not None and self.state_failure is None:
+            # after a failure the files are the state to keep
+            await asyncio.to_thread(self._snapshot, "shutdown")
+        self.localizer.close()
         log_event("core_closed", videos_ingested=self.videos_ingested,
                   videos_localized=self.videos_localized)
 

@@ -372,6 +372,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
 
     def __init__(self, core: EngineCore | None = None):
         self.core = core  # None while the server loads its models
+        self.active_streams = 0  # Localize and Ingest streams open now
 
     async def _loaded(self, context) -> None:
         if self.core is None:
@@ -384,11 +385,11 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; "
                                 "retry on another server or later")
         limit = self.core.config.max_streams
-        if self.core.active_streams >= limit:
+        if self.active_streams >= limit:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{rpc}: {self.core.active_streams} streams are open, the "
+                                f"{rpc}: {self.active_streams} streams are open, the "
                                 f"server's limit is {limit}")
-        self.core.active_streams += 1
+        self.active_streams += 1
 
     async def _stream(self, requests, context, ingest: bool):
         rpc = "Ingest" if ingest else "Localize"
@@ -397,7 +398,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             async for answer in _Stream(self.core, context, ingest).answers(requests):
                 yield answer
         finally:
-            self.core.active_streams -= 1
+            self.active_streams -= 1
 
     async def Localize(self, request_iterator, context):
         async for answer in self._stream(request_iterator, context, ingest=False):
@@ -423,7 +424,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"class_id={request.class_id} is not one of the "
-                                f"{len(self.core.engine.class_ids)} ranked classes")
+                                f"{len(self.core.localizer.rankings.class_ids)} ranked classes")
         except IndexError as error:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
         except NoRankings as error:
@@ -451,7 +452,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
         return pb.StatsResponse(
             videos_localized=stats["videos_localized"], videos_ingested=stats["videos_ingested"],
             windows_scored=stats["windows_scored"], duplicates=stats["duplicates"],
-            queue_depth=stats["queue_depth"], active_streams=stats["active_streams"],
+            queue_depth=stats["queue_depth"], active_streams=self.active_streams,
             stages=[pb.StageLatency(stage=name, total_seconds=seconds)
                     for name, seconds in stats["stages"].items()],
             batch_sizes=stats["batch_sizes"], uptime_seconds=stats["uptime_seconds"],

@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
 
 from tqdm import tqdm
 
-from modloc.cli.common import positive_int, print_json
+from modloc.cli.common import add_field_options, field_values, positive_int, print_json
 
 
 def add_commands(subparsers) -> None:
@@ -44,17 +43,14 @@ def _add_synth(subparsers) -> None:
     parser.add_argument("--splits", default="train,validate,test",
                         help="comma-separated splits to write (default: all three)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    for item in fields(SynthConfig):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=type(item.default),
-                            default=None, help=f"(preset value if omitted; demo: {item.default})")
+    add_field_options(parser, SynthConfig, defaults=False)
     parser.set_defaults(handler=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from modloc.engine.base.synth import SPLITS, SynthConfig, config_from, generate
 
-    overrides = {item.name: getattr(args, item.name) for item in fields(SynthConfig)}
-    config = config_from(args.preset, **overrides)
+    config = config_from(args.preset, **field_values(args, SynthConfig))
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     unknown = set(splits) - set(SPLITS)
     if unknown:

@@ -37,6 +37,10 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="torch backend: run the models through torch.compile")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="torch backend on CUDA: replay CUDA graphs (one per batch shape)")
+    parser.add_argument("--rebuild-plans", action="store_true",
+                        help="tensorrt backend: rebuild a plan built for another GPU or TensorRT "
+                        "version from the artifact's model.onnx before serving it (as modloc build "
+                        "would; needs the export extra), instead of refusing it")
     parser.add_argument("--top-n", type=int, default=defaults.fusion.top_n,
                         help="candidate classes per video (default %(default)s)")
     parser.add_argument("--video-exponent", type=float, default=defaults.fusion.video_exponent,
@@ -67,7 +71,16 @@ def pipeline_settings(args: argparse.Namespace) -> tuple:
                             window_batch_size=args.window_batch)
     if (args.compile or args.cuda_graphs) and args.backend != "torch":
         raise ValueError("--compile and --cuda-graphs are options of the torch backend")
+    if args.rebuild_plans and args.backend != "tensorrt":
+        raise ValueError("--rebuild-plans is an option of the tensorrt backend")
     device = rank_device(args.device) if args.device else None
+    if args.rebuild_plans:
+        if device:
+            raise ValueError(f"--device {args.device} is not an option of the tensorrt backend "
+                             "(it picks its device itself)")
+        from modloc.export.trt import rebuild_plan
+
+        return config, {"rebuild": rebuild_plan}
     if args.backend == "torch":
         options = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
         return config, ({"device": device, **options} if device else options)

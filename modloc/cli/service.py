@@ -7,8 +7,12 @@ import argparse
 import json
 import logging
 
-from modloc.cli.common import positive_int, print_json
+from modloc.cli.common import add_field_options, field_values, positive_int, print_json
 from modloc.cli.runtime import add_pipeline_options, pipeline_settings
+
+# ServerConfig's limits, each a flag of serve
+LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos", "max_id_bytes",
+          "max_top_k")
 
 
 def add_commands(subparsers) -> None:
@@ -42,10 +46,7 @@ def _add_serve(subparsers) -> None:
                         "refused with --state-dir)")
     parser.add_argument("--snapshot-seconds", type=float, default=defaults["snapshot_seconds"].default)
     parser.add_argument("--snapshot-videos", type=int, default=defaults["snapshot_videos"].default)
-    for name in ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
-                 "max_id_bytes", "max_top_k"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default,
-                            help="(default %(default)s)")
+    add_field_options(parser, ServerConfig, LIMITS)
     parser.add_argument("--batch-wait", type=float, default=BatcherConfig().max_wait,
                         help="seconds the oldest queued video waits for company (default %(default)s)")
     parser.add_argument("--max-queued-videos", type=int, default=BatcherConfig().max_queued_videos)
@@ -73,10 +74,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
         backend_options=backend_options, pipeline=pipeline, batcher=batcher,
         address=args.address, state_dir=args.state_dir, snapshot_seconds=args.snapshot_seconds,
-        snapshot_videos=args.snapshot_videos, max_message_bytes=args.max_message_bytes,
-        max_frames=args.max_frames, max_streams=args.max_streams,
-        max_inflight_videos=args.max_inflight_videos, max_id_bytes=args.max_id_bytes,
-        max_top_k=args.max_top_k, grace_seconds=args.grace, processes=args.processes,
+        snapshot_videos=args.snapshot_videos, **field_values(args, ServerConfig, LIMITS),
+        grace_seconds=args.grace, processes=args.processes,
         token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port)

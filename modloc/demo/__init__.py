@@ -8,7 +8,7 @@ failed run still shows how far it got):
 - ``systems``: write reference submissions for the test split and score them with the
   Kaggle MAP@K: ``random`` (a random ranking of all full test segments for each class)
   and ``perfect`` (the positives of the truth file, which must score exactly 1.0);
-- ``pretrain``: pre-train a small MOD tree (:data:`DEMO_MODEL`) on the video labels of
+- ``pretrain``: pre-train a small MOD tree (:data:`modloc.training.small_scale.SMALL_MODEL`) on the video labels of
   ``train/`` (the ``pretrain`` recipe, shortened);
 - ``finetune``: fine-tune it on the rated segments of ``validate/`` (the ``finetune``
   recipe: T = 20, λ = 400, dropout 0.75, the Adam state restored);
@@ -36,12 +36,10 @@ they are imported inside them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from modloc.engine.base.atomic import write_atomically
@@ -59,25 +57,6 @@ MAP_AGREEMENT = 1e-4  # two runs of the same artifacts may batch videos differen
 
 INSPECT_KEYS = ("files", "records", "videos", "frames", "labels", "rated_segments",
                 "positive_segments", "corrupt_records")
-
-# The demo's MOD tree: the final system's layout (a 2-layer tree of NeXtVLADs) at a size
-# that trains in about a minute on 2 CPU cores: 2 towers × 2 leaves, 8 clusters, 2 groups,
-# no expansion, hidden 64 (the paper's: 4 × 3, 128, 8, ×2, 2048).
-DEMO_MODEL = {"branching": [2, 2], "cluster_size": 8, "groups": 2, "expansion": 1,
-              "hidden_size": 64, "gating_reduction": 4}
-# Where the demo departs from the recipes, and why:
-# - a few hundred steps instead of a million: a larger learning rate and BatchNorm momentum
-#   (slim's 0.001 momentum leaves eval-mode statistics at their initial values for
-#   thousands of steps);
-# - videos cut to their first 60 frames when pre-training (a fifth of the compute; the
-#   evaluation reads whole videos);
-# - fine-tuning batches of 64, not 512: the validate split holds about 1200 rated segments.
-DEMO_PRETRAIN = {"model.overrides": DEMO_MODEL, "batch_size": 16, "epochs": 3, "max_steps": None,
-                 "optimizer.learning_rate": 4e-3, "bn_momentum": 0.1, "data.max_frames": 60,
-                 "data.pad_to": "longest", "data.workers": 1}
-DEMO_FINETUNE = {"batch_size": 64, "epochs": 10, "optimizer.learning_rate": 1e-3,
-                 "bn_momentum": 0.1}
-
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", workers: int = 2,
              k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
@@ -129,18 +108,25 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
     report["systems"]["random"]["candidate_segments"] = len(test_segments)
     stage_done("systems", started)
 
+    from modloc.training.small_scale import (
+        SMALL_FINETUNE,
+        SMALL_PRETRAIN,
+        single_threaded,
+        train_run,
+    )
+
     classes = manifest["segment_class_ids"] + manifest["extra_class_ids"]
     with single_threaded():
         started = time.perf_counter()
-        pretrained = train_stage(out / "pretrain", "pretrain", {
-            **DEMO_PRETRAIN, "data.train": [split_globs["train"]], "data.classes": classes,
+        pretrained = train_run(out / "pretrain", "pretrain", {
+            **SMALL_PRETRAIN, "data.train": [split_globs["train"]], "data.classes": classes,
             "seed": config.seed})
         report["pretrain"] = pretrained
         stage_done("pretrain", started)
 
         started = time.perf_counter()
-        report["finetune"] = train_stage(out / "finetune", "finetune", {
-            **DEMO_FINETUNE, "data.train": [split_globs["validate"]],
+        report["finetune"] = train_run(out / "finetune", "finetune", {
+            **SMALL_FINETUNE, "data.train": [split_globs["validate"]],
             "init_from": pretrained["checkpoint"], "seed": config.seed})
         stage_done("finetune", started)
 
@@ -233,63 +219,6 @@ def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int
             "variants": variants, "dummy_map": report["systems"]["dummy"]["map"],
             "beats_dummy": result["map"] > report["systems"]["dummy"]["map"],
             "timeline": {"video": busiest.id, "png": timeline["png"]}}
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """One torch thread for the training stages (data loading takes the other core).
-
-    The demo's models are small: on a 2-core machine that is also busy, two intra-op
-    threads spend more time synchronizing than computing (tenfold slower steps, measured).
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_stage(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every: int | None = None,
-                resume: bool = False) -> dict:
-    """Train with ``recipe`` and ``settings``; the report's summary of the run.
-
-    ``checkpoint_every`` steps a checkpoint is written (besides the final one); ``resume``
-    continues the run from the newest checkpoint in ``run_dir``. ``seconds`` in the summary
-    is the run's training time since step 0, resumes included.
-    """
-    from modloc.training.checkpoint import read_checkpoint_config
-    from modloc.training.config import load_config
-    from modloc.training.trainer import CURVES_FILE, train
-
-    config = load_config(recipe, None, {**settings, "out": str(run_dir), "eval_every": None,
-                                        "checkpoint_every": checkpoint_every, "keep_checkpoints": 1,
-                                        "resume": resume, "log_every": 10, "progress": False})
-    result = train(config)
-    saved = read_checkpoint_config(result.checkpoint)
-    sums = {kind: sum(value for name, value in result.final_terms.items()
-                      if name.split("/")[0] == kind) for kind in ("bce", "kl", "l2")}
-    return {
-        "model": saved["model"]["preset"],
-        "steps": result.steps,
-        "epochs": result.epoch,
-        "examples": result.examples,
-        "seconds": result.total_seconds,
-        "resumed_at_step": result.start_step,
-        "examples_per_second": round(result.examples / result.total_seconds, 1),
-        # step 1's loss is known to a call that began there; a resume that found the run
-        # already at its end ran no step, and its final loss is the checkpoint's
-        "first_loss": result.losses[0] if result.start_step == 0 else None,
-        "final_loss": result.final_loss if result.losses else saved["training"]["state"]["loss"],
-        "final_terms": sums,
-        "loss_terms": len(result.final_terms),
-        "temperatures": list(config.loss.temperatures),
-        "lambdas": list(config.loss.lambdas),
-        "checkpoint": result.checkpoint,
-        "loss_curves": str(run_dir / CURVES_FILE),
-    }
 
 
 def _evaluate_stage(report: dict, split_globs: dict, class_ids: list[int], submissions: Path,

@@ -34,7 +34,6 @@ from modloc.engine.base.io.tfrecord import (
     ReadStats,
     Record,
     iter_all_records,
-    iter_buffer_records,
 )
 
 # A payload the protobuf runtime rejects for each of its two errors that the native decoder
@@ -275,25 +274,6 @@ def read_frame_batches(
     """
     yield from _batches(
         iter_all_records(patterns, skip_corrupt, stats),
-        skip_corrupt,
-        stats,
-        videos_per_batch,
-        require_frames,
-    )
-
-
-def decode_buffer(
-    buffer: bytes,
-    source: str = "<buffer>",
-    skip_corrupt: bool = False,
-    stats: ReadStats | None = None,
-    videos_per_batch: int = 64,
-    require_frames: bool = False,
-) -> Iterator[FrameBatch]:
-    """Frame-level videos of an in-memory buffer of framed records (a TFRecord file's
-    bytes), like :func:`read_frame_batches`; errors name ``source``."""
-    yield from _batches(
-        iter_buffer_records(buffer, source, skip_corrupt, stats),
         skip_corrupt,
         stats,
         videos_per_batch,

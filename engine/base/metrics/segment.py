@@ -67,6 +67,21 @@ class RatedVideo(Protocol):
     segment_scores: np.ndarray
 
 
+@dataclass(frozen=True)
+class VideoRatings:
+    """A video's segment ratings without its frames (a :class:`RatedVideo` to keep while the
+    frames are dropped)."""
+
+    id: str
+    segment_labels: np.ndarray
+    segment_start_times: np.ndarray
+    segment_scores: np.ndarray
+
+    @classmethod
+    def of(cls, video: RatedVideo) -> VideoRatings:
+        return cls(video.id, video.segment_labels, video.segment_start_times, video.segment_scores)
+
+
 class SegmentTruth:
     """Human ratings of (segment, class) pairs: the ground truth of segment MAP.
 
