@@ -274,8 +274,14 @@ def test_bad_input_is_refused_and_nothing_applied(case, server, client, ingested
     assert error.code() == code and fragment in error.details(), (error.code(), error.details())
     after = wait_idle(client)
     assert server.health() == SERVING
-    assert (after.videos_ingested, after.ranked_videos, after.videos_localized, after.inflight_videos) == \
-        (before.videos_ingested, before.ranked_videos, before.videos_localized, 0)
+    assert (after.videos_ingested, after.ranked_videos, after.inflight_videos) == \
+        (before.videos_ingested, before.ranked_videos, 0)
+    # a whole valid video sent to Localize before the refused message may have been localized
+    # already (Localize starts each video as it arrives; it changes no state): only
+    # "duplicate in stream" sends one
+    localized_before_refusal = 1 if case == "duplicate in stream" else 0
+    assert before.videos_localized <= after.videos_localized <= \
+        before.videos_localized + localized_before_refusal
 
 
 def test_error_after_answered_videos_keeps_them(client, ingested):
