@@ -873,7 +873,7 @@ window of every video: the row's segment model alone, without the video model's 
   {splits}
 - models: NeXtVLAD {json.dumps(scale.nextvlad)}, large {json.dumps(scale.nextvlad_large)},
   MOD leaves {json.dumps(scale.mod_leaf)}, DBoF {json.dumps(scale.dbof)}
-- schedules (the demo's, `engine/demo.py`, with the scale's changes): pretrain
+- schedules (`training/small_scale.py`, with the scale's changes): pretrain
   {json.dumps(_schedule(SMALL_PRETRAIN, scale.pretrain))}; fine-tune
   {json.dumps(_schedule(SMALL_FINETUNE, scale.finetune))}
 - this invocation: {counts['trained']} runs trained, {counts['evaluated']} (row, seed) results scored,

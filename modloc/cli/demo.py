@@ -24,8 +24,9 @@ def _add_demo(subparsers) -> None:
             "ONNX (fp32, INT8) and check ONNX Runtime against PyTorch; localize the test split "
             "offline (infer, plus a timeline PNG); serve the artifacts over gRPC and fetch the "
             "submission from the service (serve, client). Writes everything under --out and a "
-            "machine-readable summary, one key per stage, to --out/report.json (engine/demo.py "
-            "documents the stages and where the demo departs from the paper's recipes)."
+            "machine-readable summary, one key per stage, to --out/report.json (modloc/demo/__init__.py "
+            "documents the stages, training/small_scale.py where the demo departs from the "
+            "paper's recipes)."
         ),
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
