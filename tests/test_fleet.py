@@ -109,6 +109,9 @@ def test_redis_ranks_exactly_as_the_native_accumulator(redis_url, tmp_path):
     sent = [replica.stats() for replica in replicas]
     assert all(stats.rejected > 0 for stats in sent)
     assert sum(s.accepted for s in sent) < native.stats().accepted
+    everything = Rankings(CLASSES, k=6, redis=settings(redis_url, filter_pairs=False))
+    everything.store.add_videos(videos)  # the baseline bench_fleet measures: the same rows
+    assert everything.rows() == native.rows() and everything.stats().rejected == 0
     native.close()
 
 

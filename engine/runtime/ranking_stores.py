@@ -62,6 +62,8 @@ class RedisSettings:
             (its cached thresholds are raised by its own writes in between).
         socket_timeout: seconds a connection or a reply may take before the store counts as
             unreachable (a ``WAIT`` gets ``wait_timeout`` on top).
+        filter_pairs: send only pairs at or above the cached thresholds (False sends every
+            pair, as a baseline to measure against: the rankings are the same).
     """
 
     url: str
@@ -70,6 +72,7 @@ class RedisSettings:
     prefix: str = "modloc"
     threshold_refresh_seconds: float = 5.0
     socket_timeout: float = 5.0
+    filter_pairs: bool = True
 
     def __post_init__(self):
         problems = []

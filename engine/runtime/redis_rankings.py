@@ -403,7 +403,7 @@ class RedisStore:
         for (video_id, positions, starts, scores, _), order in zip(prepared, orders, strict=True):
             if order is None:
                 continue
-            keep = scores >= thresholds[positions]
+            keep = scores >= thresholds[positions] if self.settings.filter_pairs else np.ones(len(scores), bool)
             sent += int(keep.sum())
             rejected += int(len(keep) - keep.sum())
             for position, start, score in zip(positions[keep].tolist(), starts[keep].tolist(),
