@@ -231,6 +231,26 @@ def test_two_replicas_over_a_cluster_give_the_single_node_submission(
             assert server.stop() == 0, server.log()
 
 
+def test_processes_sharing_a_port_are_replicas_of_the_fleet(redis_server, tiny_artifacts, test_videos,
+                                                            expected_csv):
+    """``--processes 2`` with rankings in Redis: both processes ingest and read the same
+    rankings (seen through channels that the kernel gave to each of them)."""
+    server = replica(tiny_artifacts, redis_server.url, "--redis-prefix", next(_prefixes), "--processes", "2",
+                     "--address", f"127.0.0.1:{free_port()}")
+    try:
+        with LocalizationClient(server.address, timeout=60) as client:
+            client.ingest(test_videos)
+        answered = {}
+        for _ in range(40):  # each new channel is a new connection, spread over the processes
+            with LocalizationClient(server.address, timeout=60) as client:
+                answered.setdefault(client.stats().process_id, client.submission())
+            if len(answered) == 2:
+                break
+        assert len(answered) == 2 and set(answered.values()) == {expected_csv}
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_a_master_killed_mid_ingest_loses_nothing_acknowledged(
         tiny_artifacts, tmp_path, test_videos, expected_csv):
     """SIGKILL of the master holding the ingested-video registry halfway through an ingest

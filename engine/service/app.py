@@ -26,9 +26,10 @@ snapshot is written, and the process exits 0.
 
 Several processes (``processes > 1``): the parent forks them before any gRPC object
 exists; each binds the same port with ``SO_REUSEPORT`` (the kernel spreads connections
-over them) and loads its own models. Rankings need one owner, so this mode serves without
-a state directory (the config refuses both together): Localize and KServe scale out, and
-ingestion runs on a separate single-process server. With one process SO_REUSEPORT is off,
+over them) and loads its own models. Rankings in a state directory need one owner, so this
+mode serves without one (the config refuses both together): Localize and KServe scale out,
+and ingestion runs on a separate single-process server, or, with rankings in Redis
+(``--rankings``), on every process, each a replica of the fleet. With one process SO_REUSEPORT is off,
 so a second server on a taken port fails instead of silently sharing it.
 """
 
