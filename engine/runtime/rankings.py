@@ -132,9 +132,9 @@ class Rankings:
         self.store.ping()
 
     def __repr__(self) -> str:
-        where = ", redis" if self.shared else ", durable" if self.durable else ""
-        return (f"Rankings({len(self.class_ids)} classes, k={self.k}"
-                f"{where}{', fallback' if self._fallback else ''})")
+        where = f", {self.store!r}" if self.shared else f", {self.videos} videos" + (
+            ", durable" if self.durable else "")
+        return f"Rankings({len(self.class_ids)} classes, k={self.k}{where}{', fallback' if self._fallback else ''})"
 
     # --- adding -----------------------------------------------------------------------
 

@@ -49,7 +49,11 @@ wrote (``WAIT`` counts that connection's writes only):
    reported as a duplicate).
 
 A step starts only after the previous one is acknowledged, so a video is never marked done
-before its pairs are, and no pair is written under an order that a failover could lose.
+before its pairs are, and (with ``wait_replicas`` >= 1) no pair is written under an order
+that a failover could lose. With ``wait_replicas`` = 0 a failover of the ``{videos}`` shard
+can lose a claim whose pairs were written: the re-sent video then gets a new order and its
+earlier members stay beside the new ones (one segment twice in a class's ranking), so a
+deployment with failover should wait for a replica.
 
 **Durability: what an acknowledgement means.** A video is acknowledged after step 3 returns.
 With ``appendfsync always`` on the masters (the deployment's setting; the store logs what
