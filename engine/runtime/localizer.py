@@ -24,7 +24,7 @@ from modloc.engine.runtime.pipeline import (
     ScoringModel,
     VideoLocalization,
 )
-from modloc.engine.runtime.rankings import Rankings
+from modloc.engine.runtime.rankings import Rankings, RedisSettings
 
 DEFAULT_VARIANT = "distill-fp32"
 
@@ -79,11 +79,12 @@ class Localizer:
                        segment: str | None = None, backend: str = "onnxruntime",
                        config: PipelineConfig | None = None, backend_options: dict | None = None,
                        class_ids: Sequence[int] | None = None, fallback: bool = False,
-                       state_dir: str | os.PathLike | None = None) -> Localizer:
+                       state_dir: str | os.PathLike | None = None,
+                       redis: RedisSettings | None = None) -> Localizer:
         """A localizer over exported artifacts (:func:`artifact_paths`) on ``backend``.
 
-        ``class_ids``, ``fallback`` and ``state_dir`` (durable rankings) make its
-        :class:`Rankings`.
+        ``class_ids``, ``fallback`` and ``state_dir`` (durable rankings) or ``redis`` (shared
+        ones) make its :class:`Rankings`.
         """
         from modloc.engine.runtime.backends import open_backend
 
@@ -99,7 +100,7 @@ class Localizer:
             pipeline = Pipeline(ScoringModel.from_backend(opened[0]),
                                 ScoringModel.from_backend(opened[1]), config)
             rankings = Rankings(class_ids, config.fusion.k, include_partial=config.fusion.include_partial,
-                                fallback=fallback, directory=state_dir)
+                                fallback=fallback, directory=state_dir, redis=redis)
         except BaseException:
             for loaded in opened:
                 loaded.close()

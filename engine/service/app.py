@@ -5,6 +5,12 @@ service) NOT_SERVING and the APIs answering UNAVAILABLE; then the core loads the
 and restores the rankings; health turns SERVING only then, and the bound address is
 announced (``on_ready``; ``modloc serve`` prints it).
 
+Ingestion has a health entry of its own, ``modloc.v1.Localization/Ingest``
+(:data:`INGEST_HEALTH`): SERVING while the server can ingest, NOT_SERVING without rankings
+and while rankings in Redis cannot be reached (then back to SERVING by itself once they
+can), so that a load balancer can route Ingest streams away while Localize, whose entries
+stay SERVING, goes on.
+
 Services: ``modloc.v1.Localization``, ``grpc.health.v1.Health``, server reflection and
 KServe v2 (``inference.GRPCInferenceService`` over the same backends,
 :mod:`modloc.engine.service.kserve`); interceptors: Prometheus metrics first, so refusals are
@@ -20,9 +26,10 @@ snapshot is written, and the process exits 0.
 
 Several processes (``processes > 1``): the parent forks them before any gRPC object
 exists; each binds the same port with ``SO_REUSEPORT`` (the kernel spreads connections
-over them) and loads its own models. Rankings need one owner, so this mode serves without
-a state directory (the config refuses both together): Localize and KServe scale out, and
-ingestion runs on a separate single-process server. With one process SO_REUSEPORT is off,
+over them) and loads its own models. Rankings in a state directory need one owner, so this
+mode serves without one (the config refuses both together): Localize and KServe scale out,
+and ingestion runs on a separate single-process server, or, with rankings in Redis
+(``--rankings``), on every process, each a replica of the fleet. With one process SO_REUSEPORT is off,
 so a second server on a taken port fails instead of silently sharing it.
 """
 
@@ -51,6 +58,7 @@ from modloc.engine.service.handlers import LocalizationService
 log = logging.getLogger("modloc.server")
 
 LOCALIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Localization"].full_name
+INGEST_HEALTH = f"{LOCALIZATION_SERVICE}/Ingest"  # a health entry, not a service
 DRAIN_POLL_SECONDS = 0.05
 FEATURE_BYTES_WITH_MASK = FEATURE_SIZE + 4  # a KServe frame: uint8 features, an FP32 mask entry
 
@@ -108,7 +116,7 @@ class _Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        for name in ("", *self.services):
+        for name in ("", *self.services, INGEST_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             if config.tls_cert is not None:
@@ -136,6 +144,8 @@ class _Server:
         self.core.start_background()
         loop = asyncio.get_running_loop()
         self.core.on_state_failure = lambda: asyncio.run_coroutine_threadsafe(self._unhealthy(), loop)
+        self.core.on_rankings_health = lambda available: asyncio.run_coroutine_threadsafe(
+            self._ingest_health(available), loop)
         self.core.batcher.on_batch = self._observe_batch
         self.core.on_commit = lambda seconds: self.metrics.observe_stage("commit", seconds)
         if config.metrics_port is not None:
@@ -145,14 +155,20 @@ class _Server:
         self.ready = True
         for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._ingest_health(self.core.rankings is not None and self.core.rankings_available)
         log_event("serving", address=f"{config.host}:{self.port}", pid=os.getpid(),
                   services=",".join(self.services))
 
     async def _unhealthy(self) -> None:
         """The state directory failed: health NOT_SERVING, so that an orchestrator restarts
         the server (a restart recovers the durable rankings)."""
-        for name in ("", *self.services):
+        for name in ("", *self.services, INGEST_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _ingest_health(self, serving: bool) -> None:
+        if self.ready and self.core.state_failure is None:  # a drain or a failure has the last word
+            await self.health.set(INGEST_HEALTH, health_pb2.HealthCheckResponse.SERVING if serving
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _observe_batch(self, record) -> None:
         """One pipeline call into the metrics (from the batcher's thread)."""
@@ -280,4 +296,4 @@ def _serve_forked(config: ServerConfig, on_ready: Callable[[str], None] | None) 
     return worst if announced == config.processes else max(worst, 1)
 
 
-__all__ = ["LOCALIZATION_SERVICE", "serve", "serve_async"]
+__all__ = ["INGEST_HEALTH", "LOCALIZATION_SERVICE", "serve", "serve_async"]

@@ -14,6 +14,7 @@ from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.runtime.backends import BACKENDS
 from modloc.engine.runtime.batcher import BatcherConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
+from modloc.engine.runtime.ranking_stores import RedisSettings
 
 MIB = 1 << 20
 # gRPC refuses message limits at or above 2 GiB (its length fields are signed 32-bit).
@@ -35,6 +36,8 @@ class ServerConfig:
         address: ``host:port`` to bind; port 0 picks a free port (one process only).
         state_dir: where the per-class rankings live (:class:`modloc.engine.runtime.topk.DurableTopK`);
             None serves Localize only (Ingest answers FAILED_PRECONDITION).
+        redis: keep the rankings in Redis instead (``--rankings redis://…``), shared by every
+            replica of a fleet; such a server keeps no state of its own.
         snapshot_seconds, snapshot_videos: write a snapshot after this many seconds or
             ingested videos, whichever comes first (0 disables that trigger).
         max_message_bytes: largest request or response message.
@@ -46,8 +49,9 @@ class ServerConfig:
         max_top_k: largest ``k`` of one TopSegments call (never more than the ranking
             depth ``pipeline.fusion.k``, see :attr:`top_k_limit`).
         grace_seconds: how long a drain waits for in-flight work on SIGTERM.
-        processes: server processes sharing the port (SO_REUSEPORT); > 1 serves Localize
-            only, so it is refused together with ``state_dir`` (rankings need one owner).
+        processes: server processes sharing the port (SO_REUSEPORT); refused together with
+            ``state_dir`` (rankings in a directory need one owner); with ``redis`` each
+            process is a replica of the fleet.
         token_file: file of bearer tokens, one a line (the security module checks them).
         insecure_no_auth: allow serving beyond loopback without tokens.
         tls_cert, tls_key: server certificate and key (PEM); tls_client_ca: require client
@@ -64,6 +68,7 @@ class ServerConfig:
     batcher: BatcherConfig = BatcherConfig()
     address: str = "127.0.0.1:50051"
     state_dir: Path | None = None
+    redis: RedisSettings | None = None
     snapshot_seconds: float = 300.0
     snapshot_videos: int = 100_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -139,6 +144,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 problems.append(f"{name}: {value!r} is not a finite number >= 0")
+        if self.state_dir is not None and self.redis is not None:
+            problems.append("state_dir, redis: the rankings live in a state directory or in "
+                            "Redis, not both")
         if self.state_dir is not None and self.processes > 1:
             problems.append("state_dir: rankings need a single owner; processes > 1 serve "
                             "Localize only, so run them without a state directory")

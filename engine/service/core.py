@@ -19,6 +19,13 @@ them even though several of its groups are localized at once.
 
 **Snapshots**: after ``snapshot_videos`` ingested videos (in the committing thread), every
 ``snapshot_seconds`` (a background task) when something changed, and at :meth:`close`.
+
+**Rankings in Redis** (``config.redis``): the server holds no state; an add returns once
+durable as configured (:mod:`modloc.engine.runtime.redis_rankings`), and the ingestion order
+is the fleet's. While Redis cannot be reached, ingestion and the rankings' reads answer
+UNAVAILABLE (nothing acknowledged; a client re-sends) and ``on_rankings_health(False)`` is
+called; a probe (every :data:`RANKINGS_PROBE_SECONDS`) calls ``on_rankings_health(True)``
+once Redis answers again. Localize never touches Redis.
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ from modloc.engine.base.vocab import default_vocabulary
 from modloc.engine.runtime.batcher import Batcher
 from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import VideoLocalization
+from modloc.engine.runtime.ranking_stores import StoreUnavailable
 from modloc.engine.service.config import ServerConfig
 
 log = logging.getLogger("modloc.server")
+
+RANKINGS_PROBE_SECONDS = 1.0
 
 
 class InflightLimit(RuntimeError):
@@ -113,6 +123,10 @@ class EngineCore:
         # set when the state directory could not be written; then called once (the health)
         self.state_failure: BaseException | None = None
         self.on_state_failure: Callable[[], None] | None = None
+        # shared rankings (Redis): whether they answered last, and who hears of a change
+        self.rankings_available = True
+        self.on_rankings_health: Callable[[bool], None] | None = None
+        self._probe_task: asyncio.Task | None = None
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
@@ -120,7 +134,7 @@ class EngineCore:
         localizer = Localizer.from_artifacts(config.artifacts, config.video, config.segment,
                                              config.backend, config.pipeline,
                                              backend_options=config.backend_options,
-                                             state_dir=config.state_dir)
+                                             state_dir=config.state_dir, redis=config.redis)
         core = cls(config, localizer)
         log_event("core_loaded", backend=config.backend, state_dir=config.state_dir,
                   ingested_before=core.ranked_videos)
@@ -162,8 +176,11 @@ class EngineCore:
         video, in order. The group is added only once ``after`` (the same stream's previous
         group) is done, so that ingestion order follows the stream's order."""
         if self.rankings is None:
-            raise NoRankings("this server keeps no rankings (start it with a state directory)")
+            raise NoRankings("this server keeps no rankings (start it with a state directory or --rankings)")
         self._check_state()
+        if not self.rankings_available:  # refused before the models spend time on it
+            raise StoreUnavailable(f"the rankings ({self.rankings.store!r}) cannot be reached now; "
+                                   "retry later (this server's ingestion health says when)")
         results = await self.localize(videos, deadline)
         if after is not None:
             await after
@@ -184,10 +201,21 @@ class EngineCore:
         except OSError as error:  # the log could not be written: nothing more is acknowledged
             self._fail(error)
             raise self._state_failure_error() from error
+        except StoreUnavailable:  # Redis: nothing acknowledged; the client's re-send is safe
+            self._rankings_health(False)
+            raise
         except RuntimeError:  # the durable top-K refuses writes after another call's failure
             if self.state_failure is None:
                 raise
             raise self._state_failure_error() from None
+
+    def _rankings_health(self, available: bool) -> None:
+        if available != self.rankings_available:
+            self.rankings_available = available
+            log_event("rankings_available" if available else "rankings_unavailable",
+                      store=repr(self.rankings.store))
+            if self.on_rankings_health is not None:
+                self.on_rankings_health(available)
 
     def _fail(self, error: BaseException) -> None:
         if self.state_failure is None:
@@ -197,16 +225,14 @@ class EngineCore:
                 self.on_state_failure()
 
     def _add_and_commit_durably(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
-        outcomes = []
         with self._add_lock:
-            for result in results:
-                # Without an explicit order a video's tie key is the number registered before it.
-                sequence = self.rankings.videos
-                added = self.rankings.add(result)
-                outcomes.append(IngestOutcome(result.video_id, not added, sequence + 1 if added else 0))
+            # Without an explicit order a video's tie key is the number registered before it.
+            orders = self.rankings.add_videos(results)
+            outcomes = [IngestOutcome(result.video_id, order is None, 0 if order is None else order + 1)
+                        for result, order in zip(results, orders, strict=True)]
             fresh = sum(not outcome.duplicate for outcome in outcomes)
             self._since_snapshot += fresh
-            snapshot_due = 0 < self.config.snapshot_videos <= self._since_snapshot
+            snapshot_due = self.rankings.snapshots and 0 < self.config.snapshot_videos <= self._since_snapshot
         started = time.perf_counter()
         self.rankings.commit()  # the acknowledgements below promise this
         if self.on_commit is not None:
@@ -230,9 +256,22 @@ class EngineCore:
         log_event("snapshot", reason=reason, path=path, videos=self.ranked_videos)
 
     def start_background(self) -> None:
-        """Start the timed snapshots (call from the serving event loop)."""
-        if self.rankings is not None and self.config.snapshot_seconds > 0:
-            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_timer())
+        """Start the timed snapshots, or the shared rankings' probe (call from the serving
+        event loop)."""
+        loop = asyncio.get_running_loop()
+        if self.rankings is not None and self.rankings.snapshots and self.config.snapshot_seconds > 0:
+            self._snapshot_task = loop.create_task(self._snapshot_timer())
+        if self.rankings is not None and self.rankings.shared:
+            self._probe_task = loop.create_task(self._probe_rankings())
+
+    async def _probe_rankings(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.rankings.ping)
+                self._rankings_health(True)
+            except StoreUnavailable:
+                self._rankings_health(False)
+            await asyncio.sleep(RANKINGS_PROBE_SECONDS)
 
     async def _snapshot_timer(self) -> None:
         while True:
@@ -254,7 +293,7 @@ class EngineCore:
         ``1..top_k_limit``, ``offset`` at or past the ranking depth).
         """
         if self.rankings is None:
-            raise NoRankings("this server keeps no rankings (start it with a state directory)")
+            raise NoRankings("this server keeps no rankings (start it with a state directory or --rankings)")
         self._check_state()
         if not 1 <= k <= self.config.top_k_limit:
             raise ValueError(f"k={k} is outside 1..{self.config.top_k_limit}")
@@ -266,7 +305,7 @@ class EngineCore:
     def submission_csv(self) -> str:
         """The Kaggle CSV of the current rankings (what ``modloc infer`` writes)."""
         if self.rankings is None:
-            raise NoRankings("this server keeps no rankings (start it with a state directory)")
+            raise NoRankings("this server keeps no rankings (start it with a state directory or --rankings)")
         self._check_state()
         return self.rankings.submission_csv()
 
@@ -298,10 +337,11 @@ class EngineCore:
     async def close(self) -> None:
         """Finish the batcher's queue, write a final snapshot, release everything."""
         self.draining = True
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
+        for task in (self._snapshot_task, self._probe_task):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self.batcher.close, True)
-        if self.rankings is not None and self.state_failure is None:
+        if self.rankings is not None and self.rankings.snapshots and self.state_failure is None:
             # after a failure the files are the state to keep
             await asyncio.to_thread(self._snapshot, "shutdown")
         self.localizer.close()

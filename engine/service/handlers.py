@@ -37,6 +37,7 @@ from modloc.engine.base.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
 from modloc.engine.runtime.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from modloc.engine.runtime.pipeline import VideoLocalization
+from modloc.engine.runtime.ranking_stores import StoreUnavailable
 from modloc.engine.service.core import (
     EngineCore,
     InflightLimit,
@@ -223,7 +224,7 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     if isinstance(error, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry on another server or later"
-    if isinstance(error, StateFailure):
+    if isinstance(error, (StateFailure, StoreUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, NoRankings):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
@@ -408,7 +409,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
         await self._loaded(context)
         if self.core.rankings is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this server keeps no rankings (start it with a state directory)")
+                                "this server keeps no rankings (start it with a state directory or --rankings)")
         async for answer in self._stream(request_iterator, context, ingest=True):
             yield answer
 
@@ -420,7 +421,8 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"k={k} is outside 1..{limit} (the server's TopSegments limit)")
         try:
-            entries = self.core.ranking(request.class_id, k, offset)
+            # in a thread: shared rankings are a network call away (Localize must not wait)
+            entries = await asyncio.to_thread(self.core.ranking, request.class_id, k, offset)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"class_id={request.class_id} is not one of the "
@@ -429,7 +431,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
         except NoRankings as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except StateFailure as error:
+        except (StateFailure, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         for rank, (video_id, start, score) in enumerate(entries, start=offset):
             yield pb.RankedSegment(rank=rank, video_id=video_id, start_seconds=start, score=score)
@@ -440,7 +442,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
             text = await asyncio.to_thread(self.core.submission_csv)
         except NoRankings as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except StateFailure as error:
+        except (StateFailure, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         data = text.encode("utf-8")
         for begin in range(0, len(data), SUBMISSION_PIECE_BYTES):
@@ -449,6 +451,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
     async def Stats(self, request, context):
         await self._loaded(context)
         stats = self.core.stats()
+        ranked_videos = await asyncio.to_thread(lambda: self.core.ranked_videos)
         return pb.StatsResponse(
             videos_localized=stats["videos_localized"], videos_ingested=stats["videos_ingested"],
             windows_scored=stats["windows_scored"], duplicates=stats["duplicates"],
@@ -457,7 +460,7 @@ class LocalizationService(pb_grpc.LocalizationServicer):
                     for name, seconds in stats["stages"].items()],
             batch_sizes=stats["batch_sizes"], uptime_seconds=stats["uptime_seconds"],
             process_id=os.getpid(), inflight_videos=stats["inflight_videos"],
-            ranked_videos=self.core.ranked_videos)
+            ranked_videos=ranked_videos)
 
     async def ModelInfo(self, request, context):
         await self._loaded(context)

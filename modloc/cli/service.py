@@ -23,6 +23,7 @@ def add_commands(subparsers) -> None:
 
 def _add_serve(subparsers) -> None:
     from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.runtime.ranking_stores import RedisSettings
     from modloc.engine.service.config import ServerConfig
 
     defaults = ServerConfig.__dataclass_fields__
@@ -39,8 +40,20 @@ def _add_serve(subparsers) -> None:
     add_pipeline_options(parser)
     parser.add_argument("--address", default=defaults["address"].default,
                         help="host:port to bind (default %(default)s)")
-    parser.add_argument("--state-dir", help="directory of the durable rankings (without it the "
-                        "server serves Localize only)")
+    parser.add_argument("--state-dir", help="directory of the durable rankings (without it, "
+                        "or --rankings, the server serves Localize only)")
+    redis = RedisSettings.__dataclass_fields__
+    parser.add_argument("--rankings", metavar="URL",
+                        help="keep the rankings in Redis instead, shared by a fleet of servers: "
+                        "redis://host:port (a server, or any node of a Redis Cluster)")
+    parser.add_argument("--redis-wait-replicas", type=int, default=redis["wait_replicas"].default,
+                        help="acknowledge a video once this many replicas of each Redis master "
+                        "it was written to hold it (WAIT; default %(default)s)")
+    parser.add_argument("--redis-wait-timeout", type=float, default=redis["wait_timeout"].default,
+                        help="seconds a WAIT may take before the videos count as not "
+                        "acknowledged (default %(default)s)")
+    parser.add_argument("--redis-prefix", default=redis["prefix"].default,
+                        help="prefix of the rankings' keys (default %(default)s)")
     parser.add_argument("--processes", type=int, default=1,
                         help="processes sharing the port via SO_REUSEPORT (Localize only; "
                         "refused with --state-dir)")
@@ -64,16 +77,20 @@ def _add_serve(subparsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.runtime.ranking_stores import RedisSettings
     from modloc.engine.service.app import serve
     from modloc.engine.service.config import ServerConfig
 
     pipeline, backend_options = pipeline_settings(args)
+    redis = None if args.rankings is None else RedisSettings(
+        args.rankings, wait_replicas=args.redis_wait_replicas, wait_timeout=args.redis_wait_timeout,
+        prefix=args.redis_prefix)
     batcher = BatcherConfig(max_batch_videos=args.video_batch, max_wait=args.batch_wait,
                             max_queued_videos=args.max_queued_videos)
     config = ServerConfig(
         artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
         backend_options=backend_options, pipeline=pipeline, batcher=batcher,
-        address=args.address, state_dir=args.state_dir, snapshot_seconds=args.snapshot_seconds,
+        address=args.address, state_dir=args.state_dir, redis=redis, snapshot_seconds=args.snapshot_seconds,
         snapshot_videos=args.snapshot_videos, **field_values(args, ServerConfig, LIMITS),
         grace_seconds=args.grace, processes=args.processes,
         token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
