@@ -124,8 +124,11 @@ def test_list_models_and_overrides():
     assert mod.config.leaf == NeXtVLADConfig(num_classes=7, gating_reduction=16, drop_rate=0.75,
                                              mode="segment")
     assert mix.num_leaves == 2
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown model 'netvlad' \\(did you mean 'nextvlad'\\?\\)"):
         create_model("netvlad")
+    with pytest.raises(ValueError, match="mod_4x3: no setting 'hidden' to override \\(did you "
+                                         "mean 'hidden_size'\\?\\); its settings: branching, "):
+        create_model("mod_4x3", hidden=64)
 
 
 # --- input transform ------------------------------------------------------------------------

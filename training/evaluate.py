@@ -19,17 +19,16 @@ Every model runs in eval mode under ``torch.inference_mode``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from modloc.engine.base.features import MAX_FRAMES
 from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import VideoMetrics
+from modloc.engine.base.progress import Progress
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.offline_eval import localize_split
 from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
@@ -163,9 +162,9 @@ def evaluate_videos(
     """GAP@top_k, Hit@1, PERR and MAP of a checkpoint on the labelled videos of ``labels``."""
     dataset = VideoLevelDataset(labels, class_ids=checkpoint.class_ids, shuffle=False)
     loader = make_loader(dataset, batch_size, num_workers=workers)
-    with tqdm(loader, desc="evaluate videos", unit="batch", disable=_disable(progress),
-              file=sys.stderr) as bar:
-        result = evaluate_batches(checkpoint.model, bar, len(checkpoint.class_ids), top_k=top_k)
+    with Progress("evaluate videos", unit="batch", enabled=progress) as bar:
+        result = evaluate_batches(checkpoint.model, bar.each(loader), len(checkpoint.class_ids),
+                                  top_k=top_k)
     videos = result.pop("labelled")
     if not videos:
         raise ValueError(f"no video in {labels} has a label among the checkpoint's classes")
@@ -257,11 +256,6 @@ def evaluate(
             video, segment, test, truth, class_ids, fusion, batch_size, window_batch_size,
             submissions=submissions, progress=progress)
     return result
-
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None shows the bar only on a terminal."""
-    return None if progress is None else not progress
 
 
 __all__ = ["evaluate", "evaluate_batches", "evaluate_segments", "evaluate_videos", "forward",

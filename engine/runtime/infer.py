@@ -20,19 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
-from modloc.engine.base.io.tfrecord import Patterns, expand_paths
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
 from modloc.engine.base.metrics.segment import VideoRatings
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.submission import check_rankable_id
 from modloc.engine.runtime.distributed import (
     Shard,
@@ -137,8 +136,8 @@ def _expansion_cut(localizer: Localizer, files: list[tuple[int, str]], chunk_vid
     alone), gathered from every rank; the cut built on rank 0 and sent to all."""
     ranked = set(localizer.rankings.class_ids)
     parts = []
-    with tqdm(desc=f"{description} (video scores)", unit="video", file=sys.stderr,
-              disable=None if progress is None else not progress, position=shard.rank) as bar, \
+    with Progress(f"{description} (video scores)", count_records(path for _, path in files), "video",
+                  enabled=progress, position=shard.rank) as bar, \
             Prefetcher(ordered_chunks(files, chunk_videos)) as chunks:
         for videos, orders in chunks:
             candidate_ids, candidate_scores = localizer.pipeline.candidates(videos)
@@ -180,7 +179,8 @@ def infer(
         fallback: REFERENCE §7 step 5 fill of short rankings.
         class_ids: the ranked classes, the CSV's rows (default: the 1000 segment classes).
         chunk_videos: videos per engine call.
-        progress: a progress bar on stderr (None: only on a terminal).
+        progress: report progress on stderr (:class:`~modloc.engine.base.progress.Progress`;
+            False: silent).
         shard: this process's rank (default: from torchrun's environment).
         expansion_cut: apply REFERENCE §7 step 3's expansion cut (:mod:`modloc.engine.runtime.expansion`),
             as the reference submission did: every video is first scored by the video model
@@ -202,16 +202,15 @@ def infer(
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
         if expansion_cut:
             rankings.expansion = _expansion_cut(localizer, mine, chunk_videos, shard, progress, description)
-        with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
-                  file=sys.stderr, position=shard.rank) as bar:
+        with Progress(description, count_records(path for _, path in mine), "video",
+                      enabled=progress, position=shard.rank) as bar:
             with Prefetcher(ordered_chunks(mine, chunk_videos)) as chunks:
                 for videos, orders in chunks:
                     localizer.localize(videos, orders)
                     if truth is None:
                         ratings.extend(VideoRatings.of(v) for v in videos if len(v.segment_labels))
                     bar.update(len(videos))
-                    elapsed = max(bar.format_dict["elapsed"], 1e-9)
-                    bar.set_postfix(segments_per_s=f"{localizer.pipeline.times.windows / elapsed:,.0f}")
+                    bar.set_postfix(segments_per_s=f"{localizer.pipeline.times.windows / bar.elapsed:,.0f}")
         local = {"rank": shard.rank, "files": len(mine), "rankings": rankings.state(),
                  "times": localizer.pipeline.times.to_json(), "ratings": ratings}
         parts = gather(local, shard)

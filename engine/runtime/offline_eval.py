@@ -17,19 +17,18 @@ Pure numpy: no torch.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
-from modloc.engine.base.io.tfrecord import Patterns, expand_paths
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
+from modloc.engine.base.progress import Progress
 from modloc.engine.runtime.fusion import dummy_pairs
 from modloc.engine.runtime.infer import ordered_chunks
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
@@ -96,7 +95,8 @@ def localize_split(
         config: batching, candidates, exponents, partial windows and ``k`` (default: the
             reference's fusion).
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
-        progress: a progress bar on stderr (None: only on a terminal).
+        progress: report progress on stderr (:class:`~modloc.engine.base.progress.Progress`;
+            False: silent).
         chunk_videos: videos per pipeline call.
 
     Returns:
@@ -112,9 +112,9 @@ def localize_split(
     pipeline = Pipeline(video, segment, config)
     systems = {name: Rankings(class_ids, fusion.k, include_partial=fusion.include_partial)
                for name in ("fused", "dummy")}
-    with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
-              file=sys.stderr) as bar:
-        for chunk, _ in ordered_chunks(list(enumerate(expand_paths(test))), chunk_videos):
+    files = expand_paths(test)
+    with Progress("localize", count_records(files), "video", enabled=progress) as bar:
+        for chunk, _ in ordered_chunks(list(enumerate(files)), chunk_videos):
             for result in pipeline.localize(chunk):
                 systems["fused"].add(result)
                 systems["dummy"].add_pairs(result.video_id, *dummy_pairs(

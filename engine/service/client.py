@@ -33,12 +33,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.progress import Progress
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
 
 # A broken stream (restart, lost connection) is worth another try; a refusal is not.
@@ -206,7 +206,7 @@ class LocalizationClient:
         lock = threading.Lock()
         acks: list[pb.IngestAck] = []
         failures = 0
-        with tqdm(unit="video", desc="ingest", disable=not progress if progress is not None else None) as bar:
+        with Progress("ingest", unit="video", enabled=progress) as bar:
             while True:
                 stop = threading.Event()
                 slots = threading.Semaphore(max(window - len(unacked), 0))

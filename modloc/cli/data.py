@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-from tqdm import tqdm
 
 from modloc.cli.common import add_field_options, field_values, positive_int, print_json
 
@@ -56,7 +53,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}: expected some of {SPLITS}")
     total = sum(config.videos(split) for split in splits)
-    with tqdm(total=total, unit="video", desc="synth", disable=None, file=sys.stderr) as bar:
+    from modloc.engine.base.progress import Progress
+
+    with Progress("synth", total, "video") as bar:
         result = generate(config, args.out, workers=args.workers, splits=splits,
                           progress=lambda shard: bar.update(shard.videos))
     if args.json:
@@ -89,11 +88,11 @@ def _add_inspect(subparsers) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from modloc.engine.base.inspection import inspect
     from modloc.engine.base.io.tfrecord import expand_paths
+    from modloc.engine.base.progress import Progress
 
     paths = expand_paths(args.paths)
     total = sum(os.path.getsize(p) for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="inspect", disable=None,
-              file=sys.stderr) as bar:
+    with Progress("inspect", total, "B", unit_scale=True) as bar:
         report = inspect(paths, skip_corrupt=not args.strict, decoder=args.decoder,
                          on_file=lambda path: bar.update(os.path.getsize(path)))
     if args.json:

@@ -96,7 +96,7 @@ def _pytorch_segments(video_checkpoint, segment_checkpoint, test, truth, class_i
     from modloc.training.evaluate import evaluate_segments
 
     result = evaluate_segments(load_checkpoint(video_checkpoint), load_checkpoint(segment_checkpoint),
-                               test, truth, class_ids=class_ids, fusion=fusion, progress=False)
+                               test, truth, class_ids=class_ids, fusion=fusion)
     return {name: result[name]["map"] for name in ("fused", "dummy")}
 
 
