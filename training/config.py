@@ -217,6 +217,7 @@ def _named(path: str) -> str:
 RECIPES: dict[str, dict] = {
     "pretrain": {
         "phase": "pretrain",
+        "out": "runs/pretrain",
         "model": {"name": "mod_4x3", "overrides": {}},
         "data": {"mode": "video", "classes": "all"},
         "batch_size": 80,
@@ -232,6 +233,7 @@ RECIPES: dict[str, dict] = {
     },
     "finetune": {
         "phase": "finetune",
+        "out": "runs/finetune",
         "model": None,
         "data": {"mode": "segment", "classes": None},
         "batch_size": 512,

@@ -182,6 +182,7 @@ def evaluate_segments(
     window_batch_size: int = 1024,
     submissions: str | os.PathLike | None = None,
     progress: bool | None = None,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
@@ -197,6 +198,8 @@ def evaluate_segments(
         batch_size: videos per video-model batch; window_batch_size: windows per
             segment-model batch.
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
+        allow_low_overlap: score truth files that rate few of the test videos, with a
+            warning, instead of refusing them.
 
     Returns:
         as :func:`~modloc.engine.runtime.offline_eval.localize_split`.
@@ -215,7 +218,8 @@ def evaluate_segments(
                             window_batch_size=window_batch_size)
     return localize_split(ScoringModel(video_scorer, video.class_ids, MAX_FRAMES, "pytorch video"),
                           ScoringModel(segment_scorer, segment.class_ids, name="pytorch segment"),
-                          test, truth, class_ids, config, submissions, progress)
+                          test, truth, class_ids, config, submissions, progress,
+                          allow_low_overlap=allow_low_overlap)
 
 
 def evaluate(
@@ -232,6 +236,7 @@ def evaluate(
     device: str = "auto",
     submissions: str | os.PathLike | None = None,
     progress: bool | None = None,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Evaluate checkpoints (``modloc evaluate``): video metrics on ``labels`` and/or
     segment MAP@K on ``test`` + ``truth``.
@@ -254,7 +259,7 @@ def evaluate(
         result["segment_checkpoint"] = str(segment.path)
         result["segments"] = evaluate_segments(
             video, segment, test, truth, class_ids, fusion, batch_size, window_batch_size,
-            submissions=submissions, progress=progress)
+            submissions=submissions, progress=progress, allow_low_overlap=allow_low_overlap)
     return result
 
 

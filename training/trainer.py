@@ -175,15 +175,16 @@ def train(config: TrainConfig) -> TrainResult:
     that a mistake (a wrong preset, unlabelled data) leaves nothing behind.
     """
     run_dir = Path(config.out)
-    created = not run_dir.exists()
+    # the outermost directory this call will create (runs/ of runs/finetune, say)
+    created = next((path for path in [*reversed(run_dir.parents), run_dir] if not path.exists()), None)
     trainer = None
     try:
         trainer = Trainer(config)
         return trainer.run()
     except BaseException:
         stepped = trainer is not None and trainer.state.step > trainer.start_step
-        if created and not stepped and os.environ.get("RANK", "0") == "0":
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None and not stepped and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         if trainer is not None and trainer.env is not None:
