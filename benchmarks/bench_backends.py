@@ -54,6 +54,7 @@ from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBacken
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
 from modloc.engine.runtime.offline_eval import video_batches
 from modloc.export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
+from modloc.export.gate import GateThresholds
 from modloc.training.checkpoint import load_checkpoint, save_checkpoint
 from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
 
@@ -146,7 +147,8 @@ def bench_kind(kind: str, args, data: Path, scratch: Path) -> list[tuple]:
     print(f"[{kind}] building and exporting the model ...", flush=True)
     checkpoint = random_checkpoint(scratch / "checkpoints", kind, args)
     settings = ExportSettings(graphs=(args.graph,), leaf=0, precisions=("fp32", "int8"),
-                              validation=str(data / "validate" / "*.tfrecord"), map_tolerance=1.0,
+                              validation=str(data / "validate" / "*.tfrecord"),
+                              gate=GateThresholds.measure_only(),
                               calibration_batches=args.calibration_batches, threads=args.threads)
     export_checkpoint(checkpoint, scratch / "artifacts" / kind, settings)
     loaded = load_checkpoint(checkpoint)

@@ -50,6 +50,7 @@ from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
 from modloc.engine.runtime.rankings import Rankings
 from modloc.export.exporter import ExportSettings, export_checkpoint
+from modloc.export.gate import GateThresholds
 
 RESULTS_FILE = RESULTS / "bench_pipeline.md"
 HEADER = """# The localization pipeline: videos/s and segments/s per backend and batch size
@@ -67,7 +68,7 @@ def export_models(scratch: Path, args, precisions: tuple[str, ...]) -> Path:
     root = scratch / "artifacts"
     settings = ExportSettings(graphs=("distill",), leaf=0, precisions=precisions,
                               validation=str(scratch / "data" / "validate" / "*.tfrecord"),
-                              map_tolerance=1.0, threads=args.threads)
+                              gate=GateThresholds.measure_only(), threads=args.threads)
     for kind in ("video", "segment"):
         checkpoint = random_checkpoint(scratch / "checkpoints", kind, args)
         export_checkpoint(checkpoint, root / kind, settings)

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
-from modloc.engine.base.metrics.segment import VideoRatings
+from modloc.engine.base.metrics.segment import SegmentMAPResult, VideoRatings
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.fusion import FusionConfig, dummy_pairs, top_candidates
@@ -71,35 +72,56 @@ def validation_map(
     Returns:
         ``{name: MAP@K}``.
     """
+    results = validation_results(score, kind, class_ids, patterns, k, top_n, batch_size,
+                                 window_batch_size)
+    return {name: result.map for name, result in results.items()}
+
+
+def validation_results(
+    score: MultiScorer,
+    kind: str,
+    class_ids: Sequence[int],
+    patterns: Patterns,
+    k: int = MAX_SEGMENTS_PER_CLASS,
+    top_n: int = 20,
+    batch_size: int = 32,
+    window_batch_size: int = 1024,
+    progress: bool | None = False,
+) -> dict[str, SegmentMAPResult]:
+    """:func:`validation_map` with each output's whole result (its ceiling too), reporting
+    its progress over the split's videos unless ``progress`` is False."""
     if kind not in ("video", "segment"):
         raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
     ids = np.asarray(class_ids, dtype=np.int64)
     systems: dict[str, Rankings] = {}
     ratings: list[VideoRatings] = []
-    for videos, features, num_frames in video_batches(patterns, batch_size):
-        ratings.extend(VideoRatings.of(v) for v in videos)
-        if kind == "video":
-            for name, probabilities in score(features, num_frames).items():
+    with Progress("validation", count_records(expand_paths(patterns)), "video",
+                  enabled=progress) as bar:
+        for videos, features, num_frames in video_batches(patterns, batch_size):
+            ratings.extend(VideoRatings.of(v) for v in videos)
+            bar.update(len(videos))
+            if kind == "video":
+                for name, probabilities in score(features, num_frames).items():
+                    rankings = systems.setdefault(name, Rankings(ids, k))
+                    candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
+                    for row, video in enumerate(videos):
+                        rankings.add_pairs(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
+                                                          candidate_scores[row]))
+                continue
+            packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
+            scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
+            for name, probabilities in scores.items():
                 rankings = systems.setdefault(name, Rankings(ids, k))
-                candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
                 for row, video in enumerate(videos):
-                    rankings.add_pairs(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
-                                                      candidate_scores[row]))
-            continue
-        packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
-        scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
-        for name, probabilities in scores.items():
-            rankings = systems.setdefault(name, Rankings(ids, k))
-            for row, video in enumerate(videos):
-                own = packed.windows(row)
-                full = np.flatnonzero(~own.partial)
-                window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
-                rankings.add_pairs(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
-                           window_scores[full].ravel())
+                    own = packed.windows(row)
+                    full = np.flatnonzero(~own.partial)
+                    window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
+                    rankings.add_pairs(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
+                               window_scores[full].ravel())
     if not ratings:
         raise ValueError(f"no video in {patterns}")
     truth = SegmentTruth.from_videos(ratings)
-    return {name: segment_map(rankings.rows(), truth, k=k).map for name, rankings in systems.items()}
+    return {name: segment_map(rankings.rows(), truth, k=k) for name, rankings in systems.items()}
 
 
 def fused_segment_map(
@@ -121,4 +143,4 @@ def fused_segment_map(
                           test, truth, class_ids, config)
 
 
-__all__ = ["fused_segment_map", "validation_map"]
+__all__ = ["fused_segment_map", "validation_map", "validation_results"]
