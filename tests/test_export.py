@@ -38,6 +38,7 @@ from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBacken
 from modloc.engine.runtime.backends.tensorrt_backend import plan_mismatches
 from modloc.engine.runtime.offline_eval import video_batches
 from modloc.export.exporter import ExportSettings, export_checkpoint
+from modloc.export.gate import Agreement, GateThresholds, quality_gate, rank_correlation
 from modloc.export.graph import export_module
 from modloc.export.onnx_export import (
     ParityError,
@@ -45,7 +46,6 @@ from modloc.export.onnx_export import (
     downgrade_to_opset_17,
     parity_batches,
 )
-from modloc.export.gate import Agreement, GateThresholds, quality_gate, rank_correlation
 from modloc.export.precision import calibration_batches
 from modloc.export.trt import (
     ShapeRange,
