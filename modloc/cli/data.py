@@ -26,7 +26,7 @@ def _add_synth(subparsers) -> None:
         description=(
             "Write train/validate/test frame-level TFRecords (and test_truth/ with the segment "
             "ratings of the test split) under --out, plus synth.json. The model behind the data "
-            "and the rating policy are documented in engine/synth.py. Presets: "
+            "and the rating policy are documented in engine/base/synth.py. Presets: "
             + ", ".join(f"{name} ({cfg.train_videos}/{cfg.validate_videos}/{cfg.test_videos} videos)"
                         for name, cfg in PRESETS.items())
             + "; any field can be overridden. A split written into an existing --out replaces "

@@ -48,7 +48,7 @@ def _add_export(subparsers) -> None:
             "variants pass a quality gate against fp32 on --validation (what each model serves: "
             "5-frame windows, videos): mean and 99th-percentile absolute probability error, "
             "overlap of the top-20 classes, rank correlation of the scores per class, and "
-            "segment MAP@K with every class a candidate (export/precision.py documents the "
+            "segment MAP@K with every class a candidate (export/gate.py documents the "
             "thresholds; --gate and --map-tolerance change them). The manifest records each "
             "measure as quality_gate; a variant that fails is not published, the others are, "
             "and the command names the failed measures and a remedy, exiting 1."

@@ -26,7 +26,7 @@ from modloc.training.config import (
 
 _TRAIN_VERBS = {
     "train": ("pretrain", "pre-train a model on video-level labels (the paper's recipe, docs/REFERENCE.md)"),
-    "finetune": ("finetune", "fine-tune a pre-trained checkpoint on rated segments (--from CKPT)"),
+    "finetune": ("finetune", "fine-tune a pre-trained checkpoint on rated segments (--from CKPT; the paper's recipe, docs/REFERENCE.md)"),
 }
 
 
