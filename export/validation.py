@@ -49,31 +49,10 @@ from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
 from modloc.engine.runtime.rankings import Rankings
 
 
-def validation_map(
-    score: MultiScorer,
-    kind: str,
-    class_ids: Sequence[int],
-    patterns: Patterns,
-    k: int = MAX_SEGMENTS_PER_CLASS,
-    top_n: int = 20,
-    batch_size: int = 32,
-    window_batch_size: int = 1024,
-) -> dict[str, float]:
-    """Segment MAP@K of every output of ``score`` on a rated split (module doc).
-
-    Args:
-        score: ``(features, num_frames) → {name: (B, C) probabilities}``.
-        kind: ``"video"`` (dummy prediction from the video scores) or ``"segment"``
-            (windows ranked by their own scores).
-        class_ids: vocabulary ids of the columns.
-        patterns: frame-level TFRecords with segment ratings (a validate split).
-        k: MAP@K's K; top_n: candidate classes per video (video kind).
-
-    Returns:
-        ``{name: MAP@K}``.
-    """
-    results = validation_results(score, kind, class_ids, patterns, k, top_n, batch_size,
-                                 window_batch_size)
+def validation_map(score: MultiScorer, kind: str, class_ids: Sequence[int], patterns: Patterns,
+                   **options) -> dict[str, float]:
+    """``{name: MAP@K}`` of every output of ``score`` (:func:`validation_results`)."""
+    results = validation_results(score, kind, class_ids, patterns, **options)
     return {name: result.map for name, result in results.items()}
 
 
@@ -88,8 +67,21 @@ def validation_results(
     window_batch_size: int = 1024,
     progress: bool | None = False,
 ) -> dict[str, SegmentMAPResult]:
-    """:func:`validation_map` with each output's whole result (its ceiling too), reporting
-    its progress over the split's videos unless ``progress`` is False."""
+    """Segment MAP@K of every output of ``score`` on a rated split (module doc), with its
+    ceiling and bookkeeping.
+
+    Args:
+        score: ``(features, num_frames) → {name: (B, C) probabilities}``.
+        kind: ``"video"`` (dummy prediction from the video scores) or ``"segment"``
+            (windows ranked by their own scores).
+        class_ids: vocabulary ids of the columns.
+        patterns: frame-level TFRecords with segment ratings (a validate split).
+        k: MAP@K's K; top_n: candidate classes per video (video kind).
+        progress: report the progress over the split's videos (False: silent).
+
+    Returns:
+        ``{name: SegmentMAPResult}``.
+    """
     if kind not in ("video", "segment"):
         raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
     ids = np.asarray(class_ids, dtype=np.int64)
