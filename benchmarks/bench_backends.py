@@ -47,6 +47,7 @@ import torch
 from _common import RESULTS, provenance, write_section
 
 from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.artifacts import load_artifact
@@ -134,12 +135,14 @@ def time_backends(runners: dict[str, Run], batches, repeats: int) -> dict[str, f
     for run in runners.values():  # warm-up: first-call allocations and kernel selection
         run(*batches[0])
     passes: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for features, num_frames in batches:
-                run(features, num_frames)
-            passes[name].append(time.perf_counter() - start)
+    with Progress("timing", repeats * len(runners), "pass") as bar:
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                for features, num_frames in batches:
+                    run(features, num_frames)
+                passes[name].append(time.perf_counter() - start)
+                bar.update()
     return {name: statistics.median(seconds) for name, seconds in passes.items()}
 
 

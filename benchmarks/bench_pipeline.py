@@ -42,6 +42,7 @@ from bench_backends import add_model_arguments, random_checkpoint
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import open_backend
@@ -78,10 +79,12 @@ def export_models(scratch: Path, args, precisions: tuple[str, ...]) -> Path:
 def median_pass(run, repeats: int) -> float:
     run()  # warm-up: first-call allocations, kernel selection, compilation
     seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
+    with Progress(run.__name__, repeats, "pass") as bar:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+            bar.update()
     return statistics.median(seconds)
 
 
