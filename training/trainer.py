@@ -280,9 +280,10 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                     module.momentum = config.bn_momentum
-        if config.freeze_root_gate_statistics and isinstance(self._whole_model(), MODTree) \
-                and len(self._whole_model().config.branching) > 1:
-            # momentum 0: the moving statistics stay at their initial 0 and 1 (config doc)
+        if config.freeze_root_gate_statistics and isinstance(self.model, MODTree | PlacedTree | DistributedMOD) \
+                and len(self.model.config.branching) > 1:
+            # momentum 0: the moving statistics stay at their initial 0 and 1 (config doc);
+            # every rank's replica of the root gate alike
             self.model.root.gate.bn.momentum = 0.0
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
