@@ -47,7 +47,7 @@ from torch import nn
 from modloc.engine.base.atomic import replace_directory
 from modloc.engine.base.io.tfrecord import Patterns, count_records
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS
-from modloc.engine.base.progress import announce
+from modloc.engine.base.progress import Progress, announce
 from modloc.engine.runtime.artifacts import (
     ONNX_FILE,
     PT2_FILE,
@@ -204,12 +204,12 @@ def torch_scorer(module: nn.Module) -> Scorer:
 
 
 def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Patterns | None = None,
-                k: int = MAX_SEGMENTS_PER_CLASS) -> LeafChoice:
+                k: int = MAX_SEGMENTS_PER_CLASS, progress: bool = False) -> LeafChoice:
     """The NeXtVLAD_distill leaf of a tree checkpoint.
 
     ``leaf="best"`` scores every leaf (its own probabilities, in one pass of the tree) with
-    :func:`modloc.export.validation.validation_map` on ``validation`` and takes the best; ties go
-    to the lower index.
+    :func:`modloc.export.validation.validation_map` on ``validation`` (reporting its
+    progress with ``progress``) and takes the best; ties go to the lower index.
     """
     tree = checkpoint.model
     if not isinstance(tree, MODTree):
@@ -229,7 +229,7 @@ def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Pa
         return {str(i): torch.sigmoid(output.logits[path]).numpy() for i, path in enumerate(paths)}
 
     maps = validation_map(leaf_probabilities, model_kind(checkpoint), checkpoint.class_ids,
-                          validation, k=k)
+                          validation, k=k, progress=progress)
     scores = tuple(maps[str(i)] for i in range(len(paths)))
     best = int(np.argmax(scores))
     log.info("leaf validation MAP@K: %s; best leaf %d", np.round(scores, 4).tolist(), best)
@@ -365,8 +365,13 @@ def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice
     destinations = {p: out / f"{graph}-{p}" for p in precisions}
     name = f"{model_kind(checkpoint)} {graph}"
     staged: list[_Staged] = []
+    # the graph's stages (each precision, then the measurement) as the count: a stage is
+    # one long call (torch.export, quantization), so the timer's lines carry the news
+    bar = Progress(name, len(precisions) + (settings.validation is not None), "stage",
+                   enabled=settings.progress)
     try:
         for precision in precisions:
+            bar.set_postfix(now=precision)
             directory = staging_directory(destinations[precision])
             if precision == "int8":
                 patterns = settings.calibration if settings.calibration is not None else settings.validation
@@ -382,11 +387,15 @@ def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice
             parity = staged[-1].manifest["parity"]
             log.info("%s-%s: against PyTorch, max relative error %.3g, max absolute error %.3g",
                      graph, precision, parity["max_rel_error"], parity["max_abs_error"])
+            bar.update()
         if settings.validation is not None:
+            bar.set_postfix(now="measuring")
             _say(settings, f"{name}: measuring {', '.join(precisions)} on {_describe(settings.validation)} "
                            f"({count_records(settings.validation)} videos): MAP@K with every class a "
                            "candidate, and each variant's agreement with fp32")
             measure_precisions(staged, model_kind(checkpoint), checkpoint.class_ids, settings)
+            bar.update()
+        bar.close()
         for item in staged:
             item.runner.close()
             gate = item.manifest.get("quality_gate")
@@ -397,6 +406,7 @@ def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice
                 _say(settings, f"{name}-{item.precision}: failed its quality gate, not published: "
                                f"{failed_measures(gate)}")
     finally:
+        bar.close("stopped")  # a no-op after a finished export
         for item in staged:
             shutil.rmtree(item.directory, ignore_errors=True)
     return [_summary(destinations[item.precision], item.manifest) for item in staged]
@@ -419,7 +429,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     if "distill" in graphs and settings.leaf == "best":
         _say(settings, f"choosing the distill leaf: every leaf's segment MAP@K on "
                        f"{_describe(settings.validation)}")
-    leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k)
+    leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k, settings.progress)
             if "distill" in graphs else None)
     out = Path(out)
     created = not out.exists()

@@ -125,14 +125,15 @@ def fused_segment_map(
     fusion: FusionConfig | None = None,
     batch_size: int = 32,
     window_batch_size: int = 1024,
+    progress: bool | None = False,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split, with
     two loaded backends: :func:`modloc.engine.runtime.offline_eval.localize_split`, the serving
-    pipeline, with ``batch_size`` videos per video-model call."""
+    pipeline, with ``batch_size`` videos per video-model call (``progress``: report it)."""
     config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
                             window_batch_size=window_batch_size)
     return localize_split(ScoringModel.from_backend(video), ScoringModel.from_backend(segment),
-                          test, truth, class_ids, config)
+                          test, truth, class_ids, config, progress=progress)
 
 
 __all__ = ["fused_segment_map", "validation_map", "validation_results"]

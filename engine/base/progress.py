@@ -73,7 +73,7 @@ class Progress:
             ``progress`` arguments) shows the bar or the lines.
         initial: the count already done (a resumed run): the rate and ETA count from it.
         unit_scale: counts in k/M/G (bytes).
-        position: the bar's line (one per torchrun rank).
+        position: the bar's line (one per torchrun rank; None: below any bar still open).
         interval: seconds between log lines (default :func:`log_interval`).
 
     Use it as a context manager (or call :meth:`close`): the timer thread stops and the
@@ -82,7 +82,8 @@ class Progress:
 
     def __init__(self, description: str, total: float | None = None, unit: str = "it", *,
                  enabled: bool | None = True, initial: int = 0, unit_scale: bool = False,
-                 position: int = 0, interval: float | None = None, stream: TextIO | None = None):
+                 position: int | None = None, interval: float | None = None,
+                 stream: TextIO | None = None):
         self.description, self.total, self.unit, self.unit_scale = description, total, unit, unit_scale
         self.count = self.initial = initial
         self.started = time.monotonic()

@@ -181,10 +181,11 @@ def _serve_stage(out: Path, report: dict, split_globs: dict, k: int) -> dict:
         videos = list(read_videos(split_globs["test"]))
         with LocalizationClient(server.address, timeout=300) as client:
             started = time.perf_counter()
-            localized = sum(1 for _ in client.localize(videos))
+            with Progress("localize over gRPC", len(videos), "video") as bar:
+                localized = sum(1 for _ in bar.each(client.localize(videos)))
             localize_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            acks = client.ingest(videos)
+            acks = client.ingest(videos, progress=True)
             ingest_seconds = time.perf_counter() - started
             path = out / "served_submission.csv"
             client.submission(path)

@@ -83,7 +83,7 @@ def run_export_stage(
             continue  # a variant that failed its quality gate is not served
         video = OnnxRuntimeBackend(load_artifact(root / "video" / f"ensemble-{precision}"))
         segment = OnnxRuntimeBackend(load_artifact(root / "segment" / f"ensemble-{precision}"))
-        result = fused_segment_map(video, segment, test, truth, class_ids, fusion)
+        result = fused_segment_map(video, segment, test, truth, class_ids, fusion, progress=True)
         scores[precision] = {name: result[name]["map"] for name in ("fused", "dummy")}
         scores[precision]["seconds"] = result["seconds"]
     reference = dict(pytorch) if pytorch is not None else _pytorch_segments(
