@@ -117,7 +117,8 @@ def test_piped_training_prints_its_plan_then_steps_with_an_eta(tiny_dataset, tmp
     # the plan first: the model as built (a 2x2 tree, not the preset's 4x3), data, schedule, device
     assert "pretrain: model 2x2 MOD tree (preset mod_4x3) (" in lines[0]
     assert f"parameters, {len(segment_classes)} classes) -> run" in lines[0]
-    assert "data 3 file(s)" in lines[1] and "batch 8, epochs 1 (6 steps per epoch)" in lines[1]
+    assert "data 3 file(s)" in lines[1] and ", 48 videos, video mode;" in lines[1]
+    assert "batch 8, epochs 1 (6 steps per epoch)" in lines[1]
     assert "device cpu" in lines[2] and "torch thread(s)" in lines[2]
     assert lines[3].endswith("pretrain: 0/6 step (0%), started")
     assert any(re.search(r"step/s, elapsed \d\d:\d\d, ETA \d\d:\d\d, loss ", line) for line in lines[4:-1])

@@ -295,8 +295,8 @@ class Trainer:
         # video mode: an example per record, so the framing alone gives the epoch's steps
         # (ranks and loader workers all read the same batches); segment mode learns it
         # from its first epoch
-        self.steps_per_epoch = (count_records(self.dataset.paths) // config.batch_size
-                                if config.data.mode == "video" else None)
+        self.records = count_records(self.dataset.paths) if config.data.mode == "video" else None
+        self.steps_per_epoch = None if self.records is None else self.records // config.batch_size
         self.last_checkpoint = resume_from
         self.curves = (_Curves(self.run_dir / HISTORY_FILE, self.state.step if resume_from else 0)
                        if self.writes else None)
@@ -338,7 +338,8 @@ class Trainer:
         for line in (
             f"{config.phase}: model {self._model_title()} ({parameters:,} parameters, "
             f"{len(self.class_ids)} classes) -> {self.run_dir}",
-            f"{config.phase}: data {len(paths)} file(s), {size:,.1f} MB, {config.data.mode} mode; "
+            f"{config.phase}: data {len(paths)} file(s), {size:,.1f} MB"
+            f"{'' if self.records is None else f', {self.records:,} videos'}, {config.data.mode} mode; "
             f"batch {config.batch_size}, epochs {config.epochs}{epoch}, max steps {steps}{resumed}",
             f"{config.phase}: device {device}, {torch.get_num_threads()} torch thread(s), "
             f"{config.data.workers} loader worker(s)",
