@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.io.tfrecord import Patterns, count_records
 from modloc.engine.base.metrics import VideoMetrics
 from modloc.engine.base.progress import Progress
 from modloc.engine.runtime.fusion import FusionConfig
@@ -162,7 +162,8 @@ def evaluate_videos(
     """GAP@top_k, Hit@1, PERR and MAP of a checkpoint on the labelled videos of ``labels``."""
     dataset = VideoLevelDataset(labels, class_ids=checkpoint.class_ids, shuffle=False)
     loader = make_loader(dataset, batch_size, num_workers=workers)
-    with Progress("evaluate videos", unit="batch", enabled=progress) as bar:
+    batches = -(-count_records(dataset.paths) // batch_size)
+    with Progress("evaluate videos", batches, "batch", enabled=progress) as bar:
         result = evaluate_batches(checkpoint.model, bar.each(loader), len(checkpoint.class_ids),
                                   top_k=top_k)
     videos = result.pop("labelled")
