@@ -426,7 +426,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
         raise ValueError(f"{checkpoint}: a {type(loaded.model).__name__} exports as "
                          f"{available_graphs(loaded)}, not {sorted(unsupported)}")
     _announce_plan(loaded, graphs, settings, out)
-    if "distill" in graphs and settings.leaf == "best":
+    if "distill" in graphs and settings.leaf == "best" and settings.validation is not None:
         _say(settings, f"choosing the distill leaf: every leaf's segment MAP@K on "
                        f"{_describe(settings.validation)}")
     leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k, settings.progress)
