@@ -47,6 +47,7 @@ import torch
 from _common import RESULTS, provenance, write_section
 
 from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.artifacts import load_artifact
@@ -54,6 +55,7 @@ from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBacken
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
 from modloc.engine.runtime.offline_eval import video_batches
 from modloc.export.exporter import ExportSettings, export_checkpoint, reference_module, select_leaf
+from modloc.export.gate import GateThresholds
 from modloc.training.checkpoint import load_checkpoint, save_checkpoint
 from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
 
@@ -133,12 +135,14 @@ def time_backends(runners: dict[str, Run], batches, repeats: int) -> dict[str, f
     for run in runners.values():  # warm-up: first-call allocations and kernel selection
         run(*batches[0])
     passes: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for features, num_frames in batches:
-                run(features, num_frames)
-            passes[name].append(time.perf_counter() - start)
+    with Progress("timing", repeats * len(runners), "pass") as bar:
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                for features, num_frames in batches:
+                    run(features, num_frames)
+                passes[name].append(time.perf_counter() - start)
+                bar.update()
     return {name: statistics.median(seconds) for name, seconds in passes.items()}
 
 
@@ -146,7 +150,8 @@ def bench_kind(kind: str, args, data: Path, scratch: Path) -> list[tuple]:
     print(f"[{kind}] building and exporting the model ...", flush=True)
     checkpoint = random_checkpoint(scratch / "checkpoints", kind, args)
     settings = ExportSettings(graphs=(args.graph,), leaf=0, precisions=("fp32", "int8"),
-                              validation=str(data / "validate" / "*.tfrecord"), map_tolerance=1.0,
+                              validation=str(data / "validate" / "*.tfrecord"),
+                              gate=GateThresholds.measure_only(),
                               calibration_batches=args.calibration_batches, threads=args.threads)
     export_checkpoint(checkpoint, scratch / "artifacts" / kind, settings)
     loaded = load_checkpoint(checkpoint)

@@ -39,6 +39,7 @@ from modloc.engine.base.io.examples import FEATURE_SIZE, Video, encode_video
 from modloc.engine.base.io.native import read_frame_batches
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import iter_all_records, write_records
+from modloc.engine.base.progress import Progress
 
 RESULTS_FILE = RESULTS / "bench_io.md"
 
@@ -81,12 +82,14 @@ PATHS: dict[str, Callable[[str], int]] = {
 
 def time_path(read: Callable[[str], int], path: str, repeats: int, videos: int) -> list[float]:
     seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        count = read(path)
-        seconds.append(time.perf_counter() - start)
-        if count != videos:
-            raise RuntimeError(f"{read.__name__} read {count} videos, expected {videos}")
+    with Progress(read.__name__, repeats, "pass") as bar:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            count = read(path)
+            seconds.append(time.perf_counter() - start)
+            if count != videos:
+                raise RuntimeError(f"{read.__name__} read {count} videos, expected {videos}")
+            bar.update()
     return seconds
 
 

@@ -42,6 +42,7 @@ from bench_backends import add_model_arguments, random_checkpoint
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import open_backend
@@ -50,6 +51,7 @@ from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
 from modloc.engine.runtime.rankings import Rankings
 from modloc.export.exporter import ExportSettings, export_checkpoint
+from modloc.export.gate import GateThresholds
 
 RESULTS_FILE = RESULTS / "bench_pipeline.md"
 HEADER = """# The localization pipeline: videos/s and segments/s per backend and batch size
@@ -67,7 +69,7 @@ def export_models(scratch: Path, args, precisions: tuple[str, ...]) -> Path:
     root = scratch / "artifacts"
     settings = ExportSettings(graphs=("distill",), leaf=0, precisions=precisions,
                               validation=str(scratch / "data" / "validate" / "*.tfrecord"),
-                              map_tolerance=1.0, threads=args.threads)
+                              gate=GateThresholds.measure_only(), threads=args.threads)
     for kind in ("video", "segment"):
         checkpoint = random_checkpoint(scratch / "checkpoints", kind, args)
         export_checkpoint(checkpoint, root / kind, settings)
@@ -77,10 +79,12 @@ def export_models(scratch: Path, args, precisions: tuple[str, ...]) -> Path:
 def median_pass(run, repeats: int) -> float:
     run()  # warm-up: first-call allocations, kernel selection, compilation
     seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
+    with Progress(run.__name__, repeats, "pass") as bar:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+            bar.update()
     return statistics.median(seconds)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, provenance
 
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.vocab import ClassSpace, default_segment_class_ids
 from modloc.engine.runtime.topk import TopK, default_slack
 
@@ -203,10 +204,11 @@ def timed_run(make: Callable[[], object], class_ids: np.ndarray, args, videos: i
     seconds spent on each batch (generation not included; the finish counts to the last)."""
     accumulator = make()
     seconds = []
-    for pairs in batches(class_ids, args.seed, videos, args.batch):
-        start = time.perf_counter()
-        accumulator.feed(*pairs)
-        seconds.append(time.perf_counter() - start)
+    with Progress(type(accumulator).__name__, -(-videos // args.batch), "batch") as bar:
+        for pairs in bar.each(batches(class_ids, args.seed, videos, args.batch)):
+            start = time.perf_counter()
+            accumulator.feed(*pairs)
+            seconds.append(time.perf_counter() - start)
     start = time.perf_counter()
     accumulator.finish()
     seconds[-1] += time.perf_counter() - start

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from _common import RESULTS, cpu_model, provenance, write_section
 
+from modloc.engine.base.progress import Progress
 from modloc.training.losses import LossConfig, mod_loss, model_loss
 from modloc.training.models import MODTree, count_parameters, create_model
 from modloc.training.models.mod_tree import use_grouped_leaves
@@ -73,7 +74,8 @@ def time_steps(model, optimizer, batch, steps: int, warmup: int, device: torch.d
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     seconds = []
-    for step in range(warmup + steps):
+    bar = Progress("training steps", warmup + steps, "step")
+    for step in bar.each(range(warmup + steps)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -90,6 +92,7 @@ def time_steps(model, optimizer, batch, steps: int, warmup: int, device: torch.d
             torch.cuda.synchronize(device)
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
+    bar.close()
     return seconds
 
 

@@ -892,15 +892,28 @@ result.
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Bar charts of the mean MAP@K per row with std error bars, coloured by group (atomic):
-    through the pipeline, with the seeds' mean ceiling, and with every class a candidate."""
+    """:func:`chart` as a PNG (atomic)."""
     import io
 
+    png = io.BytesIO()
+    # "tight": the figure grows to hold the legend below the panels
+    chart(summary, title).savefig(png, format="png", dpi=100, bbox_inches="tight")
+    write_atomically(path, png.getvalue())
+
+
+def chart(summary: dict, title: str):
+    """Bar charts of the mean MAP@K per row with std error bars, coloured by group: through
+    the pipeline, with the seeds' mean ceiling, and with every class a candidate. A row
+    whose name another row shares (NeXtVLAD with and without pre-training) is named with
+    its group; the legend sits below the panels, off the bars."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     rows = list(summary["rows"].values())
     colours = {group: f"C{i}" for i, group in enumerate(dict.fromkeys(r["group"] for r in rows))}
+    names = [row["label"].split(" (leaf")[0] for row in rows]
+    names = [f"{name} ({row['group']})" if names.count(name) > 1 else name
+             for name, row in zip(names, rows, strict=True)]
     figure = Figure(figsize=(2 * max(5, 0.6 * len(rows) + 2), 5.5), tight_layout=True)
     figure.suptitle(title)
     panels = (("the pipeline: top-20 candidates", lambda row: row),
@@ -909,8 +922,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         axes.bar(range(len(rows)), [stats(row)["mean"] for row in rows],
                  yerr=[stats(row)["std"] or 0.0 for row in rows], capsize=4,
                  color=[colours[row["group"]] for row in rows])
-        axes.set_xticks(range(len(rows)), [row["label"].split(" (leaf")[0] for row in rows],
-                        rotation=45, ha="right", fontsize=8)
+        axes.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
         axes.set_title(name, fontsize=10)
         axes.set_ylabel("segment MAP@K (mean ± std over seeds)")
         axes.grid(axis="y", alpha=0.3)
@@ -918,12 +930,11 @@ def plot(summary: dict, path: Path, title: str) -> None:
     if summary["ceilings"]:
         first.axhline(statistics.fmean(summary["ceilings"].values()), color="black", linestyle="--",
                       linewidth=1, label="ceiling (mean over seeds)")
-    first.legend(handles=[*first.get_legend_handles_labels()[0],
-                          *(Patch(color=colour, label=group) for group, colour in colours.items())],
-                 fontsize=8)
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    write_atomically(path, png.getvalue())
+    handles = [*first.get_legend_handles_labels()[0],
+               *(Patch(color=colour, label=group) for group, colour in colours.items())]
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    return figure
 
 
 # --- main --------------------------------------------------------------------------------

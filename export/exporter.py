@@ -13,13 +13,20 @@ Each step is a function of its own (the CLI verb only strings them together):
    reloaded program on the torch backend (fp32 must pass both, the others are measured).
 4. :func:`stage_int8`: the INT8 QDQ graph quantized from the staged fp32 one, calibrated
    on TFRecord batches, then measured the same way (ONNX only: no model.pt2).
-5. :func:`measure_precisions`: segment MAP@K of fp32 and every variant on the validation
-   split in one pass; a variant farther than the tolerance from fp32 fails the export.
+5. :func:`measure_precisions`: fp32 and every variant on the validation split in one pass:
+   each variant's quality gate (:func:`modloc.export.precision.quality_gate`: agreement with
+   fp32's probabilities, and segment MAP@K with every class a candidate), recorded in its
+   manifest as ``quality_gate``.
 6. :func:`modloc.engine.base.atomic.replace_directory`: each finished directory moves into place.
 
 Artifacts go to ``<out>/<graph>-<precision>`` (``distill-fp32``, ``ensemble-int8``,
-``single-fp16``). A graph is published all or nothing: if any of its variants fails a
-gate, none of its directories is replaced.
+``single-fp16``). A graph whose fp32 export fails its parity check publishes nothing; a
+variant that fails its quality gate is not published (an earlier export's directory of
+that name is removed: it belongs to another fp32), the others are, and its summary names
+the failed measures and a remedy (``published`` False).
+
+Each step says on stderr what it is about to do (:func:`modloc.engine.base.progress.announce`),
+unless ``ExportSettings.progress`` is False.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ import torch
 from torch import nn
 
 from modloc.engine.base.atomic import replace_directory
-from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.io.tfrecord import Patterns, count_records
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS
+from modloc.engine.base.progress import Progress, announce
 from modloc.engine.runtime.artifacts import (
     ONNX_FILE,
     PT2_FILE,
@@ -50,6 +58,7 @@ from modloc.engine.runtime.artifacts import (
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
 from modloc.engine.runtime.pipeline import Scorer, backend_scorer
+from modloc.export.gate import Agreement, GateThresholds, failed_measures, quality_gate, remedy
 from modloc.export.graph import export_module
 from modloc.export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
 from modloc.export.onnx_export import (
@@ -62,16 +71,11 @@ from modloc.export.onnx_export import (
     export_program,
     io_specs,
 )
-from modloc.export.precision import (
-    MAP_TOLERANCE,
-    calibration_batches,
-    check_map_difference,
-    open_runner,
-    quantize_int8,
-)
-from modloc.export.validation import validation_map
+from modloc.export.precision import calibration_batches, open_runner, quantize_int8
+from modloc.export.validation import validation_map, validation_results
 from modloc.training.checkpoint import Checkpoint, load_checkpoint
 from modloc.training.models import MODTree, NeXtVLADModel, TreeOutput, leaf_paths
+from modloc.training.models.registry import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +108,15 @@ class ExportSettings:
             best leaf and measures the precision variants.
         calibration: the INT8 calibration split (default: ``validation``).
         calibration_batches, calibration_batch_size: how much of it calibrates.
+        int8_float_layers: weight layers INT8 keeps in float besides the classifiers (of
+            :data:`modloc.export.precision.WEIGHT_LAYERS`).
         k: MAP@K's K.
-        map_tolerance: the largest |MAP@K − fp32's| a variant may show.
+        gate: the quality gate's thresholds for every variant
+            (:class:`modloc.export.precision.GateThresholds`).
         parity_tolerance: the largest relative error of the fp32 probabilities vs PyTorch.
         parity_shapes: the ``(B, M)`` batches of the parity check.
         threads: ONNX Runtime intra-op threads for the checks (None: one per core).
+        progress: say each step on stderr before it runs.
     """
 
     graphs: tuple[str, ...] | None = None
@@ -120,11 +128,13 @@ class ExportSettings:
     calibration: Patterns | None = None
     calibration_batches: int = 8
     calibration_batch_size: int = 16
+    int8_float_layers: tuple[str, ...] = ()
     k: int = MAX_SEGMENTS_PER_CLASS
-    map_tolerance: float = MAP_TOLERANCE
+    gate: GateThresholds = GateThresholds()
     parity_tolerance: float = PARITY_TOLERANCE
     parity_shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES
     threads: int | None = None
+    progress: bool = True
 
     def __post_init__(self):
         unknown = set(self.precisions) - set(PRECISION_COMPUTE)
@@ -194,12 +204,12 @@ def torch_scorer(module: nn.Module) -> Scorer:
 
 
 def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Patterns | None = None,
-                k: int = MAX_SEGMENTS_PER_CLASS) -> LeafChoice:
+                k: int = MAX_SEGMENTS_PER_CLASS, progress: bool = False) -> LeafChoice:
     """The NeXtVLAD_distill leaf of a tree checkpoint.
 
     ``leaf="best"`` scores every leaf (its own probabilities, in one pass of the tree) with
-    :func:`modloc.export.validation.validation_map` on ``validation`` and takes the best; ties go
-    to the lower index.
+    :func:`modloc.export.validation.validation_map` on ``validation`` (reporting its
+    progress with ``progress``) and takes the best; ties go to the lower index.
     """
     tree = checkpoint.model
     if not isinstance(tree, MODTree):
@@ -219,7 +229,7 @@ def select_leaf(checkpoint: Checkpoint, leaf: int | str = "best", validation: Pa
         return {str(i): torch.sigmoid(output.logits[path]).numpy() for i, path in enumerate(paths)}
 
     maps = validation_map(leaf_probabilities, model_kind(checkpoint), checkpoint.class_ids,
-                          validation, k=k)
+                          validation, k=k, progress=progress)
     scores = tuple(maps[str(i)] for i in range(len(paths)))
     best = int(np.argmax(scores))
     log.info("leaf validation MAP@K: %s; best leaf %d", np.round(scores, 4).tolist(), best)
@@ -270,7 +280,8 @@ def stage_int8(checkpoint: Checkpoint, directory: Path, fp32: _Staged, graph: st
     patterns = settings.calibration if settings.calibration is not None else settings.validation
     batches = calibration_batches(patterns, kind, settings.calibration_batch_size,
                                   settings.calibration_batches)
-    quantization = quantize_int8(fp32.artifact, directory / ONNX_FILE, batches)
+    quantization = quantize_int8(fp32.artifact, directory / ONNX_FILE, batches,
+                                 settings.int8_float_layers)
     quantization["split"] = _describe(patterns)
     manifest = copy.deepcopy(fp32.manifest)
     manifest.update(precision={"name": "int8", "compute": PRECISION_COMPUTE["int8"],
@@ -306,53 +317,96 @@ def _check_staged(checkpoint: Checkpoint, directory: Path, manifest: dict, graph
 
 
 def measure_precisions(staged: list[_Staged], kind: str, class_ids, settings: ExportSettings) -> None:
-    """Segment MAP@K of every staged precision on the validation split, in one pass.
-
-    Records ``precision.map_at_k`` in each manifest (rewritten) and fails on a variant
-    farther than ``settings.map_tolerance`` from fp32.
-    """
+    """Every staged precision on the validation split, in one pass: segment MAP@K with every
+    class a candidate (``precision.map_at_k``) and, for each variant, its agreement with
+    fp32 and the verdict of its quality gate (``quality_gate``; None for fp32, the
+    reference). Each manifest is rewritten."""
     runners = {item.precision: item.runner for item in staged}
+    agreements = {name: Agreement() for name in runners if name != "fp32"}
 
     def score(features: np.ndarray, num_frames: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: runner.run(features, num_frames=num_frames) for name, runner in runners.items()}
+        outputs = {name: runner.run(features, num_frames=num_frames) for name, runner in runners.items()}
+        for name, agreement in agreements.items():
+            agreement.add(outputs["fp32"], outputs[name])
+        return outputs
 
-    maps = validation_map(score, kind, class_ids, settings.validation, k=settings.k)
+    # every class a candidate: a video model's dummy prediction ranks all its classes, so
+    # the measure does not hang on which classes make a video's top 20
+    results = validation_results(score, kind, class_ids, settings.validation, k=settings.k,
+                                 top_n=len(class_ids), progress=settings.progress)
+    reference = results["fp32"]
+    split = _describe(settings.validation)
     for item in staged:
-        record = {"k": settings.k, "split": _describe(settings.validation), "value": maps[item.precision],
-                  "evaluated_with": item.runner.name}
+        result = results[item.precision]
+        record = {"k": settings.k, "split": split, "candidates": "every class", "value": result.map,
+                  "ceiling": result.ceiling, "evaluated_with": item.runner.name}
+        gate = None
         if item.precision != "fp32":
-            record.update(fp32=maps["fp32"], difference=maps[item.precision] - maps["fp32"],
-                          tolerance=settings.map_tolerance)
+            record.update(fp32=reference.map, difference=result.map - reference.map)
+            agreement = agreements[item.precision]
+            gate = quality_gate(agreement.measures(), (reference.map, reference.ceiling),
+                                (result.map, result.ceiling), settings.gate)
+            gate.update(split=split, examples=agreement.examples,
+                        example="5-frame window" if kind == "segment" else "video",
+                        evaluated_with=item.runner.name)
+            if not gate["passed"]:
+                gate["remedy"] = remedy(item.precision, settings.calibration_batches,
+                                        settings.int8_float_layers)
         item.manifest["precision"]["map_at_k"] = record
+        item.manifest["quality_gate"] = gate
         write_manifest(item.directory, item.manifest)
-    for item in staged:
-        if item.precision != "fp32":
-            check_map_difference(item.precision, item.manifest["precision"]["map_at_k"]["difference"],
-                                 settings.map_tolerance)
 
 
 def export_graph(checkpoint: Checkpoint, out: Path, graph: str, leaf: LeafChoice | None,
                  settings: ExportSettings) -> list[dict]:
-    """Every precision of one graph: staged, checked, measured, then published together."""
+    """Every precision of one graph: staged, checked, measured, then fp32 and the variants
+    that pass their quality gate published (module doc)."""
     precisions = ["fp32", *(p for p in settings.precisions if p != "fp32")]
     destinations = {p: out / f"{graph}-{p}" for p in precisions}
+    name = f"{model_kind(checkpoint)} {graph}"
     staged: list[_Staged] = []
+    # the graph's stages (each precision, then the measurement) as the count: a stage is
+    # one long call (torch.export, quantization), so the timer's lines carry the news
+    bar = Progress(name, len(precisions) + (settings.validation is not None), "stage",
+                   enabled=settings.progress)
     try:
         for precision in precisions:
+            bar.set_postfix(now=precision)
             directory = staging_directory(destinations[precision])
             if precision == "int8":
+                patterns = settings.calibration if settings.calibration is not None else settings.validation
+                _say(settings, f"{name}-int8: quantizing the fp32 graph, calibrated on "
+                               f"{settings.calibration_batches} batches of {settings.calibration_batch_size} "
+                               f"from {_describe(patterns)}; parity measured against PyTorch")
                 staged.append(stage_int8(checkpoint, directory, staged[0], graph, leaf, settings))
             else:
+                _say(settings, f"{name}-{precision}: torch.export, ONNX opset {settings.opset}, "
+                               f"parity against PyTorch ({len(settings.parity_shapes)} shapes"
+                               f"{', gated' if precision == 'fp32' else ', measured'})")
                 staged.append(stage_graph(checkpoint, directory, graph, leaf, precision, settings))
             parity = staged[-1].manifest["parity"]
             log.info("%s-%s: against PyTorch, max relative error %.3g, max absolute error %.3g",
                      graph, precision, parity["max_rel_error"], parity["max_abs_error"])
+            bar.update()
         if settings.validation is not None:
+            bar.set_postfix(now="measuring")
+            _say(settings, f"{name}: measuring {', '.join(precisions)} on {_describe(settings.validation)} "
+                           f"({count_records(settings.validation)} videos): MAP@K with every class a "
+                           "candidate, and each variant's agreement with fp32")
             measure_precisions(staged, model_kind(checkpoint), checkpoint.class_ids, settings)
+            bar.update()
+        bar.close()
         for item in staged:
             item.runner.close()
-            replace_directory(item.directory, destinations[item.precision])
+            gate = item.manifest.get("quality_gate")
+            if gate is None or gate["passed"]:
+                replace_directory(item.directory, destinations[item.precision])
+            else:  # not published; an earlier export's variant of this name belongs to another fp32
+                shutil.rmtree(destinations[item.precision], ignore_errors=True)
+                _say(settings, f"{name}-{item.precision}: failed its quality gate, not published: "
+                               f"{failed_measures(gate)}")
     finally:
+        bar.close("stopped")  # a no-op after a finished export
         for item in staged:
             shutil.rmtree(item.directory, ignore_errors=True)
     return [_summary(destinations[item.precision], item.manifest) for item in staged]
@@ -371,25 +425,61 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     if unsupported:
         raise ValueError(f"{checkpoint}: a {type(loaded.model).__name__} exports as "
                          f"{available_graphs(loaded)}, not {sorted(unsupported)}")
-    leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k)
+    _announce_plan(loaded, graphs, settings, out)
+    if "distill" in graphs and settings.leaf == "best" and settings.validation is not None:
+        _say(settings, f"choosing the distill leaf: every leaf's segment MAP@K on "
+                       f"{_describe(settings.validation)}")
+    leaf = (select_leaf(loaded, settings.leaf, settings.validation, settings.k, settings.progress)
             if "distill" in graphs else None)
     out = Path(out)
+    created = not out.exists()
     summaries = []
-    for graph in graphs:
-        summaries.extend(export_graph(loaded, out, graph, leaf if graph == "distill" else None,
-                                      settings))
+    try:
+        for graph in graphs:
+            summaries.extend(export_graph(loaded, out, graph, leaf if graph == "distill" else None,
+                                          settings))
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed export leaves no empty directory behind
     return summaries
+
+
+def _announce_plan(checkpoint: Checkpoint, graphs, settings: ExportSettings, out) -> None:
+    """What the export is about to do: model, graphs, precisions, data, threads."""
+    model = checkpoint.model
+    shape = (f"{'x'.join(map(str, model.config.branching))} MOD tree" if isinstance(model, MODTree)
+             else type(model).__name__)
+    precisions = ["fp32", *(p for p in settings.precisions if p != "fp32")]
+    _say(settings, f"export: {checkpoint.path}: {model_kind(checkpoint)} model, {shape}, "
+                   f"{count_parameters(model):,} parameters, {len(checkpoint.class_ids)} classes -> {out}")
+    validation = ("no validation split (nothing measured)" if settings.validation is None
+                  else f"validation {_describe(settings.validation)} "
+                       f"({count_records(settings.validation)} videos)")
+    threads = settings.threads or os.cpu_count()
+    _say(settings, f"export: graphs {', '.join(graphs)}; precisions {', '.join(precisions)}; "
+                   f"{validation}; ONNX Runtime {threads} thread(s), torch {torch.get_num_threads()}")
+
+
+def _say(settings: ExportSettings, message: str) -> None:
+    announce(message, settings.progress)
 
 
 def _summary(path: Path, manifest: dict) -> dict:
     precision = manifest["precision"]
     measured = precision.get("map_at_k") or {}
     leaf = manifest["model"]["leaf"]
-    return {"path": str(path), "kind": manifest["model"]["kind"], "graph": manifest["model"]["graph"],
-            "leaf": None if leaf is None else leaf["index"], "precision": precision["name"],
-            "opset": manifest["onnx"]["opset"],
-            "parity_max_rel_error": manifest["parity"]["max_rel_error"],
-            "map": measured.get("value"), "map_difference": measured.get("difference")}
+    gate = manifest.get("quality_gate")
+    summary = {"path": str(path), "kind": manifest["model"]["kind"], "graph": manifest["model"]["graph"],
+               "leaf": None if leaf is None else leaf["index"], "precision": precision["name"],
+               "opset": manifest["onnx"]["opset"],
+               "parity_max_rel_error": manifest["parity"]["max_rel_error"],
+               "parity_max_abs_error": manifest["parity"]["max_abs_error"],
+               "map": measured.get("value"), "map_difference": measured.get("difference"),
+               "quality_gate": gate, "published": gate is None or gate["passed"]}
+    if not summary["published"]:
+        summary["failure"] = (f"{summary['kind']} {summary['graph']}-{summary['precision']} failed "
+                              f"its quality gate: {failed_measures(gate)}; try: {gate['remedy']}")
+    return summary
 
 
 def _describe(patterns: Patterns) -> str:

@@ -16,10 +16,9 @@
   in int8, +0.001 without; percentile calibration instead fixed the leaf and broke the
   ensemble).
 
-Every variant is measured against fp32 on a rated split with
-:func:`modloc.export.validation.validation_map` (segment MAP@K; ``map_difference`` in the
-manifest), and :func:`check_map_difference` fails the export when it passes the tolerance
-(0.005 by default).
+Every variant is measured against fp32 on the rated validation split and must pass the
+quality gate of :mod:`modloc.export.gate` (agreement of the probabilities, MAP@K with every
+class a candidate), or it is not published.
 
 Runners: ONNX Runtime's CPU provider runs fp32, fp16 and INT8 graphs; it has no bf16
 kernels, so a bf16 graph is measured with ONNX's reference evaluator
@@ -50,14 +49,9 @@ from modloc.engine.runtime.artifacts import ONNX_DATA_FILE, Artifact
 from modloc.engine.runtime.backends import Backend, graph_inputs
 from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from modloc.engine.runtime.offline_eval import video_batches
+from modloc.export.gate import FLOAT_LAYERS, WEIGHT_LAYERS
 
-MAP_TOLERANCE = 0.005
 QUANTIZED_OPS = ("MatMul", "Gemm")
-FLOAT_LAYER = "classifier.weight"
-
-
-class PrecisionError(ValueError):
-    """A reduced-precision variant whose segment MAP@K strays too far from fp32's."""
 
 
 class ReferenceRunner(Backend):
@@ -126,24 +120,28 @@ class _Feeds(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def quantized_layers(model: onnx.ModelProto) -> list[str]:
+def quantized_layers(model: onnx.ModelProto, float_layers: Iterable[str] = ()) -> list[str]:
     """Names of the nodes INT8 quantizes: MatMul/Gemm nodes whose second operand is a weight
-    (an initializer), except the classifiers (their weights are named ``…classifier.weight``
-    after :class:`modloc.export.graph.FoldedLeaf`'s layer)."""
+    (an initializer), except the classifiers and ``float_layers`` (of :data:`WEIGHT_LAYERS`;
+    weights are named ``…<layer>.weight`` after :class:`modloc.export.graph.FoldedLeaf`'s
+    layers)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
+    kept = tuple(f"{layer}.weight" for layer in (*FLOAT_LAYERS, *float_layers))
     return [node.name for node in model.graph.node
             if node.op_type in QUANTIZED_OPS and len(node.input) > 1
-            and node.input[1] in initializers and not node.input[1].endswith(FLOAT_LAYER)]
+            and node.input[1] in initializers and not node.input[1].endswith(kept)]
 
 
 def quantize_int8(fp32: Artifact, output: str | os.PathLike,
-                  batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
+                  batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                  float_layers: tuple[str, ...] = ()) -> dict:
     """Write the INT8 QDQ graph of the fp32 artifact ``fp32`` to ``output``.
 
     Args:
         fp32: the verified fp32 artifact.
         output: the ONNX file to write.
         batches: calibration ``(features, num_frames)`` batches (:func:`calibration_batches`).
+        float_layers: layers kept in float besides the classifiers (:func:`quantized_layers`).
 
     Returns:
         How it was quantized, for the manifest.
@@ -151,7 +149,11 @@ def quantize_int8(fp32: Artifact, output: str | os.PathLike,
     feeds = [graph_inputs(fp32, features, num_frames=num_frames) for features, num_frames in batches]
     if not feeds:
         raise ValueError("no calibration batch: the calibration files hold no video")
-    layers = quantized_layers(onnx.load(fp32.onnx_path, load_external_data=False))
+    unknown = set(float_layers) - set(WEIGHT_LAYERS)
+    if unknown:
+        raise ValueError(f"unknown layer(s) {sorted(unknown)} to keep in float; the weight layers "
+                         f"are {', '.join(WEIGHT_LAYERS)}")
+    layers = quantized_layers(onnx.load(fp32.onnx_path, load_external_data=False), float_layers)
     with _without_preprocessing_advice():
         quantize_static(
             fp32.onnx_path, output, _Feeds(feeds), quant_format=QuantFormat.QDQ,
@@ -165,7 +167,8 @@ def quantize_int8(fp32: Artifact, output: str | os.PathLike,
             "weights": "int8, per channel, symmetric", "activations": "int8, per tensor, symmetric",
             "calibration": "MinMax", "calibration_batches": len(feeds),
             "calibration_examples": int(sum(len(feed["mask"]) for feed in feeds)),
-            "quantized_layers": len(layers), "float_layers": "classifiers, VLAD aggregation"}
+            "quantized_layers": len(layers),
+            "float_layers": ", ".join((*FLOAT_LAYERS, *float_layers)) + ", VLAD aggregation"}
 
 
 @contextlib.contextmanager
@@ -184,12 +187,4 @@ def _without_preprocessing_advice():
         root.removeFilter(keep)
 
 
-def check_map_difference(precision: str, difference: float, tolerance: float = MAP_TOLERANCE) -> None:
-    """Refuse a variant whose |MAP@K − fp32's| passes ``tolerance``."""
-    if abs(difference) > tolerance:
-        raise PrecisionError(f"{precision} segment MAP@K differs from fp32's by {difference:+.4f}, "
-                             f"beyond the tolerance {tolerance}")
-
-
-__all__ = ["MAP_TOLERANCE", "PrecisionError", "ReferenceRunner", "calibration_batches",
-           "check_map_difference", "open_runner", "quantize_int8", "quantized_layers"]
+__all__ = ["ReferenceRunner", "calibration_batches", "open_runner", "quantize_int8", "quantized_layers"]

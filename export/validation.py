@@ -32,9 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import MAX_SEGMENTS_PER_CLASS, SegmentTruth, segment_map
-from modloc.engine.base.metrics.segment import VideoRatings
+from modloc.engine.base.metrics.segment import SegmentMAPResult, VideoRatings
+from modloc.engine.base.progress import Progress
 from modloc.engine.base.windows import pack_segment_windows
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.fusion import FusionConfig, dummy_pairs, top_candidates
@@ -48,7 +49,14 @@ from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
 from modloc.engine.runtime.rankings import Rankings
 
 
-def validation_map(
+def validation_map(score: MultiScorer, kind: str, class_ids: Sequence[int], patterns: Patterns,
+                   **options) -> dict[str, float]:
+    """``{name: MAP@K}`` of every output of ``score`` (:func:`validation_results`)."""
+    results = validation_results(score, kind, class_ids, patterns, **options)
+    return {name: result.map for name, result in results.items()}
+
+
+def validation_results(
     score: MultiScorer,
     kind: str,
     class_ids: Sequence[int],
@@ -57,8 +65,10 @@ def validation_map(
     top_n: int = 20,
     batch_size: int = 32,
     window_batch_size: int = 1024,
-) -> dict[str, float]:
-    """Segment MAP@K of every output of ``score`` on a rated split (module doc).
+    progress: bool | None = False,
+) -> dict[str, SegmentMAPResult]:
+    """Segment MAP@K of every output of ``score`` on a rated split (module doc), with its
+    ceiling and bookkeeping.
 
     Args:
         score: ``(features, num_frames) → {name: (B, C) probabilities}``.
@@ -67,39 +77,43 @@ def validation_map(
         class_ids: vocabulary ids of the columns.
         patterns: frame-level TFRecords with segment ratings (a validate split).
         k: MAP@K's K; top_n: candidate classes per video (video kind).
+        progress: report the progress over the split's videos (False: silent).
 
     Returns:
-        ``{name: MAP@K}``.
+        ``{name: SegmentMAPResult}``.
     """
     if kind not in ("video", "segment"):
         raise ValueError(f"kind must be 'video' or 'segment', got {kind!r}")
     ids = np.asarray(class_ids, dtype=np.int64)
     systems: dict[str, Rankings] = {}
     ratings: list[VideoRatings] = []
-    for videos, features, num_frames in video_batches(patterns, batch_size):
-        ratings.extend(VideoRatings.of(v) for v in videos)
-        if kind == "video":
-            for name, probabilities in score(features, num_frames).items():
+    with Progress("validation", count_records(expand_paths(patterns)), "video",
+                  enabled=progress) as bar:
+        for videos, features, num_frames in video_batches(patterns, batch_size):
+            ratings.extend(VideoRatings.of(v) for v in videos)
+            bar.update(len(videos))
+            if kind == "video":
+                for name, probabilities in score(features, num_frames).items():
+                    rankings = systems.setdefault(name, Rankings(ids, k))
+                    candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
+                    for row, video in enumerate(videos):
+                        rankings.add_pairs(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
+                                                          candidate_scores[row]))
+                continue
+            packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
+            scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
+            for name, probabilities in scores.items():
                 rankings = systems.setdefault(name, Rankings(ids, k))
-                candidate_ids, candidate_scores = top_candidates(probabilities, ids, top_n)
                 for row, video in enumerate(videos):
-                    rankings.add_pairs(video.id, *dummy_pairs(int(num_frames[row]), candidate_ids[row],
-                                                      candidate_scores[row]))
-            continue
-        packed = pack_segment_windows(videos, max_frames=MAX_FRAMES)
-        scores = score_windows(score, packed.features, packed.num_frames, window_batch_size)
-        for name, probabilities in scores.items():
-            rankings = systems.setdefault(name, Rankings(ids, k))
-            for row, video in enumerate(videos):
-                own = packed.windows(row)
-                full = np.flatnonzero(~own.partial)
-                window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
-                rankings.add_pairs(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
-                           window_scores[full].ravel())
+                    own = packed.windows(row)
+                    full = np.flatnonzero(~own.partial)
+                    window_scores = probabilities[packed.offsets[row]: packed.offsets[row + 1]]
+                    rankings.add_pairs(video.id, np.repeat(own.starts[full], len(ids)), np.tile(ids, len(full)),
+                               window_scores[full].ravel())
     if not ratings:
         raise ValueError(f"no video in {patterns}")
     truth = SegmentTruth.from_videos(ratings)
-    return {name: segment_map(rankings.rows(), truth, k=k).map for name, rankings in systems.items()}
+    return {name: segment_map(rankings.rows(), truth, k=k) for name, rankings in systems.items()}
 
 
 def fused_segment_map(
@@ -111,14 +125,15 @@ def fused_segment_map(
     fusion: FusionConfig | None = None,
     batch_size: int = 32,
     window_batch_size: int = 1024,
+    progress: bool | None = False,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split, with
     two loaded backends: :func:`modloc.engine.runtime.offline_eval.localize_split`, the serving
-    pipeline, with ``batch_size`` videos per video-model call."""
+    pipeline, with ``batch_size`` videos per video-model call (``progress``: report it)."""
     config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
                             window_batch_size=window_batch_size)
     return localize_split(ScoringModel.from_backend(video), ScoringModel.from_backend(segment),
-                          test, truth, class_ids, config)
+                          test, truth, class_ids, config, progress=progress)
 
 
-__all__ = ["fused_segment_map", "validation_map"]
+__all__ = ["fused_segment_map", "validation_map", "validation_results"]

@@ -1,10 +1,9 @@
-"""Shared fixtures: the real YouTube-8M files beside the repository, synthetic datasets."""
+"""Shared fixtures: the real YouTube-8M sample files (tests/data/yt8m), synthetic datasets."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _real_data_dir() -> Path:
-    return Path(os.environ.get("MODLOC_YT8M_DATA", REPO.parent / "shared" / "data" / "yt8m"))
-
-
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """``../shared/data/yt8m`` (or $MODLOC_YT8M_DATA): real YouTube-8M shards and records."""
-    path = _real_data_dir()
-    if not (path / "video_level_v2_2018").is_dir():
-        pytest.skip(f"real YouTube-8M sample files not found at {path} (set MODLOC_YT8M_DATA)")
-    return path
+    """``tests/data/yt8m``: real YouTube-8M shards and records (CC BY 4.0; where each file
+    came from and its known counts: ``tests/data/yt8m/SOURCES.md``)."""
+    return REPO / "tests" / "data" / "yt8m"
 
 
 @pytest.fixture(scope="session")

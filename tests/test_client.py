@@ -4,13 +4,17 @@ retry's bounded reconnect, and the asyncio client's inputs."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from tiny import split
+from tiny import split, synth_manifest
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
@@ -182,3 +186,42 @@ def test_ingest_gives_up_when_the_server_does_not_come_back(flavor, tiny_artifac
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value
     # the server gone: one backoff, the reconnect wait, and slack for a busy machine
     assert gave_up_at - stopped_at[0] < reconnect_timeout + 8
+
+
+# --- the client verb, piped as a script runs it ------------------------------------------
+
+
+def client_verb(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modloc", "client", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_client_verb_answers_a_script_in_one_line_each(limited_server, tiny_dataset, tmp_path):
+    """A truncated file: the videos before it are ingested, then one error line (no gRPC
+    traceback); stats as JSON numbers; an empty class said on stderr."""
+    from modloc.engine.base.io.tfrecord import iter_records
+    from modloc.engine.base.vocab import default_segment_class_ids
+
+    source = sorted(Path(tiny_dataset, "test").glob("*.tfrecord"))[0]
+    records = list(iter_records(source))
+    truncated = tmp_path / "truncated.tfrecord"
+    truncated.write_bytes(source.read_bytes()[: records[3].offset + 40])
+    done = client_verb("ingest", limited_server.address, "--data", str(truncated), "--timeout", "60")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    *progress, error = done.stderr.strip().splitlines()
+    assert error.startswith("modloc client: error: ") and f"{truncated}: record 3 at byte offset " \
+        f"{records[3].offset}: truncated record" in error
+    assert all(" ingest: " in line for line in progress)  # the progress lines, nothing else
+    assert "ingest: 3 video, " in progress[-1] and progress[-1].endswith("stopped")
+
+    done = client_verb("stats", limited_server.address)
+    stats = json.loads(done.stdout)
+    assert stats["videosIngested"] >= 3 and isinstance(stats["videosIngested"], int)
+    assert all(isinstance(value, int) for value in stats["batchSizes"].values())
+
+    ranked = set(synth_manifest(tiny_dataset)["segment_class_ids"])
+    empty = next(int(c) for c in default_segment_class_ids() if int(c) not in ranked)
+    done = client_verb("top", limited_server.address, str(empty), "--k", "5")
+    assert done.returncode == 0 and done.stdout == ""
+    assert done.stderr.strip() == (f"class {empty} has no ranked segment from rank 0 on (nothing "
+                                   "ingested for it yet)")

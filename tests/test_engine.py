@@ -194,6 +194,23 @@ def test_show_draws_a_timeline_png_with_the_ratings(tiny_artifacts, tiny_dataset
     assert "no video 'no-such-video'" in capsys.readouterr().err
 
 
+def test_the_timeline_labels_its_numbers_and_keeps_the_legend_off_the_cells(tiny_artifacts, tiny_dataset):
+    from modloc.engine.runtime.timeline import ratings_of, timeline_figure
+
+    video = next(read_videos(split(tiny_dataset, "test")))
+    with Localizer.from_artifacts(tiny_artifacts) as localizer:
+        result = localizer.localize([video], rank=False)[0]
+    figure = timeline_figure(result, ratings_of(video.id, read_videos(split(tiny_dataset, "test_truth"))))
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert axes.get_ylabel() == "candidate class (id), video score P_vid"
+    first = axes.get_yticklabels()[0].get_text()
+    assert first.endswith(f"({result.candidate_ids[0]}) P_vid {result.candidate_scores[0]:.2f}")
+    legend = axes.get_legend().get_window_extent()
+    cells = axes.get_window_extent()
+    assert legend.y1 <= cells.y0  # wholly below the plot
+
+
 def test_engine_localize_returns_candidates_and_fused_windows(tiny_artifacts, tiny_dataset, classes):
     videos = list(read_videos(split(tiny_dataset, "test")))[:3]
     with Localizer.from_artifacts(tiny_artifacts, class_ids=classes) as engine:

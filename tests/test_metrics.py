@@ -72,7 +72,7 @@ def reference_video_metrics(predictions, labels, top_k):
 
 
 def test_known_answer_rows_from_tensorflow_models_eval_util_test():
-    # /work/shared/data/yt8m/SOURCES.md: row 1 = (1 + 1 + 3/6 + 4/7 + 5/10)/5 = 0.7143,
+    # tests/data/yt8m/SOURCES.md: row 1 = (1 + 1 + 3/6 + 4/7 + 5/10)/5 = 0.7143,
     # row 2 = (1 + 2/3 + 3/6)/3 = 0.7222.
     predictions = [
         [0.98, 0.88, 0.77, 0.65, 0.64, 0.59, 0.45, 0.43, 0.20, 0.05],

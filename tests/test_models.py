@@ -124,8 +124,11 @@ def test_list_models_and_overrides():
     assert mod.config.leaf == NeXtVLADConfig(num_classes=7, gating_reduction=16, drop_rate=0.75,
                                              mode="segment")
     assert mix.num_leaves == 2
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown model 'netvlad' \\(did you mean 'nextvlad'\\?\\)"):
         create_model("netvlad")
+    with pytest.raises(ValueError, match="mod_4x3: no setting 'hidden' to override \\(did you "
+                                         "mean 'hidden_size'\\?\\); its settings: branching, "):
+        create_model("mod_4x3", hidden=64)
 
 
 # --- input transform ------------------------------------------------------------------------
@@ -424,6 +427,28 @@ def test_cumulative_l2_counts_tower_0_four_times(tree_4x3):
 
     torch.testing.assert_close(l2_total(cumulative=True), 4 * tower0)
     torch.testing.assert_close(l2_total(cumulative=False), tower0)
+
+
+def test_single_tower_ensemble_bce_doubles_a_one_tower_models_bce(tree_4x3):
+    """V3 builds its ensemble over a lone tower and adds that BCE too: a one-tower model's
+    objective is 2·BCE + L2 with the switch (docs/REFERENCE.md §10), and a tree of several
+    towers is left as it was."""
+    switched = LossConfig(single_tower_ensemble_bce=True, l2_penalty=1e-3)
+    plain = LossConfig(l2_penalty=1e-3)
+    mix = tree((3,))
+    out, labels = mix(*make_batch()), (torch.rand(3, 7) < 0.3).float()
+    with_switch = mod_loss(out, labels, None, switched, tree=mix)
+    without = mod_loss(out, labels, None, plain, tree=mix)
+    assert set(with_switch.terms) - set(without.terms) == {"bce/ensemble"}
+    torch.testing.assert_close(with_switch.terms["bce/ensemble"], without.terms["bce/root"])
+    torch.testing.assert_close(with_switch.total, without.total + without.terms["bce/root"])
+    model = NeXtVLADModel(TINY)
+    logits = torch.randn(3, 7)
+    single = model_loss(logits, labels, None, switched, model=model)
+    torch.testing.assert_close(single.total, 2 * bce_with_logits(logits, labels) + single.terms["l2"])
+    model4x3, out4x3, labels4x3 = tree_4x3
+    assert mod_loss(out4x3, labels4x3, None, switched, tree=model4x3).terms.keys() == \
+        mod_loss(out4x3, labels4x3, None, plain, tree=model4x3).terms.keys()
 
 
 def test_kl_gradient_reaches_the_teacher_gate():

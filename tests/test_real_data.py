@@ -1,4 +1,4 @@
-"""The readers on real YouTube-8M bytes (see ../shared/data/yt8m/SOURCES.md for the counts)."""
+"""The readers on real YouTube-8M bytes (tests/data/yt8m/SOURCES.md gives where each file came from and its counts)."""
 
 from __future__ import annotations
 

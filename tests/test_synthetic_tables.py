@@ -252,3 +252,18 @@ def test_bad_synth_changes_are_refused(tables, capsys, change, message):
     with pytest.raises(SystemExit):
         tables.main(["--scale", "smoke", "--synth", change])
     assert message in capsys.readouterr().err
+
+
+def test_the_chart_names_every_bar_apart_and_keeps_its_legend_off_the_bars(tables):
+    stats = {"mean": 0.5, "std": 0.01}
+    rows = {key: {"label": label, "group": group, **stats, "all_classes": stats}
+            for key, label, group in (("nextvlad_scratch", "NeXtVLAD", "no pretrain"),
+                                      ("nextvlad", "NeXtVLAD", "pretrain + fine-tune"),
+                                      ("nextvlad_distill", "NeXtVLAD_distill (leaf 0 of MOD 4×3)",
+                                       "pretrain + fine-tune"))}
+    figure = tables.chart({"rows": rows, "ceilings": {"0": 0.9}}, "test")
+    figure.canvas.draw()
+    names = [label.get_text() for label in figure.axes[0].get_xticklabels()]
+    assert names == ["NeXtVLAD (no pretrain)", "NeXtVLAD (pretrain + fine-tune)", "NeXtVLAD_distill"]
+    legend = figure.legends[0].get_window_extent()
+    assert all(legend.y1 <= axes.get_window_extent().y0 for axes in figure.axes)

@@ -360,6 +360,35 @@ def test_segment_mode_evaluation_counts_negatively_rated_segments():
     assert (result["gap"], result["hit_at_one"], result["perr"]) == pytest.approx((0.5, 0.5, 0.5))
 
 
+def test_frozen_root_gate_statistics_change_evaluation_only(tiny_dataset, tmp_path):
+    """V3 never updates the ensemble gate's BatchNorm moving statistics (docs/REFERENCE.md
+    §10): with the switch the same training (same losses, same leaves) leaves the root
+    gate's statistics at 0 and 1, and the tree's evaluation-mode answer differs."""
+    models, losses = {}, {}
+    for freeze in (False, True):
+        config = load_config("pretrain", None, pretrain_settings(
+            tiny_dataset, tmp_path / str(freeze), max_steps=3, dropout=0.0, bn_momentum=0.5,
+            eval_every=None, checkpoint_every=None, freeze_root_gate_statistics=freeze,
+            **{"data.eval": []}))
+        losses[freeze] = train(config).losses
+        models[freeze] = load_checkpoint(tmp_path / str(freeze) / "step-00000003").model.eval()
+    assert losses[True] == losses[False]  # training uses batch statistics either way
+    frozen, updated = models[True].root.gate.bn, models[False].root.gate.bn
+    assert not frozen.running_mean.any() and (frozen.running_var == 1).all()
+    assert updated.running_mean.abs().sum() > 0
+    # below the root, the same statistics and the same answers
+    torch.testing.assert_close(models[True].node((0,)).gate.bn.running_mean,
+                               models[False].node((0,)).gate.bn.running_mean)
+    video = next(read_videos(split(tiny_dataset, "validate")))
+    features = torch.from_numpy(video.features[None])
+    num_frames = torch.tensor([len(video.features)], dtype=torch.int32)
+    with torch.inference_mode():
+        out = {freeze: model(features, num_frames) for freeze, model in models.items()}
+    torch.testing.assert_close(out[True].logits[(0,)], out[False].logits[(0,)])
+    assert not torch.allclose(out[True].gates[()], out[False].gates[()])
+    assert not torch.allclose(out[True].root, out[False].root)
+
+
 def test_evaluating_on_unlabelled_data_warns(tiny_dataset, tmp_path, caplog):
     # the test split's ratings live in test_truth/: its records carry no labels
     settings = pretrain_settings(tiny_dataset, tmp_path / "run", max_steps=2, eval_every=2,

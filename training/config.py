@@ -128,6 +128,13 @@ class TrainConfig:
     run of a few hundred steps (the demo) needs a larger one, or its eval-mode statistics
     are still those of the initialization.
 
+    ``freeze_root_gate_statistics`` reproduces what V3 does by accident (docs/REFERENCE.md
+    §10, off by default): the root (ensemble) gate's BatchNorm never updates its moving
+    mean and variance (its update ops are collected before that gate is built), so
+    evaluation normalizes the root gate's input with mean 0 and variance 1. Training
+    itself (batch statistics) is unchanged. Only trees of two or more layers have such a
+    gate; elsewhere the switch changes nothing.
+
     ``devices`` (two or more) spreads a MOD tree's towers over devices of this process,
     e.g. ``("cuda:0", "cuda:1")``: only tower logits cross devices (:class:`modloc.training.parallel.
     PlacedTree`); empty or one device: the whole model on ``device`` (or that one device).
@@ -147,6 +154,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=lambda: _loss_config_class()())
     dropout: float | None = 0.5
     bn_momentum: float | None = None
+    freeze_root_gate_statistics: bool = False
     epochs: int | None = 15
     max_steps: int | None = 1_000_000
     seed: int = 0
@@ -217,12 +225,14 @@ def _named(path: str) -> str:
 RECIPES: dict[str, dict] = {
     "pretrain": {
         "phase": "pretrain",
+        "out": "runs/pretrain",
         "model": {"name": "mod_4x3", "overrides": {}},
         "data": {"mode": "video", "classes": "all"},
         "batch_size": 80,
         "optimizer": {"learning_rate": 2e-4, "decay_rate": 0.8, "decay_examples": 2_500_000},
-        "loss": {"temperatures": [1.0], "l2_penalty": 1e-5,
-                 "cumulative_l2": False, "bce": "logits"},
+        "loss": {"temperatures": [1.0], "l2_penalty": 1e-5, "cumulative_l2": False,
+                 "bce": "logits", "single_tower_ensemble_bce": False},
+        "freeze_root_gate_statistics": False,
         "dropout": 0.5,
         "epochs": 15,
         "max_steps": 1_000_000,
@@ -232,12 +242,14 @@ RECIPES: dict[str, dict] = {
     },
     "finetune": {
         "phase": "finetune",
+        "out": "runs/finetune",
         "model": None,
         "data": {"mode": "segment", "classes": None},
         "batch_size": 512,
         "optimizer": {"learning_rate": 2e-4, "decay_rate": 0.8, "decay_examples": 1_000_000},
-        "loss": {"temperatures": [20.0], "l2_penalty": 1e-4,
-                 "cumulative_l2": False, "bce": "logits"},
+        "loss": {"temperatures": [20.0], "l2_penalty": 1e-4, "cumulative_l2": False,
+                 "bce": "logits", "single_tower_ensemble_bce": False},
+        "freeze_root_gate_statistics": False,
         "dropout": 0.75,
         "epochs": 10,
         "max_steps": None,
@@ -549,6 +561,12 @@ OPTIONS: tuple[Option, ...] = (
            "count tower t's classifier L2 once per tower from t on, as V3 does by accident"),
     Option("--bce", "loss.bce", "str", "BCE on logits (stable) or on probabilities (G's form)",
            choices=("logits", "probabilities")),
+    Option("--single-tower-ensemble-bce", "loss.single_tower_ensemble_bce", "bool",
+           "count a one-tower model's BCE twice, as V3's ensemble over its one tower does by "
+           "accident (2·BCE + L2)"),
+    Option("--freeze-root-gate-statistics", "freeze_root_gate_statistics", "bool",
+           "never update the root gate's BatchNorm moving statistics (evaluation normalizes "
+           "with mean 0, variance 1), as V3 does by accident"),
     Option("--seed", "seed", "int", "seed of the model init, dropout and the data order"),
     Option("--device", "device", "str", "auto | cpu | cuda | cuda:N"),
     Option("--devices", "devices", "csv",

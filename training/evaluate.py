@@ -19,17 +19,16 @@ Every model runs in eval mode under ``torch.inference_mode``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from modloc.engine.base.features import MAX_FRAMES
-from modloc.engine.base.io.tfrecord import Patterns
+from modloc.engine.base.io.tfrecord import Patterns, count_records
 from modloc.engine.base.metrics import VideoMetrics
+from modloc.engine.base.progress import Progress
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.offline_eval import localize_split
 from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
@@ -163,9 +162,10 @@ def evaluate_videos(
     """GAP@top_k, Hit@1, PERR and MAP of a checkpoint on the labelled videos of ``labels``."""
     dataset = VideoLevelDataset(labels, class_ids=checkpoint.class_ids, shuffle=False)
     loader = make_loader(dataset, batch_size, num_workers=workers)
-    with tqdm(loader, desc="evaluate videos", unit="batch", disable=_disable(progress),
-              file=sys.stderr) as bar:
-        result = evaluate_batches(checkpoint.model, bar, len(checkpoint.class_ids), top_k=top_k)
+    batches = -(-count_records(dataset.paths) // batch_size)
+    with Progress("evaluate videos", batches, "batch", enabled=progress) as bar:
+        result = evaluate_batches(checkpoint.model, bar.each(loader), len(checkpoint.class_ids),
+                                  top_k=top_k)
     videos = result.pop("labelled")
     if not videos:
         raise ValueError(f"no video in {labels} has a label among the checkpoint's classes")
@@ -183,6 +183,7 @@ def evaluate_segments(
     window_batch_size: int = 1024,
     submissions: str | os.PathLike | None = None,
     progress: bool | None = None,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
@@ -198,6 +199,8 @@ def evaluate_segments(
         batch_size: videos per video-model batch; window_batch_size: windows per
             segment-model batch.
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
+        allow_low_overlap: score truth files that rate few of the test videos, with a
+            warning, instead of refusing them.
 
     Returns:
         as :func:`~modloc.engine.runtime.offline_eval.localize_split`.
@@ -216,7 +219,8 @@ def evaluate_segments(
                             window_batch_size=window_batch_size)
     return localize_split(ScoringModel(video_scorer, video.class_ids, MAX_FRAMES, "pytorch video"),
                           ScoringModel(segment_scorer, segment.class_ids, name="pytorch segment"),
-                          test, truth, class_ids, config, submissions, progress)
+                          test, truth, class_ids, config, submissions, progress,
+                          allow_low_overlap=allow_low_overlap)
 
 
 def evaluate(
@@ -233,6 +237,7 @@ def evaluate(
     device: str = "auto",
     submissions: str | os.PathLike | None = None,
     progress: bool | None = None,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Evaluate checkpoints (``modloc evaluate``): video metrics on ``labels`` and/or
     segment MAP@K on ``test`` + ``truth``.
@@ -255,13 +260,8 @@ def evaluate(
         result["segment_checkpoint"] = str(segment.path)
         result["segments"] = evaluate_segments(
             video, segment, test, truth, class_ids, fusion, batch_size, window_batch_size,
-            submissions=submissions, progress=progress)
+            submissions=submissions, progress=progress, allow_low_overlap=allow_low_overlap)
     return result
-
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None shows the bar only on a terminal."""
-    return None if progress is None else not progress
 
 
 __all__ = ["evaluate", "evaluate_batches", "evaluate_segments", "evaluate_videos", "forward",

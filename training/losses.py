@@ -21,6 +21,12 @@ Where this follows the reference on purpose:
 
 The default BCE works on logits (numerically stable); ``bce="probabilities"`` is G's
 ``CrossEntropyLoss`` on ``sigmoid(logits)`` with ε = 1e-5, bit for bit the reference's form.
+
+Two more switches reproduce what V3 does by accident (docs/REFERENCE.md §10, off by
+default): ``cumulative_l2`` (tower ``t``'s classifier L2 counted once per tower from ``t``
+on) and ``single_tower_ensemble_bce``: with one tower, V3 still builds its ensemble over
+it and adds the ensemble's BCE, which equals the tower's, so a one-tower model (a plain
+model, or a one-layer tree) trains on ``2·BCE + L2`` (logged as ``bce/ensemble``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class LossConfig:
             counted 4×, tower 3's 1×. Off by default: it is an accident of
             ``tf.losses.get_regularization_losses()``, not a design.
         bce: ``"logits"`` (stable BCE-with-logits) or ``"probabilities"`` (G's form).
+        single_tower_ensemble_bce: reproduce V3's one-tower objective (module doc): the
+            BCE of a model with one tower (a plain model, a one-layer tree) counted twice.
+            Trees of two or more layers have several towers: nothing changes for them.
     """
 
     temperatures: tuple[float, ...] = (1.0,)
@@ -69,6 +78,7 @@ class LossConfig:
     l2_penalty: float = 1e-5
     cumulative_l2: bool = False
     bce: Literal["logits", "probabilities"] = "logits"
+    single_tower_ensemble_bce: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "temperatures", tuple(self.temperatures))
@@ -168,6 +178,8 @@ def model_loss(
 ) -> LossTerms:
     """Loss of a single model (NeXtVLAD, DBoF): BCE + L2 of ``model.l2_parameters()``."""
     terms = {"bce": bce(logits, labels, label_weights, config.bce)}
+    if config.single_tower_ensemble_bce:  # V3's ensemble over the one tower: the same BCE again
+        terms["bce/ensemble"] = terms["bce"]
     if config.l2_penalty:
         terms["l2"] = l2_penalty(model.l2_parameters(), config.l2_penalty)
     return LossTerms(total=sum(terms.values()), terms=terms)
@@ -188,6 +200,8 @@ def mod_loss(
     terms: dict[str, torch.Tensor] = {}
     for path, logits in output.logits.items():
         terms[f"bce/{node_name(path)}"] = bce(logits, labels, label_weights, config.bce)
+    if config.single_tower_ensemble_bce and depth == 1:  # the root is V3's one tower
+        terms["bce/ensemble"] = terms["bce/root"]
 
     for parent in internal_paths(output.branching):
         temperature = config.temperature(len(parent))

@@ -49,11 +49,12 @@ def single_threaded() -> Iterator[None]:
 
 
 def train_run(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every: int | None = None,
-                resume: bool = False) -> dict:
+              resume: bool = False, progress: bool = True) -> dict:
     """Train with ``recipe`` and ``settings``; the report's summary of the run.
 
     ``checkpoint_every`` steps a checkpoint is written (besides the final one); ``resume``
-    continues the run from the newest checkpoint in ``run_dir``. ``seconds`` in the summary
+    continues the run from the newest checkpoint in ``run_dir``; ``progress`` reports the
+    plan and the steps on stderr (:mod:`modloc.engine.base.progress`). ``seconds`` in the summary
     is the run's training time since step 0, resumes included.
     """
     from modloc.training.checkpoint import read_checkpoint_config
@@ -62,7 +63,7 @@ def train_run(run_dir: Path, recipe: str, settings: dict, *, checkpoint_every: i
 
     config = load_config(recipe, None, {**settings, "out": str(run_dir), "eval_every": None,
                                         "checkpoint_every": checkpoint_every, "keep_checkpoints": 1,
-                                        "resume": resume, "log_every": 10, "progress": False})
+                                        "resume": resume, "log_every": 10, "progress": progress})
     result = train(config)
     saved = read_checkpoint_config(result.checkpoint)
     sums = {kind: sum(value for name, value in result.final_terms.items()

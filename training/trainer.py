@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -69,9 +68,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from modloc.engine.base.atomic import write_atomically
+from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import count_records
+from modloc.engine.base.progress import Progress, announce
 from modloc.training.checkpoint import (
     TrainingState,
     latest_checkpoint,
@@ -91,7 +92,7 @@ from modloc.training.datasets import FrameDataset, SegmentDataset, VideoLevelDat
 from modloc.training.evaluate import evaluate_batches, resolve_device
 from modloc.training.losses import LossTerms, mod_loss, model_loss
 from modloc.training.models import MODTree, MODTreeConfig, build_model, model_config
-from modloc.training.models.registry import ModelConfig
+from modloc.training.models.registry import ModelConfig, count_parameters
 from modloc.training.parallel import DistributedMOD, PlacedTree, init_from_env
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,25 @@ class TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the training run ``config`` describes; see the module doc."""
-    trainer = Trainer(config)
+    """Run (or resume) the training run ``config`` describes; see the module doc.
+
+    A run that fails before its first step removes the run directory if it created it, so
+    that a mistake (a wrong preset, unlabelled data) leaves nothing behind.
+    """
+    run_dir = Path(config.out)
+    # the outermost directory this call will create (runs/ of runs/finetune, say)
+    created = next((path for path in [*reversed(run_dir.parents), run_dir] if not path.exists()), None)
+    trainer = None
     try:
+        trainer = Trainer(config)
         return trainer.run()
+    except BaseException:
+        stepped = trainer is not None and trainer.state.step > trainer.start_step
+        if created is not None and not stepped and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
-        if trainer.env is not None:
+        if trainer is not None and trainer.env is not None:
             dist.destroy_process_group()
             # Free what still refers to the group (the model's tower groups, gathered
             # state) now, while the interpreter is whole: a torchrun rank whose gloo
@@ -266,16 +280,92 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                     module.momentum = config.bn_momentum
+        if config.freeze_root_gate_statistics and isinstance(self.model, MODTree | PlacedTree | DistributedMOD) \
+                and len(self.model.config.branching) > 1:
+            # momentum 0: the moving statistics stay at their initial 0 and 1 (config doc);
+            # every rank's replica of the root gate alike
+            self.model.root.gate.bn.momentum = 0.0
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.dataset = self._dataset(config.data.train, shuffle=True)
+        self._check_targets(config)
         self.eval_dataset = self._dataset(config.data.eval, shuffle=False) if config.data.eval else None
+        self.start_step = self.state.step
+        # video mode: an example per record, so the framing alone gives the epoch's steps
+        # (ranks and loader workers all read the same batches); segment mode learns it
+        # from its first epoch
+        self.records = count_records(self.dataset.paths) if config.data.mode == "video" else None
+        self.steps_per_epoch = None if self.records is None else self.records // config.batch_size
         self.last_checkpoint = resume_from
         self.curves = (_Curves(self.run_dir / HISTORY_FILE, self.state.step if resume_from else 0)
                        if self.writes else None)
 
     # --- set-up -----------------------------------------------------------------------
+
+    def _check_targets(self, config: TrainConfig, videos: int = 64) -> None:
+        """Refuse training data whose first ``videos`` videos carry nothing to learn from:
+        no video label (video mode; a test split) or no segment rating (segment mode; a
+        train split given to fine-tuning). Without this the run would fit all-zero targets,
+        or stop later with a less telling message."""
+        rated = config.data.mode == "segment"
+        for index, video in enumerate(read_videos(self.dataset.paths, require_frames=True)):
+            if len(video.segment_labels if rated else video.labels):
+                return
+            if index + 1 == videos:
+                break
+        data = ", ".join(config.data.train)
+        if rated:
+            raise ValueError(f"the training data {data} (--data) holds no rated segment in its first "
+                             f"{videos} videos: fine-tuning learns from segment ratings (a validate "
+                             "split), not from video labels")
+        raise ValueError(f"the training data {data} (--data) holds no video label in its first "
+                         f"{videos} videos: an unlabelled split (test) cannot train a model; give "
+                         "labelled videos (train or validate)")
+
+    def _announce_plan(self) -> None:
+        """What the run is about to do, before its first step: model, data, schedule, device."""
+        config = self.config
+        parameters = count_parameters(self._whole_model())
+        paths = self.dataset.paths
+        size = sum(os.path.getsize(path) for path in paths) / 1e6
+        epoch = (f" ({self.steps_per_epoch} steps per epoch)" if self.steps_per_epoch is not None
+                 else "")
+        resumed = f", resuming at step {self.state.step}" if self.resumed_from else ""
+        steps = "none" if config.max_steps is None else f"{config.max_steps:,}"
+        device = (f"{self.env.world_size} torchrun ranks ({self.env.device.type})" if self.env
+                  else ", ".join(config.devices) or str(self.device))
+        for line in (
+            f"{config.phase}: model {self._model_title()} ({parameters:,} parameters, "
+            f"{len(self.class_ids)} classes) -> {self.run_dir}",
+            f"{config.phase}: data {len(paths)} file(s), {size:,.1f} MB"
+            f"{'' if self.records is None else f', {self.records:,} videos'}, {config.data.mode} mode; "
+            f"batch {config.batch_size}, epochs {config.epochs}{epoch}, max steps {steps}{resumed}",
+            f"{config.phase}: device {device}, {torch.get_num_threads()} torch thread(s), "
+            f"{config.data.workers} loader worker(s)",
+        ):
+            announce(line, config.progress)
+
+    def _whole_model(self) -> nn.Module:
+        """The whole model (a parallel run's tree on rank 0, which alone calls this)."""
+        tree = getattr(self, "tree", None)
+        return self.model if tree is None else tree
+
+    def _model_title(self) -> str:
+        """The model as it trains: a tree's own shape, which overrides may change from its
+        preset's (a 2x2 tree built from ``mod_4x3``)."""
+        model = self._whole_model()
+        if isinstance(model, MODTree):
+            return f"{'x'.join(map(str, model.config.branching))} MOD tree (preset {self.preset})"
+        return self.preset
+
+    def _planned_steps(self) -> int | None:
+        """The step the run will stop at, when the data's size is known."""
+        config = self.config
+        if config.epochs is None or self.steps_per_epoch is None:
+            return config.max_steps
+        by_epochs = config.epochs * self.steps_per_epoch
+        return by_epochs if config.max_steps is None else min(config.max_steps, by_epochs)
 
     def _start_pretraining(self, config: TrainConfig) -> None:
         self.class_ids = resolve_classes(config.data.classes)
@@ -440,10 +530,10 @@ class Trainer:
                                 purge_step=state.step + 1 if self.resumed_from else None)
                   if self.writes else _NoWriter())
         try:
-            with tqdm(total=config.max_steps, initial=state.step, unit="step", desc=config.phase,
-                      disable=not self.writes or (None if config.progress is None
-                                                  else not config.progress),
-                      file=sys.stderr, dynamic_ncols=True) as bar:
+            if self.writes:
+                self._announce_plan()
+            with Progress(config.phase, self._planned_steps(), "step", initial=state.step,
+                          enabled=self.writes and config.progress is not False) as bar:
                 rate = _Rate(state.examples)
                 while not self._finished():
                     self._run_epoch(writer, bar, rate, result)
@@ -465,18 +555,18 @@ class Trainer:
         call_started, before = self._seconds_at
         return round(before + time.perf_counter() - call_started, 3)
 
-    def _run_epoch(self, writer, bar: tqdm, rate: _Rate, result: TrainResult) -> None:
+    def _run_epoch(self, writer, bar: Progress, rate: _Rate, result: TrainResult) -> None:
         """Train on the rest of the current epoch, or until the run is finished."""
         config, state = self.config, self.state
         consumed = 0
+        whole_epoch = state.batch_in_epoch == 0
         for batch in self._epoch_batches(state.epoch, state.batch_in_epoch):
             terms, value, lr = self._step(batch)
             consumed += 1
             result.losses.append(value)
             bar.update(1)
-            steps_per_second = bar.format_dict["rate"] or 0.0
-            bar.set_postfix(loss=f"{value:.4g}", epoch=state.epoch, refresh=False,
-                            ex_s=f"{steps_per_second * config.batch_size:.0f}")
+            bar.set_postfix(loss=f"{value:.4g}", epoch=state.epoch,
+                            examples_per_s=f"{bar.rate * config.batch_size:.0f}")
             if state.step % config.log_every == 0 or self._finished():
                 result.final_terms = self._log(writer, terms, value, lr, rate.update(state.examples))
             if config.eval_every and state.step % config.eval_every == 0:
@@ -486,8 +576,14 @@ class Trainer:
             if self._finished():
                 return
         if not consumed and not state.batch_in_epoch:
-            raise ValueError(f"epoch {state.epoch} of {config.data.train} holds no full batch "
-                             f"of {config.batch_size} examples")
+            examples = (f" (it gave {self.dataset.stats.examples})" if not config.data.workers
+                        else "")
+            raise ValueError(f"epoch {state.epoch} of {', '.join(config.data.train)} holds no full "
+                             f"batch of {config.batch_size} examples{examples}: give a smaller "
+                             "--batch-size (batch_size)")
+        if whole_epoch and self.steps_per_epoch is None:  # now the run's length is known
+            self.steps_per_epoch = consumed
+            bar.set_total(self._planned_steps())
         state.epoch += 1
         state.batch_in_epoch = 0
 
@@ -586,7 +682,7 @@ class Trainer:
                         rank_rng_states=rank_rng_states)
         for old in list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
-        self.curves.plot(self.run_dir / CURVES_FILE, f"{self.config.phase} ({self.preset})")
+        self.curves.plot(self.run_dir / CURVES_FILE, f"{self.config.phase} ({self._model_title()})")
         writer.flush()
 
     def _full_model(self) -> tuple[nn.Module | None, torch.optim.Optimizer | None]:

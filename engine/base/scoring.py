@@ -1,15 +1,26 @@
 """``modloc eval``: score a prediction file against the labels in TFRecord files.
 
 - A Kaggle submission CSV is scored with the Kaggle segment MAP@K against the segment
-  ratings of the label files (``validate`` records, or a ``test_truth`` split).
+  ratings of the label files (``validate`` records, or a ``test_truth`` split), over the
+  class space of those labels: the classes with a positive rating are averaged (one
+  without a row scores 0), rows of other classes are counted and left out. The file's
+  format is checked in full; with ``kaggle_rows`` it must also hold the Kaggle file's
+  1,000 rows, one per class of ``segment_label_ids.csv`` (a real submission).
 - A video-level prediction file (``VideoId,LabelConfidencePairs``) is scored with GAP@k,
   Hit@1, PERR and per-class MAP against the video labels of the label files (frame-level or
   video-level records). A labelled video without predictions is an all-zero row, as G's
   metrics would see it (its Hit@1 is G's argmax: class 0); predicted videos without labels
-  are counted and left out, and a file predicting none of the labelled videos is refused.
+  are counted and left out.
+
+Both refuse labels that share few videos with the file (:func:`check_overlap`: fewer than
+half of the labelled videos predicted), which would otherwise give a number near 0 that
+means nothing; ``allow_low_overlap`` scores it anyway, with a warning.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Collection
 
 import numpy as np
 
@@ -18,16 +29,53 @@ from modloc.engine.base.io.readers import read_any
 from modloc.engine.base.io.tfrecord import Patterns
 from modloc.engine.base.metrics import SegmentTruth, VideoMetrics, segment_map
 from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
-from modloc.engine.base.submission import read_submission, read_video_predictions
+from modloc.engine.base.submission import ProblemKind, read_submission, read_video_predictions
 from modloc.engine.base.vocab import NUM_VIDEO_CLASSES
 
+log = logging.getLogger(__name__)
+
 _VIDEO_BATCH = 256
+MIN_OVERLAP = 0.5
+"""The least share of the labelled videos a prediction file must cover to be scored."""
 
 
-def evaluate_submission(submission: str, labels: Patterns, k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
-    """Segment MAP@k of a submission CSV; keys ``map``, ``classes`` and the bookkeeping."""
-    rankings = read_submission(submission, strict=True)
+def check_overlap(predicted: Collection[str], labelled: Collection[str], predictions: str,
+                  labels: str, allow_low_overlap: bool = False) -> int:
+    """The number of labelled videos among the ``predicted`` ones; refuses fewer than
+    :data:`MIN_OVERLAP` of them (a file scored against another split's labels), or warns
+    with the counts when ``allow_low_overlap``.
+
+    Raises:
+        ValueError: naming both sides and the counts.
+    """
+    if not labelled:
+        raise ValueError(f"the labels {labels} hold no labelled video")
+    shared = len(set(predicted) & set(labelled))
+    if shared >= MIN_OVERLAP * len(labelled):
+        return shared
+    message = (f"{predictions} covers {shared} of the {len(labelled)} labelled videos of "
+               f"{labels} ({len(predicted)} videos predicted): are they of the same split?")
+    if not allow_low_overlap:
+        raise ValueError(f"{message} (at least {MIN_OVERLAP:.0%} must be covered; "
+                         "--allow-low-overlap scores it anyway)")
+    log.warning("%s Scoring it anyway (--allow-low-overlap): the number says little.", message)
+    return shared
+
+
+def _describe(patterns: Patterns) -> str:
+    return patterns if isinstance(patterns, str) else " ".join(map(str, patterns))
+
+
+def evaluate_submission(submission: str, labels: Patterns, k: int = MAX_SEGMENTS_PER_CLASS,
+                        kaggle_rows: bool = False, allow_low_overlap: bool = False) -> dict:
+    """Segment MAP@k of a submission CSV over the labels' class space (module doc); keys
+    ``map``, ``classes`` and the bookkeeping. ``kaggle_rows`` requires the 1,000 rows of
+    a Kaggle submission."""
+    allow = () if kaggle_rows else (ProblemKind.MISSING_CLASS, ProblemKind.UNKNOWN_CLASS)
+    rankings = read_submission(submission, strict=True, allow=allow)
     truth = SegmentTruth.from_videos(record for record in read_any(labels) if isinstance(record, Video))
+    submitted = {segment.rpartition(":")[0] for row in rankings.values() for segment in row}
+    shared = check_overlap(submitted, truth.video_ids, submission, _describe(labels), allow_low_overlap)
     result = segment_map(rankings, truth, k=k)
     return {
         "map": result.map,
@@ -44,11 +92,15 @@ def evaluate_submission(submission: str, labels: Patterns, k: int = MAX_SEGMENTS
         "unrated": result.unrated,
         "duplicates": result.duplicates,
         "scored": result.scored,
+        "class_space": "Kaggle: the 1000 segment classes" if kaggle_rows else "the labels' rated classes",
+        "rated_videos": len(truth.video_ids),
+        "rated_videos_submitted": shared,
         "class_ap": {str(c): ap for c, ap in result.class_ap.items()},
     }
 
 
-def evaluate_video_predictions(predictions: str, labels: Patterns, top_k: int = 20) -> dict:
+def evaluate_video_predictions(predictions: str, labels: Patterns, top_k: int = 20,
+                               allow_low_overlap: bool = False) -> dict:
     """GAP@top_k, Hit@1, PERR and MAP of a video-level prediction file."""
     predicted = read_video_predictions(predictions)
     metrics = VideoMetrics(NUM_VIDEO_CLASSES, top_k=top_k)
@@ -83,11 +135,7 @@ def evaluate_video_predictions(predictions: str, labels: Patterns, top_k: int = 
         if rows == _VIDEO_BATCH:
             flush()
     flush()
-    if not videos:
-        raise ValueError("the label files hold no labelled video")
-    if unpredicted == videos:
-        raise ValueError(f"none of the {videos} labelled videos has a prediction in {predictions} "
-                         f"({len(predicted)} videos predicted): are they of the same split?")
+    check_overlap(predicted, labelled_ids, predictions, _describe(labels), allow_low_overlap)
     result = metrics.get()
     return {
         "gap": result.gap,
@@ -108,10 +156,12 @@ def evaluate(
     labels: Patterns = (),
     k: int = MAX_SEGMENTS_PER_CLASS,
     top_k: int = 20,
+    kaggle_rows: bool = False,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Score exactly one of ``submission`` (segment CSV) or ``predictions`` (video CSV)."""
     if (submission is None) == (predictions is None):
         raise ValueError("give exactly one of a submission CSV or a video prediction file")
     if submission is not None:
-        return evaluate_submission(submission, labels, k)
-    return evaluate_video_predictions(predictions, labels, top_k)
+        return evaluate_submission(submission, labels, k, kaggle_rows, allow_low_overlap)
+    return evaluate_video_predictions(predictions, labels, top_k, allow_low_overlap)

@@ -148,13 +148,15 @@ def read_submission(
     strict: bool = False,
     class_ids: Iterable[int] | None = None,
     max_segments: int = MAX_SEGMENTS_PER_CLASS,
+    allow: Iterable[ProblemKind] = (),
 ) -> dict[int, list[str]]:
     """Read a Kaggle submission into class id -> segment ids (best first).
 
     A lenient read (the default) accepts anything with one reading: it raises only on
     the structural problems (malformed rows, bad or repeated class fields, a second
     header). ``strict=True`` raises on any problem ``validate_submission`` reports, with
-    ``class_ids`` and ``max_segments`` as there.
+    ``class_ids`` and ``max_segments`` as there, except the kinds in ``allow`` (e.g. the
+    unknown and missing classes of a file scored over another class space).
 
     A full submission holds 10^8 ids: reading it takes several GB of Python strings and
     about half a minute.
@@ -163,11 +165,13 @@ def read_submission(
         ValueError: listing the first problems, each with its line.
     """
     rows, problems = _scan_submission(path_or_file, class_ids, max_segments, keep_rows=True)
-    fatal = problems if strict else [p for p in problems if p.kind in _STRUCTURAL]
-    if fatal:
-        shown = "\n  ".join(str(problem) for problem in fatal[:10])
-        more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
-        raise ValueError(f"{_name(path_or_file)}: invalid submission:\n  {shown}{more}")
+    allowed = set(allow)
+    fatal = ([p for p in problems if p.kind not in allowed] if strict
+             else [p for p in problems if p.kind in _STRUCTURAL])
+    if fatal:  # one line, as a command-line error is
+        shown = "; ".join(str(problem) for problem in fatal[:10])
+        more = f"; ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
+        raise ValueError(f"{_name(path_or_file)}: invalid submission: {shown}{more}")
     return rows
 
 

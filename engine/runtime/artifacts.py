@@ -28,7 +28,12 @@ An artifact is one exported model in a directory::
   eigenvalues' sha256, the padding rule) and ``use_mask`` (video mode masks padded
   frames in the attention; segment mode does not);
 - ``precision``: ``"fp32"`` | ``"fp16"`` | ``"bf16"`` | ``"int8"``, with how the variant
-  was made and measured (``map_difference`` against fp32 on the validation split);
+  was made and its segment MAP@K on the validation split (``map_at_k``: every class a
+  candidate, its ceiling, the ``difference`` from fp32's);
+- ``quality_gate``: null for fp32 (the reference); for a variant, ``passed`` and its
+  ``measures`` against fp32, each ``{"metric", "reference_value", "value", "ceiling",
+  "threshold", "passed", "rule"}`` (:mod:`modloc.export.gate`), the split and the examples
+  measured. An artifact exported before the gate existed lacks it;
 - ``onnx``: ``opset``, ``ir_version``, ``sha256``;
 - ``pt2``: ``{"file": "model.pt2", "parity"}`` (the saved program, loaded back, against
   PyTorch, as ``parity`` records the ONNX graph), or ``{"file": null, "reason"}`` (INT8),

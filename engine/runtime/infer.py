@@ -12,7 +12,13 @@ the tie key, and rank 0 merges the shards' top-K states into exactly the single-
 rankings and writes the CSV, byte for byte the same.
 
 MAP@K is reported when ratings exist: from ``--truth`` files, or else from the segment
-ratings the data records carry themselves (a ``validate`` split).
+ratings the data records carry themselves (a ``validate`` split); truth files that rate
+few of the localized videos are refused (:func:`modloc.engine.base.scoring.check_overlap`).
+
+With ``video_predictions`` the video-level predictions are written too, in the starter
+code's format (``VideoId,LabelConfidencePairs``: each video's top-N candidate classes and
+their video scores, REFERENCE §7 step 1), in the files' order under torchrun as well;
+``modloc eval --predictions`` scores it against video labels.
 """
 
 from __future__ import annotations
@@ -20,20 +26,20 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
-from modloc.engine.base.io.tfrecord import Patterns, expand_paths
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
 from modloc.engine.base.metrics.segment import VideoRatings
-from modloc.engine.base.submission import check_rankable_id
+from modloc.engine.base.progress import Progress
+from modloc.engine.base.scoring import check_overlap
+from modloc.engine.base.submission import check_rankable_id, write_video_predictions
 from modloc.engine.runtime.distributed import (
     Shard,
     broadcast,
@@ -137,8 +143,8 @@ def _expansion_cut(localizer: Localizer, files: list[tuple[int, str]], chunk_vid
     alone), gathered from every rank; the cut built on rank 0 and sent to all."""
     ranked = set(localizer.rankings.class_ids)
     parts = []
-    with tqdm(desc=f"{description} (video scores)", unit="video", file=sys.stderr,
-              disable=None if progress is None else not progress, position=shard.rank) as bar, \
+    with Progress(f"{description} (video scores)", count_records(path for _, path in files), "video",
+                  enabled=progress, position=shard.rank) as bar, \
             Prefetcher(ordered_chunks(files, chunk_videos)) as chunks:
         for videos, orders in chunks:
             candidate_ids, candidate_scores = localizer.pipeline.candidates(videos)
@@ -166,6 +172,8 @@ def infer(
     shard: Shard | None = None,
     backend_options: dict | None = None,
     expansion_cut: bool = False,
+    video_predictions: str | os.PathLike | None = None,
+    allow_low_overlap: bool = False,
 ) -> dict | None:
     """Localize every video of ``data`` and write the Kaggle submission ``out``.
 
@@ -180,11 +188,15 @@ def infer(
         fallback: REFERENCE §7 step 5 fill of short rankings.
         class_ids: the ranked classes, the CSV's rows (default: the 1000 segment classes).
         chunk_videos: videos per engine call.
-        progress: a progress bar on stderr (None: only on a terminal).
+        progress: report progress on stderr (:class:`~modloc.engine.base.progress.Progress`;
+            False: silent).
         shard: this process's rank (default: from torchrun's environment).
         expansion_cut: apply REFERENCE §7 step 3's expansion cut (:mod:`modloc.engine.runtime.expansion`),
             as the reference submission did: every video is first scored by the video model
             alone (the files are read twice, the video model runs twice), then localized.
+        video_predictions: also write the video-level prediction file here (module doc).
+        allow_low_overlap: score ``truth`` files that rate few of the videos, with a
+            warning, instead of refusing them.
 
     Returns:
         The report on rank 0 (``videos``, ``windows``, rates, ``submission``, ``map`` when
@@ -195,6 +207,8 @@ def infer(
     mine = shard_files(files, shard)
     started = time.perf_counter()
     ratings: list[VideoRatings] = []
+    localized: list[str] = []  # the video ids, for the overlap with --truth
+    predicted: list[tuple] = []  # per chunk: (orders, video ids, candidate ids, scores)
     with Localizer.from_artifacts(artifacts, video, segment, backend, config,
                                   backend_options=backend_options, class_ids=class_ids,
                                   fallback=fallback) as localizer:
@@ -202,18 +216,22 @@ def infer(
         description = "infer" if shard.world_size == 1 else f"infer rank {shard.rank}/{shard.world_size}"
         if expansion_cut:
             rankings.expansion = _expansion_cut(localizer, mine, chunk_videos, shard, progress, description)
-        with tqdm(desc=description, unit="video", disable=None if progress is None else not progress,
-                  file=sys.stderr, position=shard.rank) as bar:
+        with Progress(description, count_records(path for _, path in mine), "video",
+                      enabled=progress, position=shard.rank) as bar:
             with Prefetcher(ordered_chunks(mine, chunk_videos)) as chunks:
                 for videos, orders in chunks:
-                    localizer.localize(videos, orders)
+                    results = localizer.localize(videos, orders)
+                    if truth is not None:
+                        localized.extend(video.id for video in videos)
+                    if video_predictions is not None:
+                        predicted.append(_candidates(results, orders))
                     if truth is None:
                         ratings.extend(VideoRatings.of(v) for v in videos if len(v.segment_labels))
                     bar.update(len(videos))
-                    elapsed = max(bar.format_dict["elapsed"], 1e-9)
-                    bar.set_postfix(segments_per_s=f"{localizer.pipeline.times.windows / elapsed:,.0f}")
+                    bar.set_postfix(segments_per_s=f"{localizer.pipeline.times.windows / bar.elapsed:,.0f}")
         local = {"rank": shard.rank, "files": len(mine), "rankings": rankings.state(),
-                 "times": localizer.pipeline.times.to_json(), "ratings": ratings}
+                 "times": localizer.pipeline.times.to_json(), "ratings": ratings,
+                 "localized": localized, "predicted": predicted}
         parts = gather(local, shard)
         if not shard.is_root:
             finish(shard)
@@ -225,6 +243,8 @@ def infer(
             raise ValueError(f"no video in {data}")
         rows = rankings.rows()
         rankings.write_submission(out)
+        if video_predictions is not None:
+            _write_video_predictions(video_predictions, [chunk for part in parts for chunk in part["predicted"]])
     finish(shard)
     seconds = time.perf_counter() - started
     windows = sum(part["times"]["windows"] for part in parts)
@@ -239,11 +259,38 @@ def infer(
     }
     rated = SegmentTruth.from_videos(read_videos(truth)) if truth is not None else \
         SegmentTruth.from_videos(r for part in parts for r in part["ratings"])
+    if video_predictions is not None:
+        report["video_predictions"] = str(video_predictions)
+    if truth is not None:
+        check_overlap({video_id for part in parts for video_id in part["localized"]}, rated.video_ids,
+                      f"the data {data if isinstance(data, str) else ' '.join(map(str, data))}",
+                      truth if isinstance(truth, str) else " ".join(map(str, truth)), allow_low_overlap)
     if len(rated):
         scores = segment_map(rows, rated, k=rankings.k)
         report.update(map=scores.map, ceiling=scores.ceiling, classes=scores.classes)
     log.info("infer: %d videos, %d windows in %.1f s → %s", videos_seen, windows, seconds, out)
     return report
+
+
+def _candidates(results, orders) -> tuple:
+    """One chunk's video-level predictions: ``(orders, video ids, (V, n) candidate ids,
+    (V, n) video scores)``, compact enough to gather from every rank."""
+    return (np.asarray(orders, np.int64), [result.video_id for result in results],
+            np.stack([result.candidate_ids for result in results]).astype(np.int32),
+            np.stack([result.candidate_scores for result in results]).astype(np.float32))
+
+
+def _write_video_predictions(path: str | os.PathLike, chunks: list[tuple]) -> None:
+    """Every rank's chunks in the files' order (the single-process order) as G's file."""
+    if not chunks:
+        write_video_predictions(path, [])
+        return
+    orders = np.concatenate([chunk[0] for chunk in chunks])
+    video_ids = [video_id for chunk in chunks for video_id in chunk[1]]
+    ids = np.concatenate([chunk[2] for chunk in chunks])
+    scores = np.concatenate([chunk[3] for chunk in chunks])
+    write_video_predictions(path, ((video_ids[row], zip(ids[row].tolist(), scores[row].tolist(), strict=True))
+                                   for row in np.argsort(orders, kind="stable")))
 
 
 __all__ = ["Prefetcher", "infer", "ordered_chunks"]

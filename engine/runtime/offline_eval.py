@@ -17,19 +17,19 @@ Pure numpy: no torch.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
-from modloc.engine.base.io.tfrecord import Patterns, expand_paths
+from modloc.engine.base.io.tfrecord import Patterns, count_records, expand_paths
 from modloc.engine.base.metrics import SegmentTruth, segment_map
+from modloc.engine.base.progress import Progress
+from modloc.engine.base.scoring import check_overlap
 from modloc.engine.runtime.fusion import dummy_pairs
 from modloc.engine.runtime.infer import ordered_chunks
 from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
@@ -84,6 +84,7 @@ def localize_split(
     submissions: str | os.PathLike | None = None,
     progress: bool | None = False,
     chunk_videos: int = 256,
+    allow_low_overlap: bool = False,
 ) -> dict:
     """Segment MAP@K of the fused system and of the dummy prediction on a test split.
 
@@ -96,8 +97,12 @@ def localize_split(
         config: batching, candidates, exponents, partial windows and ``k`` (default: the
             reference's fusion).
         submissions: a directory to write ``fused.csv`` and ``dummy.csv`` (Kaggle format).
-        progress: a progress bar on stderr (None: only on a terminal).
+        progress: report progress on stderr (:class:`~modloc.engine.base.progress.Progress`;
+            False: silent).
         chunk_videos: videos per pipeline call.
+        allow_low_overlap: score truth files that rate few of the test videos (another
+            split's, say) with a warning instead of refusing them
+            (:func:`~modloc.engine.base.scoring.check_overlap`).
 
     Returns:
         ``{"fused": {...}, "dummy": {...}, "videos", "windows", "k", "seconds"}``; each
@@ -112,9 +117,11 @@ def localize_split(
     pipeline = Pipeline(video, segment, config)
     systems = {name: Rankings(class_ids, fusion.k, include_partial=fusion.include_partial)
                for name in ("fused", "dummy")}
-    with tqdm(desc="localize", unit="video", disable=None if progress is None else not progress,
-              file=sys.stderr) as bar:
-        for chunk, _ in ordered_chunks(list(enumerate(expand_paths(test))), chunk_videos):
+    files = expand_paths(test)
+    localized: set[str] = set()
+    with Progress("localize", count_records(files), "video", enabled=progress) as bar:
+        for chunk, _ in ordered_chunks(list(enumerate(files)), chunk_videos):
+            localized.update(video.id for video in chunk)
             for result in pipeline.localize(chunk):
                 systems["fused"].add(result)
                 systems["dummy"].add_pairs(result.video_id, *dummy_pairs(
@@ -125,6 +132,8 @@ def localize_split(
     if not pipeline.times.videos:
         raise ValueError(f"no test video in {test}")
     ratings = SegmentTruth.from_videos(read_videos(truth))
+    check_overlap(localized, ratings.video_ids, f"the test split {_describe(test)}",
+                  _describe(truth), allow_low_overlap)
     result: dict = {"videos": pipeline.times.videos, "windows": pipeline.times.windows, "k": fusion.k,
                     "positives": int(sum(ratings.num_positives.values()))}
     for name, rankings in systems.items():
@@ -139,6 +148,10 @@ def localize_split(
             result[name]["submission"] = str(path)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def _describe(patterns: Patterns) -> str:
+    return str(patterns) if isinstance(patterns, str | os.PathLike) else " ".join(map(str, patterns))
 
 
 __all__ = ["MultiScorer", "localize_split", "score_windows", "video_batches"]

@@ -1,11 +1,12 @@
 """``modloc show``: one video's localization as a PNG timeline.
 
-Rows are the video's candidate classes (vocabulary names, video score beside them), columns
-its 5-second segments, colour the fused score ``P_vid^a · P_seg^b``; a candidate the
-segment model does not score is a grey row. Known ratings (``--truth``, or the ratings the
-record carries) are marked on their cell: a white dot for a positive rating, a red cross
-for a negative one; a rated class that is not a candidate gets a row of its own below a rule,
-so a miss of stage 1 is visible too.
+Rows are the video's candidate classes (vocabulary name, class id and the video score
+``P_vid``, labelled as such), columns its 5-second segments, colour the fused score
+``P_vid^a · P_seg^b``; a candidate the segment model does not score is a grey row. Known
+ratings (``--truth``, or the ratings the record carries) are marked on their cell: a white
+dot for a positive rating, a red cross for a negative one, explained by a legend below the
+plot (never over its cells); a rated class that is not a candidate gets a row of its own
+below a rule, so a miss of stage 1 is visible too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def render_timeline(result: VideoLocalization, path: str | os.PathLike,
                     ratings: dict[tuple[int, int], float] | None = None,
                     vocabulary: Vocabulary | None = None, title: str | None = None) -> Path:
     """Write the timeline PNG of one localized video; returns its path."""
+    png = io.BytesIO()
+    # "tight": the figure grows to hold the legend below the plot
+    timeline_figure(result, ratings, vocabulary, title).savefig(png, format="png", dpi=110,
+                                                                bbox_inches="tight")
+    write_atomically(path, png.getvalue())
+    return Path(path)
+
+
+def timeline_figure(result: VideoLocalization, ratings: dict[tuple[int, int], float] | None = None,
+                    vocabulary: Vocabulary | None = None, title: str | None = None):
+    """The timeline of one localized video as a matplotlib Figure (module doc)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -80,21 +92,20 @@ def render_timeline(result: VideoLocalization, path: str | os.PathLike,
                          label="rated positive" if positive else "rated negative")
     if extra:
         axes.axhline(len(candidates) - 0.5, color="black", linewidth=1.2)
-    labels = [f"{vocabulary.name(c)[:28]} ({c}) {result.candidate_scores[i]:.2f}"
+    labels = [f"{vocabulary.name(c)[:28]} ({c}) P_vid {result.candidate_scores[i]:.2f}"
               for i, c in enumerate(candidates)]
     labels += [f"{vocabulary.name(c)[:28]} ({c}) not a candidate" for c in extra]
     axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.set_ylabel("candidate class (id), video score P_vid", fontsize=8)
     ticks = list(range(0, len(result.window_starts), max(1, len(result.window_starts) // 20)))
     axes.set_xticks(ticks, [str(int(result.window_starts[t])) for t in ticks], fontsize=7)
     axes.set_xlabel(f"segment start (s); {SEGMENT_FRAMES}-second segments")
     axes.set_title(title or f"video {result.video_id}: {result.num_frames} s, "
                    f"{len(candidates)} candidates", fontsize=9)
-    if ratings:
-        axes.legend(loc="upper right", fontsize=7, framealpha=0.8)
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=110)
-    write_atomically(path, png.getvalue())
-    return Path(path)
+    if ratings:  # below the plot: a legend inside would cover cells
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7,
+                    frameon=False)
+    return figure
 
 
 def _colormap():
@@ -124,4 +135,4 @@ def show(video_id: str, artifacts: str | os.PathLike, data: Patterns, out: str |
             "ratings": len(ratings)}
 
 
-__all__ = ["find_video", "ratings_of", "render_timeline", "show"]
+__all__ = ["find_video", "ratings_of", "render_timeline", "show", "timeline_figure"]

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tqdm import tqdm
 
 from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.progress import Progress
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
 
 # A broken stream (restart, lost connection) is worth another try; a refusal is not.
@@ -88,9 +88,10 @@ class _Source:
     """The caller's videos as chunks, read lazily by the request side of a call.
 
     gRPC reports an exception raised there only as a bare status (UNKNOWN "Exception
-    iterating requests!" from the blocking API, a cancelled call from asyncio), which ingest
-    would even retry as a broken stream; the exception is kept here and
-    :meth:`raise_if_failed` raises it to the caller instead.
+    iterating requests!" from the blocking API, with a traceback in its log; a cancelled
+    call from asyncio), which ingest would even retry as a broken stream. So an error
+    reading the videos ends the requests instead (the videos before it are answered), is
+    kept here, and :meth:`raise_if_failed` raises it to the caller once the call is over.
     """
 
     def __init__(self, videos, max_message_bytes: int):
@@ -99,17 +100,17 @@ class _Source:
         self.error: Exception | None = None
 
     def next(self) -> tuple[Video, list[pb.VideoChunk]] | None:
-        """The next video and its chunks; None at the end."""
+        """The next video and its chunks; None at the end, or after a reading error."""
         try:
             video = next(self._videos, None)
             return None if video is None else (video, video_chunks(video, self._max_message_bytes))
         except Exception as error:
             self.error = error
-            raise
+            return None
 
-    def raise_if_failed(self, status: BaseException) -> None:
+    def raise_if_failed(self, status: BaseException | None = None) -> None:
         """Raise the exception reading the videos ended with, if any, in place of ``status``
-        (how the call ended)."""
+        (how the call ended; None: normally)."""
         if self.error is not None:
             raise self.error from status
 
@@ -174,6 +175,7 @@ class LocalizationClient:
             for response in call:
                 slots.release()  # a response answers exactly one video
                 yield response
+            source.raise_if_failed()
         except grpc.RpcError as error:
             source.raise_if_failed(error)
             raise
@@ -206,7 +208,7 @@ class LocalizationClient:
         lock = threading.Lock()
         acks: list[pb.IngestAck] = []
         failures = 0
-        with tqdm(unit="video", desc="ingest", disable=not progress if progress is not None else None) as bar:
+        with Progress("ingest", unit="video", enabled=progress) as bar:
             while True:
                 stop = threading.Event()
                 slots = threading.Semaphore(max(window - len(unacked), 0))
@@ -220,6 +222,7 @@ class LocalizationClient:
                         acks.append(ack)
                         bar.update(1)
                         failures = 0
+                    source.raise_if_failed()
                     return acks
                 except grpc.RpcError as error:
                     source.raise_if_failed(error)
@@ -312,6 +315,7 @@ class AsyncLocalizationClient:
             async for response in call:
                 slots.release()  # a response answers exactly one video
                 yield response
+            source.raise_if_failed()
         except (grpc.RpcError, asyncio.CancelledError) as error:
             source.raise_if_failed(error)  # a failure reading the videos cancels the call
             raise
@@ -351,6 +355,7 @@ class AsyncLocalizationClient:
                     slots.release()
                     acks.append(ack)
                     failures = 0
+                source.raise_if_failed()
                 return acks
             except asyncio.CancelledError as cancelled:
                 source.raise_if_failed(cancelled)  # a failure reading the videos cancels the call

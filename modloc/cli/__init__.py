@@ -8,7 +8,8 @@ Verbs live by room: :mod:`~modloc.cli.data` (``synth``, ``inspect``, ``eval``),
 :mod:`~modloc.cli.demo`. Every verb is a thin wrapper over one library function, and
 imports it only when it runs. On failure a verb prints one line, ``modloc VERB: error:
 …``, and exits non-zero; with ``MODLOC_TRACEBACK=1`` in the environment the traceback is
-shown instead.
+shown instead. A verb whose stdout is closed by its reader (``modloc … | head``) ends
+quietly with status 141, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from modloc._version import __version__
@@ -50,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
+    except BrokenPipeError:
+        # the reader of stdout went away (`modloc ... | head`): end quietly, as Unix tools
+        # do, with the status a SIGPIPE death has; stdout goes to /dev/null so that the
+        # interpreter's own final flush does not complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print(f"modloc {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-from tqdm import tqdm
 
 from modloc.cli.common import add_field_options, field_values, positive_int, print_json
 
@@ -56,7 +53,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}: expected some of {SPLITS}")
     total = sum(config.videos(split) for split in splits)
-    with tqdm(total=total, unit="video", desc="synth", disable=None, file=sys.stderr) as bar:
+    from modloc.engine.base.progress import Progress
+
+    with Progress("synth", total, "video") as bar:
         result = generate(config, args.out, workers=args.workers, splits=splits,
                           progress=lambda shard: bar.update(shard.videos))
     if args.json:
@@ -89,11 +88,11 @@ def _add_inspect(subparsers) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from modloc.engine.base.inspection import inspect
     from modloc.engine.base.io.tfrecord import expand_paths
+    from modloc.engine.base.progress import Progress
 
     paths = expand_paths(args.paths)
     total = sum(os.path.getsize(p) for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="inspect", disable=None,
-              file=sys.stderr) as bar:
+    with Progress("inspect", total, "B", unit_scale=True) as bar:
         report = inspect(paths, skip_corrupt=not args.strict, decoder=args.decoder,
                          on_file=lambda path: bar.update(os.path.getsize(path)))
     if args.json:
@@ -113,9 +112,13 @@ def _add_eval(subparsers) -> None:
         help="score a submission CSV (segment MAP@K) or a video-level prediction file",
         description=(
             "Score a Kaggle submission CSV (Class,Segments) against segment ratings read from "
-            "TFRecord files (validate records or test_truth), with the Kaggle MAP@K; or a "
-            "video-level prediction file (VideoId,LabelConfidencePairs) against video labels, "
-            "with GAP@20, Hit@1, PERR and per-class MAP."
+            "TFRecord files (validate records or test_truth), with the Kaggle MAP@K over the "
+            "class space of those ratings (the classes with a positive rating; rows of other "
+            "classes are counted and left out; --kaggle-rows requires the 1,000 rows of a real "
+            "Kaggle submission); or a video-level prediction file (VideoId,LabelConfidencePairs, "
+            "as modloc infer --video-predictions writes it) against video labels, with GAP@20, "
+            "Hit@1, PERR and per-class MAP. Labels that share fewer than half of their videos "
+            "with the file are refused (another split's labels score a meaningless number)."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -126,6 +129,12 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--k", type=int, default=100_000,
                         help="segments per class that count (MAP@K; default 100000)")
     parser.add_argument("--top-k", type=int, default=20, help="GAP@top-k for video predictions")
+    parser.add_argument("--kaggle-rows", action="store_true",
+                        help="require a Kaggle submission's rows: exactly one per class of "
+                             "segment_label_ids.csv (the 1,000 segment classes)")
+    parser.add_argument("--allow-low-overlap", action="store_true",
+                        help="score labels that share fewer than half of their videos with the "
+                             "file, with a warning instead of an error")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run_eval)
 
@@ -134,7 +143,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from modloc.engine.base.scoring import evaluate
 
     result = evaluate(submission=args.submission, predictions=args.predictions, labels=args.labels,
-                      k=args.k, top_k=args.top_k)
+                      k=args.k, top_k=args.top_k, kaggle_rows=args.kaggle_rows,
+                      allow_low_overlap=args.allow_low_overlap)
     if args.json:
         print_json(result)
     else:

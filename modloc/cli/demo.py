@@ -25,8 +25,8 @@ def _add_demo(subparsers) -> None:
             "offline (infer, plus a timeline PNG); serve the artifacts over gRPC and fetch the "
             "submission from the service (serve, client). Writes everything under --out and a "
             "machine-readable summary, one key per stage, to --out/report.json (modloc/demo/__init__.py "
-            "documents the stages, training/small_scale.py where the demo departs from the "
-            "paper's recipes)."
+            "documents the stages, training/small_scale.py where the demo departs from the paper's "
+            "recipes). Each stage says on stderr when it starts and ends."
         ),
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -45,6 +45,10 @@ def _run_demo(args: argparse.Namespace) -> int:
               f"(ceiling {system['ceiling']:.4f})")
     for precision, scores in report.get("export", {}).get("onnxruntime", {}).items():
         print(f"  mod through ONNX Runtime {precision}: {scores['fused']:.4f}")
+    for variant, gate in report.get("export", {}).get("quality_gates", {}).items():
+        shown = ", ".join(f"{metric} {value:.4g}" for metric, (_, value, _, _) in gate.items())
+        verdict = "passed" if all(passed for *_, passed in gate.values()) else "FAILED"
+        print(f"  quality gate {variant}: {verdict} ({shown})")
     if "infer" in report:
         infer = report["infer"]
         print(f"  modloc infer: {infer['map']:.4f} ({infer['videos_per_second']:,.0f} videos/s) -> "

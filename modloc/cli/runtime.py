@@ -113,11 +113,18 @@ def _add_infer(subparsers) -> None:
     parser.add_argument("--truth", nargs="+", help="TFRecords with the segment ratings (e.g. test_truth/)")
     parser.add_argument("--fallback", action="store_true",
                         help="fill classes with fewer than k segments from video scores "
-                        "(REFERENCE section 7 step 5)")
+                        "(docs/REFERENCE.md §7, step 5)")
     parser.add_argument("--expansion-cut", action="store_true",
                         help="rank a class's windows only within the first k windows of its "
                         "videos ranked by video score, as the reference submission did "
-                        "(REFERENCE section 7 step 3); reads the data twice")
+                        "(docs/REFERENCE.md §7, step 3); reads the data twice")
+    parser.add_argument("--video-predictions", metavar="FILE",
+                        help="also write the video-level predictions (VideoId,LabelConfidencePairs: "
+                             "each video's --top-n candidate classes with their video scores, the "
+                             "starter code's format), which modloc eval --predictions scores")
+    parser.add_argument("--allow-low-overlap", action="store_true",
+                        help="score --truth files that rate fewer than half of the videos, with a "
+                             "warning instead of an error")
     parser.add_argument("--report", help="also write the report as JSON to this file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=_run_infer)
@@ -130,7 +137,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     report = infer(args.artifacts, args.data, args.out, truth=args.truth, video=args.video,
                    segment=args.segment, backend=args.backend, config=config,
                    fallback=args.fallback, backend_options=backend_options,
-                   expansion_cut=args.expansion_cut)
+                   expansion_cut=args.expansion_cut, video_predictions=args.video_predictions,
+                   allow_low_overlap=args.allow_low_overlap)
     if report is None:  # a torchrun rank other than 0
         return 0
     if args.report:
@@ -142,6 +150,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     print(f"wrote {report['submission']}: {report['videos']} videos, {report['windows']} windows "
           f"in {report['seconds']:.1f} s ({report['videos_per_second']:,.0f} videos/s, "
           f"{report['segments_per_second']:,.0f} segments/s) on {report['ranks']} rank(s)")
+    if "video_predictions" in report:
+        print(f"wrote {report['video_predictions']}: the video-level predictions")
     if "map" in report:
         print(f"segment MAP@{report['k']}: {report['map']:.4f} over {report['classes']} classes "
               f"(ceiling {report['ceiling']:.4f}: the ranked segments in the best order)")

@@ -159,8 +159,40 @@ def _rpc_failure(error, args: argparse.Namespace) -> str:
     return f"{code.name}: {details}"
 
 
-def _client_action(args: argparse.Namespace) -> int:
+def _as_json(message) -> dict:
+    """A message as JSON data, every field shown (zeros too: a script reading a counter
+    must find it) and 64-bit integers as numbers: protobuf's JSON mapping writes them as
+    strings, which a script would have to convert back."""
     from google.protobuf.json_format import MessageToDict
+
+    return _integers(MessageToDict(message, always_print_fields_with_no_presence=True),
+                     message.DESCRIPTOR)
+
+
+def _integers(data: dict, descriptor) -> dict:
+    """``data`` (MessageToDict's of a ``descriptor`` message) with its 64-bit integer fields,
+    map values and nested messages' ones included, as ints."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in descriptor.fields:
+        if field.json_name not in data:
+            continue
+        value = data[field.json_name]
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            if entry.fields_by_name["value"].cpp_type in wide:
+                data[field.json_name] = {key: int(item) for key, item in value.items()}
+        elif entry is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _integers(item, entry)
+        elif field.cpp_type in wide:
+            data[field.json_name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return data
+
+
+def _client_action(args: argparse.Namespace) -> int:
+    import sys
 
     from modloc.engine.service.client import LocalizationClient
     from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES
@@ -175,19 +207,22 @@ def _client_action(args: argparse.Namespace) -> int:
         if args.action == "localize":
             for response in client.localize(args.data, args.threshold, args.max_segments,
                                             window=args.window):
-                print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True)))
+                print(json.dumps(_as_json(response)))
         elif args.action == "ingest":
             acks = client.ingest(args.data, window=args.window, progress=None,
                                  reconnect_timeout=args.reconnect_timeout)
             duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
             print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
         elif args.action == "top":
-            for entry in client.top_segments(args.class_id, args.k, args.offset):
+            entries = client.top_segments(args.class_id, args.k, args.offset)
+            for entry in entries:
                 print(f"{entry.rank}\t{entry.video_id}:{entry.start_seconds}\t{entry.score:.6g}")
+            if not entries:  # said on stderr: stdout stays the (empty) ranking for scripts
+                print(f"class {args.class_id} has no ranked segment from rank {args.offset} on "
+                      "(nothing ingested for it yet)", file=sys.stderr)
         elif args.action == "submission":
             data = client.submission(args.out)
             print(f"wrote {args.out} ({len(data)} bytes)")
         else:
-            # every counter, zeros included: a script reading one must find it
-            print_json(MessageToDict(client.stats(), always_print_fields_with_no_presence=True))
+            print_json(_as_json(client.stats()))
     return 0

@@ -25,8 +25,8 @@ from modloc.training.config import (
 )
 
 _TRAIN_VERBS = {
-    "train": ("pretrain", "pre-train a model on video-level labels (REFERENCE §6 recipe)"),
-    "finetune": ("finetune", "fine-tune a pre-trained checkpoint on rated segments (--from CKPT)"),
+    "train": ("pretrain", "pre-train a model on video-level labels (the paper's recipe, docs/REFERENCE.md)"),
+    "finetune": ("finetune", "fine-tune a pre-trained checkpoint on rated segments (--from CKPT; the paper's recipe, docs/REFERENCE.md)"),
 }
 
 
@@ -147,6 +147,10 @@ def _run_train(args: argparse.Namespace) -> int:
             overrides.update(parse_option_value(option, getattr(args, option.path)))
     overrides.update(parse_assignment(item) for item in args.set)
     config = load_config(args.recipe, args.config, overrides)
+    if config.model is not None:  # a wrong preset or override field fails here, before any work
+        from modloc.training.models.registry import model_config
+
+        model_config(config.model.name, **config.model.overrides)
     if args.print_config:
         print_json(config.to_dict())
         return 0
@@ -207,6 +211,9 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--submissions", help="directory to write fused.csv and dummy.csv")
+    parser.add_argument("--allow-low-overlap", action="store_true",
+                        help="score truth files that rate fewer than half of the test videos "
+                             "(another split's, say) with a warning instead of an error")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run_evaluate)
 
@@ -222,7 +229,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, args.segment_checkpoint, labels=args.labels, test=args.test,
                       truth=args.truth, class_ids=resolve_classes(args.classes), fusion=fusion,
                       batch_size=args.batch_size, window_batch_size=args.window_batch_size,
-                      workers=args.workers, device=args.device, submissions=args.submissions)
+                      workers=args.workers, device=args.device, submissions=args.submissions,
+                      allow_low_overlap=args.allow_low_overlap)
     if args.json:
         print_json(result)
         return 0

@@ -37,7 +37,6 @@ they are imported inside them.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -47,40 +46,50 @@ from modloc.engine.base.baselines import oracle_rankings, random_rankings, video
 from modloc.engine.base.inspection import inspect
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.metrics.segment import MAX_SEGMENTS_PER_CLASS
+from modloc.engine.base.progress import Progress, announce
 from modloc.engine.base.scoring import evaluate_submission
 from modloc.engine.base.submission import write_submission
 from modloc.engine.base.synth import SPLITS, config_from, generate
-
-log = logging.getLogger(__name__)
 
 MAP_AGREEMENT = 1e-4  # two runs of the same artifacts may batch videos differently
 
 INSPECT_KEYS = ("files", "records", "videos", "frames", "labels", "rated_segments",
                 "positive_segments", "corrupt_records")
+STAGES = ("data", "inspect", "systems", "pretrain", "finetune", "evaluate", "export", "infer", "serve")
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", workers: int = 2,
              k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
-    """Run every stage under ``out_dir``; returns the report (also in ``report.json``)."""
+    """Run every stage under ``out_dir``; returns the report (also in ``report.json``).
+
+    Each stage says on stderr when it starts and ends, and the long ones report their
+    progress (:mod:`modloc.engine.base.progress`) as they go.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"
     report: dict = {"preset": preset, "stages": {}}
 
+    def stage_start(name: str) -> float:
+        announce(f"demo: stage {STAGES.index(name) + 1}/{len(STAGES)} {name}: started")
+        return time.perf_counter()
+
     def stage_done(name: str, started: float) -> None:
         report["stages"][name] = {"seconds": round(time.perf_counter() - started, 2)}
         write_atomically(report_path, json.dumps(report, indent=2) + "\n")
-        log.info("demo stage %s done in %.1f s", name, report["stages"][name]["seconds"])
+        announce(f"demo: stage {STAGES.index(name) + 1}/{len(STAGES)} {name}: done in "
+                 f"{report['stages'][name]['seconds']:.1f} s")
 
-    started = time.perf_counter()
+    started = stage_start("data")
     data_dir = out / "data"
     config = config_from(preset)
-    synth = generate(config, data_dir, workers=workers)
+    with Progress("synth", sum(config.videos(split) for split in SPLITS), "video") as bar:
+        synth = generate(config, data_dir, workers=workers, progress=lambda shard: bar.update(shard.videos))
     manifest = json.loads((data_dir / "synth.json").read_text())
     report["data"] = {"path": str(data_dir), "seed": config.seed, "splits": synth.splits,
                       "segment_classes": len(manifest["segment_class_ids"])}
     stage_done("data", started)
 
-    started = time.perf_counter()
+    started = stage_start("inspect")
     split_globs = {split: str(data_dir / pattern) for split, pattern in manifest["layout"].items()}
     report["inspect"] = {}
     for split in (*SPLITS, "test_truth"):
@@ -88,7 +97,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
         report["inspect"][split] = {key: counts[key] for key in INSPECT_KEYS}
     stage_done("inspect", started)
 
-    started = time.perf_counter()
+    started = stage_start("systems")
     submissions = out / "submissions"
     submissions.mkdir(exist_ok=True)
     test_segments = video_segment_ids(read_videos(split_globs["test"]))
@@ -117,27 +126,27 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
 
     classes = manifest["segment_class_ids"] + manifest["extra_class_ids"]
     with single_threaded():
-        started = time.perf_counter()
+        started = stage_start("pretrain")
         pretrained = train_run(out / "pretrain", "pretrain", {
             **SMALL_PRETRAIN, "data.train": [split_globs["train"]], "data.classes": classes,
             "seed": config.seed})
         report["pretrain"] = pretrained
         stage_done("pretrain", started)
 
-        started = time.perf_counter()
+        started = stage_start("finetune")
         report["finetune"] = train_run(out / "finetune", "finetune", {
             **SMALL_FINETUNE, "data.train": [split_globs["validate"]],
             "init_from": pretrained["checkpoint"], "seed": config.seed})
         stage_done("finetune", started)
 
-        started = time.perf_counter()
+        started = stage_start("evaluate")
         report["evaluate"] = _evaluate_stage(report, split_globs, manifest["segment_class_ids"],
                                              submissions, k)
         stage_done("evaluate", started)
 
         from modloc.demo.export_stage import run_export_stage
 
-        started = time.perf_counter()
+        started = stage_start("export")
         report["export"] = run_export_stage(
             out, report["pretrain"]["checkpoint"], report["finetune"]["checkpoint"],
             validation=split_globs["validate"], test=split_globs["test"],
@@ -146,11 +155,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
                      "dummy": report["systems"]["dummy"]["map"]})
         stage_done("export", started)
 
-    started = time.perf_counter()
+    started = stage_start("infer")
     report["infer"] = _infer_stage(out, report, split_globs, manifest["segment_class_ids"], k)
     stage_done("infer", started)
 
-    started = time.perf_counter()
+    started = stage_start("serve")
     report["serve"] = _serve_stage(out, report, split_globs, k)
     stage_done("serve", started)
     return report
@@ -172,10 +181,11 @@ def _serve_stage(out: Path, report: dict, split_globs: dict, k: int) -> dict:
         videos = list(read_videos(split_globs["test"]))
         with LocalizationClient(server.address, timeout=300) as client:
             started = time.perf_counter()
-            localized = sum(1 for _ in client.localize(videos))
+            with Progress("localize over gRPC", len(videos), "video") as bar:
+                localized = sum(1 for _ in bar.each(client.localize(videos)))
             localize_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            acks = client.ingest(videos)
+            acks = client.ingest(videos, progress=True)
             ingest_seconds = time.perf_counter() - started
             path = out / "served_submission.csv"
             client.submission(path)
@@ -205,7 +215,7 @@ def _infer_stage(out: Path, report: dict, split_globs: dict, class_ids: list[int
     variants = {"video": "ensemble-fp32", "segment": "ensemble-fp32"}
     result = infer(out / "export", split_globs["test"], out / "submission.csv",
                    truth=split_globs["test_truth"], **variants,
-                   config=PipelineConfig(fusion=FusionConfig(k=k)), class_ids=class_ids, progress=False)
+                   config=PipelineConfig(fusion=FusionConfig(k=k)), class_ids=class_ids)
     exported = report["export"]["onnxruntime"]["fp32"]["fused"]
     if abs(result["map"] - exported) > MAP_AGREEMENT:
         raise ValueError(f"modloc infer's MAP@K {result['map']:.6f} differs from the export stage's "
@@ -232,12 +242,12 @@ def _evaluate_stage(report: dict, split_globs: dict, class_ids: list[int], submi
     segment = load_checkpoint(report["finetune"]["checkpoint"])
     fusion = FusionConfig(k=k)
     result = evaluate_segments(video, segment, split_globs["test"], split_globs["test_truth"],
-                               class_ids, fusion, submissions=submissions, progress=False)
+                               class_ids, fusion, submissions=submissions)
     for system, name in (("mod", "fused"), ("dummy", "dummy")):
         report["systems"][system] = {"map": result[name]["map"], "ceiling": result[name]["ceiling"],
                                      "classes": result[name]["classes"], "k": k,
                                      "submission": result[name]["submission"]}
-    videos = evaluate_videos(video, split_globs["validate"], progress=False)
+    videos = evaluate_videos(video, split_globs["validate"])
     return {
         "videos": result["videos"], "windows": result["windows"], "top_n": fusion.top_n,
         "exponents": [fusion.video_exponent, fusion.segment_exponent],

@@ -60,8 +60,10 @@ def run_export_stage(
         k: MAP@K's K (and the fusion's segments per class).
 
     Returns:
-        ``{"artifacts": [...], "onnxruntime": {precision: {"fused", "dummy"}},
-        "pytorch": {"fused", "dummy"}, "max_difference", "seconds"}``.
+        ``{"artifacts": [...], "quality_gates": {variant: {measure: [fp32, value, threshold,
+        passed]}}, "failed": [...], "onnxruntime": {precision: {"fused", "dummy"}},
+        "pytorch": {"fused", "dummy"}, "max_difference", "seconds"}``; a precision whose
+        ensembles failed their quality gate is not scored (``failed`` says why).
 
     Raises:
         ValueError: ONNX Runtime's fp32 MAP@K differs from PyTorch's by more than 1e-4.
@@ -72,12 +74,16 @@ def run_export_stage(
                               validation=validation)
     artifacts = [*export_checkpoint(video_checkpoint, root / "video", settings),
                  *export_checkpoint(segment_checkpoint, root / "segment", settings)]
+    failed = [item["failure"] for item in artifacts if not item["published"]]
+    published = {(item["kind"], item["graph"], item["precision"]) for item in artifacts if item["published"]}
     fusion = FusionConfig(k=k)
     scores = {}
     for precision in ("fp32", *(p for p in precisions if p != "fp32")):
+        if not {("video", "ensemble", precision), ("segment", "ensemble", precision)} <= published:
+            continue  # a variant that failed its quality gate is not served
         video = OnnxRuntimeBackend(load_artifact(root / "video" / f"ensemble-{precision}"))
         segment = OnnxRuntimeBackend(load_artifact(root / "segment" / f"ensemble-{precision}"))
-        result = fused_segment_map(video, segment, test, truth, class_ids, fusion)
+        result = fused_segment_map(video, segment, test, truth, class_ids, fusion, progress=True)
         scores[precision] = {name: result[name]["map"] for name in ("fused", "dummy")}
         scores[precision]["seconds"] = result["seconds"]
     reference = dict(pytorch) if pytorch is not None else _pytorch_segments(
@@ -86,8 +92,18 @@ def run_export_stage(
     if difference > MAP_AGREEMENT:
         raise ValueError(f"ONNX Runtime's fp32 segment MAP@K {scores['fp32']} differs from "
                          f"PyTorch's {reference} by {difference:.2e} > {MAP_AGREEMENT}")
-    return {"artifacts": artifacts, "onnxruntime": scores, "pytorch": reference,
-            "max_difference": difference, "seconds": round(time.perf_counter() - started, 2)}
+    return {"artifacts": artifacts, "quality_gates": _gates(artifacts), "failed": failed,
+            "onnxruntime": scores, "pytorch": reference, "max_difference": difference,
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _gates(artifacts: list[dict]) -> dict:
+    """Each variant's quality-gate values, by ``kind/graph-precision``: ``{metric: [fp32's,
+    the variant's, the threshold, passed]}``."""
+    return {f"{item['kind']}/{item['graph']}-{item['precision']}": {
+        measure["metric"]: [measure["reference_value"], measure["value"], measure["threshold"],
+                            measure["passed"]] for measure in item["quality_gate"]["measures"]}
+        for item in artifacts if item["quality_gate"] is not None}
 
 
 def _pytorch_segments(video_checkpoint, segment_checkpoint, test, truth, class_ids,
@@ -96,7 +112,7 @@ def _pytorch_segments(video_checkpoint, segment_checkpoint, test, truth, class_i
     from modloc.training.evaluate import evaluate_segments
 
     result = evaluate_segments(load_checkpoint(video_checkpoint), load_checkpoint(segment_checkpoint),
-                               test, truth, class_ids=class_ids, fusion=fusion, progress=False)
+                               test, truth, class_ids=class_ids, fusion=fusion)
     return {name: result[name]["map"] for name in ("fused", "dummy")}
 
 

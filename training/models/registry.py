@@ -15,6 +15,7 @@ MOD 990M (paper: 83M, 320M, 16M, 250M, 1280M, 1000M).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import NamedTuple
 
 import torch
@@ -52,17 +53,38 @@ class ModelInfo(NamedTuple):
 
 
 def model_config(name: str, num_classes: int = 3862, **overrides) -> ModelConfig:
-    """The preset's config with ``num_classes`` and ``overrides`` applied."""
+    """The preset's config with ``num_classes`` and ``overrides`` applied.
+
+    Raises:
+        ValueError: an unknown preset or override field, naming the close matches.
+    """
     if name not in _PRESETS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(_PRESETS)}")
+        raise ValueError(f"unknown model {name!r}{_close(name, _PRESETS)}; known: {', '.join(_PRESETS)}")
     config = _PRESETS[name][1]
     if isinstance(config, MODTreeConfig):
         tree_fields = {f.name for f in dataclasses.fields(MODTreeConfig)} - {"leaf"}
         tree = {k: v for k, v in overrides.items() if k in tree_fields}
         leaf = {k: v for k, v in overrides.items() if k not in tree_fields}
+        _check_fields(name, leaf, config.leaf, tree_fields)
         return dataclasses.replace(
             config, **tree, leaf=dataclasses.replace(config.leaf, num_classes=num_classes, **leaf))
+    _check_fields(name, overrides, config)
     return dataclasses.replace(config, num_classes=num_classes, **overrides)
+
+
+def _check_fields(name: str, overrides: dict, config: ModelConfig, extra: set[str] = frozenset()) -> None:
+    """Refuse an override that names no field of ``config`` (or ``extra``, a tree's fields)."""
+    known = sorted({f.name for f in dataclasses.fields(config)} - {"num_classes"} | extra)
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"model {name}: no setting {key!r} to override{_close(key, known)}; "
+                             f"its settings: {', '.join(known)}")
+
+
+def _close(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -18,6 +18,7 @@ from modloc.engine.base.io.examples import (
 from modloc.engine.base.io.readers import read_video_level, read_videos
 from modloc.engine.base.io.tfrecord import (
     CorruptRecordError,
+    NotTFRecordError,
     ReadStats,
     Record,
     TFRecordWriter,
@@ -31,7 +32,7 @@ from modloc.engine.base.io.tfrecord import (
 )
 
 __all__ = [
-    "AUDIO_SIZE", "FEATURE_SIZE", "RGB_SIZE", "CorruptRecordError", "ReadStats", "Record",
+    "AUDIO_SIZE", "FEATURE_SIZE", "RGB_SIZE", "CorruptRecordError", "NotTFRecordError", "ReadStats", "Record",
     "RecordFormatError", "RecordKindError", "TFRecordWriter", "Video", "VideoLevelRecord",
     "decode_video", "decode_video_level", "encode_record", "encode_truth", "encode_video",
     "encode_video_level",

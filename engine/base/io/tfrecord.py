@@ -56,6 +56,16 @@ class CorruptRecordError(ValueError):
         super().__init__(f"{source}: record {index} at byte offset {offset}: {reason}")
 
 
+class NotTFRecordError(CorruptRecordError):
+    """A file whose very first record fails its framing: not a TFRecord file at all (a text
+    file, a CSV, a directory listing). Raised even when corrupt records are skipped, since
+    nothing of such a file can be read."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(source, 0, 0, reason)
+        self.args = (f"{source}: not a TFRecord file (record 0 at byte offset 0: {reason})",)
+
+
 @dataclass
 class ReadStats:
     """What a reader saw; summed over every file it read."""
@@ -174,6 +184,7 @@ def iter_stream_records(
         header = handle.read(_HEADER.size)
         if not header:
             return
+        framed = False  # whether the length's CRC holds
         try:
             if len(header) < _HEADER.size:
                 raise CorruptRecordError(
@@ -182,6 +193,7 @@ def iter_stream_records(
             length, length_crc = _HEADER.unpack(header)
             if masked_crc32c(header[:8]) != length_crc:
                 raise CorruptRecordError(source, index, offset, "length CRC mismatch")
+            framed = True
             if length > MAX_RECORD_BYTES:
                 raise CorruptRecordError(
                     source, index, offset, f"record length {length} exceeds {MAX_RECORD_BYTES} bytes"
@@ -198,6 +210,8 @@ def iter_stream_records(
             if len(payload) < length or len(footer) < _FOOTER.size:
                 raise _truncated(source, index, offset, len(payload) + len(footer), length)
         except CorruptRecordError as error:
+            if offset == 0 and not framed:
+                raise NotTFRecordError(source, error.reason) from None
             if not skip_corrupt:
                 raise
             stats.add_corrupt(error)
@@ -241,20 +255,44 @@ def iter_buffer_records(
 def expand_paths(patterns: Patterns) -> list[str]:
     """Files named by one or more paths or glob patterns, sorted, without repeats.
 
-    Raises FileNotFoundError naming the pattern that matched nothing: a typo in a glob
-    should never silently read zero files.
+    Raises FileNotFoundError naming the pattern that matched nothing (a typo in a glob
+    should never silently read zero files), and IsADirectoryError with the glob to quote for
+    a directory.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.fspath(pattern)
+        if os.path.isdir(pattern):
+            raise IsADirectoryError(f"{pattern!r} is a directory: name its files, e.g. "
+                                    f"'{os.path.join(pattern, '*.tfrecord')}' (quoted)")
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"no TFRecord file matches {pattern!r}")
         paths.extend(matches)
     return list(dict.fromkeys(paths))
+
+
+def count_records(patterns: Patterns) -> int:
+    """Records in the files named by ``patterns``, from their framing alone: each length is
+    read (and its CRC checked) and the payload skipped, so counting costs a seek per record,
+    not a read of the data."""
+    count = 0
+    for path in expand_paths(patterns):
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            offset = index = 0
+            while offset < size:
+                header = handle.read(_HEADER.size)
+                length, length_crc = _HEADER.unpack(header) if len(header) == _HEADER.size else (0, None)
+                if length_crc is None or masked_crc32c(header[:8]) != length_crc:
+                    raise CorruptRecordError(path, index, offset, "bad record header")
+                offset = handle.seek(length + _FOOTER.size, os.SEEK_CUR)
+                index += 1
+            count += index
+    return count
 
 
 def iter_all_records(

@@ -131,6 +131,7 @@ class SegmentTruth:
         self._num_positives = {
             class_id: sum(ratings.values()) for class_id, ratings in self._ratings.items()
         }
+        self._video_ids = frozenset(video_ids)
 
     @classmethod
     def from_videos(cls, videos: Iterable[RatedVideo]) -> SegmentTruth:
@@ -168,6 +169,11 @@ class SegmentTruth:
     def num_positives(self) -> Mapping[int, int]:
         """Class id -> number of positively rated segments, for every rated class."""
         return self._num_positives
+
+    @property
+    def video_ids(self) -> frozenset[str]:
+        """The ids of the videos with at least one rating."""
+        return self._video_ids
 
     def positive_classes(self) -> list[int]:
         """Ascending ids of the classes with at least one positive rating."""
