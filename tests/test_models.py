@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_losses import kl_from_formula
 
 from modloc.engine.base.features import masked_model_input
 from modloc.training.losses import (
@@ -243,6 +244,18 @@ def test_forward_shapes(name):
     logits = root_logits(model(features, num_frames))  # training mode, padded rows
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
     logits.sum().backward()
+    # every parameter takes part in the root's logits (a one-child gate's gradient is 0: its
+    # softmax is 1 whatever it computes)
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+    # in eval mode a video's logits do not depend on the rest of its batch
+    model.eval()
+    with torch.no_grad():
+        batch = root_logits(model(features, num_frames))
+        for row in range(3):
+            alone = root_logits(model(features[row:row + 1], num_frames[row:row + 1]))
+            torch.testing.assert_close(alone[0], batch[row], rtol=1e-5, atol=1e-5)
+    model.train()
 
     one_frame, ones = make_batch(num_frames=(1, 1), frames=1)
     assert root_logits(model(one_frame, ones)).shape == (2, 7)
@@ -396,15 +409,19 @@ def test_mod_loss_is_the_reference_total_for_4x3(tree_4x3):
     def g_bce(logits):
         return bce_on_probabilities(torch.sigmoid(logits), labels)
 
+    def kl(teacher, student, temperature):  # the KL from its formula, not distillation_kl
+        return torch.from_numpy(kl_from_formula(teacher.detach().numpy(), student.detach().numpy(),
+                                                temperature)).float()
+
     def tower_l2(t):
         return l2_penalty([p for leaf in model.leaves((t,)) for p in leaf.l2_parameters()], 1e-3)
 
     expected = g_bce(z[()])
     for t in range(4):
         expected = expected + g_bce(z[(t,)]) + sum(g_bce(z[(t, m)]) for m in range(3))
-        kl_t = sum(distillation_kl(z[(t,)], z[(t, m)], t1) for m in range(3)).mean()
+        kl_t = sum(kl(z[(t,)], z[(t, m)], t1) for m in range(3)).mean()
         expected = expected + l1 * kl_t + sum(tower_l2(s) for s in range(t + 1))
-    expected = expected + l2 * sum(distillation_kl(z[()], z[(t,)], t2) for t in range(4)).mean()
+    expected = expected + l2 * sum(kl(z[()], z[(t,)], t2) for t in range(4)).mean()
     torch.testing.assert_close(mod_loss(out, labels, None, config, tree=model).total, expected)
 
 
