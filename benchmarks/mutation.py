@@ -100,12 +100,12 @@ MODULES: dict[str, Module] = {
                        "tests/test_rankings.py tests/test_topk.py"),
     "security": Module(("engine/service/security.py",), "tests/test_security.py"),
     "service": Module(("engine/service/app.py", "engine/service/core.py"),
-                      "tests/test_server.py -k 'state or exposure'",
+                      "tests/test_server.py -k 'state or exposure or fsynced'",
                       functions=("_Server.bind", "_Server.load", "_Server._unhealthy",
                                  "EngineCore._check_state", "EngineCore._state_failure_error",
                                  "EngineCore._add_and_commit", "EngineCore._fail",
                                  "EngineCore._add_and_commit_durably"),
-                      sample=15, timeout=900.0,
+                      sample=10, timeout=900.0,
                       hand=(HandMutant("engine/service/app.py", "security.check_exposure("),)),
     "losses": Module(("training/losses.py",),
                      "tests/test_losses.py tests/test_models.py "
@@ -201,16 +201,18 @@ def cosmic(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
 
 
-def run_cosmic_ray(name: str, module: Module, only: set[str] | None
+def run_cosmic_ray(name: str, module: Module, only: set[str] | None, resume: bool
                    ) -> tuple[dict[str, int], list[str]]:
-    """Init, filter, select and execute one session → outcome counts and survivors' keys."""
+    """Init, filter, select and execute one session (or, with ``resume``, go on with the
+    one an interrupted run left) → outcome counts and survivors' keys."""
     WORK.mkdir(parents=True, exist_ok=True)
     config, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
     config.write_text(config_text(module))
-    session.unlink(missing_ok=True)
-    cosmic("cosmic-ray", "init", str(config), str(session))
-    cosmic("cr-filter-operators", str(session), str(config))
-    select(session, module, only)
+    if not (resume and session.exists()):
+        session.unlink(missing_ok=True)
+        cosmic("cosmic-ray", "init", str(config), str(session))
+        cosmic("cr-filter-operators", str(session), str(config))
+        select(session, module, only)
     cosmic("cosmic-ray", "exec", str(config), str(session))
     counts = {"killed": 0, "survived": 0, "incompetent": 0}
     survivors = []
@@ -262,14 +264,48 @@ def run_hand_mutant(module: Module, mutant: HandMutant) -> bool:
     return result.returncode != 0
 
 
+def report(label: str, record: dict, earlier: str | None) -> str:
+    """The results file's markdown from the run's record (one entry per module)."""
+    rows, details = [], []
+    for name, entry in record.items():
+        module = MODULES[name]
+        score = entry["killed"] / entry["ran"] if entry["ran"] else float("nan")
+        hand = ", ".join(f"`{line}` {'killed' if killed else 'SURVIVED'}"
+                         for line, killed in entry["hand"].items()) or "–"
+        rows.append(f"| {name} | {entry['ran']} | {entry['killed']} | {len(entry['survivors'])} | "
+                    f"{entry['incompetent']} | {score:.1%} | {hand} | {entry['seconds']:.0f} |")
+        details.append(f"### {name}\n\n- mutated: {', '.join(module.paths)}"
+                       + (f" (functions {', '.join(module.functions)})" if module.functions else "")
+                       + f"\n- tests: `{entry['tests']}`\n"
+                       + ("- survivors:\n" + "".join(f"  - {s}\n" for s in entry["survivors"])
+                          if entry["survivors"] else "- survivors: none\n"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    scope = (f"only the survivors of `{earlier}` rerun; the mutants it killed are counted as "
+             "killed" if earlier else
+             f"at most `sample` mutants per module (see MODULES), drawn with seed {SEED}")
+    return (f"# Mutation scores: {label}\n\n{provenance()}\n- commit: {commit}\n"
+            f"- mutants: {scope}\n"
+            f"- cosmic-ray operators: all but {', '.join(f'`{e}`' for e in EXCLUDED_OPERATORS)}\n"
+            "- score = killed (a test failed or timed out) / mutants run; incompetent mutants "
+            "(cosmic-ray could not run them) are not counted; hand mutants: a statement "
+            "deleted, which cosmic-ray does not do\n\n"
+            "| module | mutants | killed | survived | incompetent | score | hand mutants | "
+            "seconds |\n| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n"
+            + "\n".join(rows) + "\n\n## Survivors\n\n" + "\n".join(details))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE",
                         help=f"some of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--label", default="current",
-                        help="what this run measured; the results go to mutation-LABEL.md/.json")
+                        help="what this run measured; the results go to mutation-LABEL.md/.json "
+                             "(modules run again replace their rows, the others are kept)")
     parser.add_argument("--only-survivors-of", type=Path, metavar="JSON",
                         help="run only the mutants that survived that earlier run (its .json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the sessions an interrupted run left in runs/mutation")
     args = parser.parse_args()
     names = args.modules or list(MODULES)
     unknown = set(names) - set(MODULES)
@@ -279,49 +315,28 @@ def main() -> None:
     if subprocess.run(["git", "diff", "--quiet", "--", *paths], cwd=ROOT).returncode:
         raise SystemExit("the modules to mutate have uncommitted edits: commit or stash them first")
     earlier = json.loads(args.only_survivors_of.read_text()) if args.only_survivors_of else None
+    markdown, record_path = RESULTS / f"mutation-{args.label}.md", RESULTS / f"mutation-{args.label}.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
 
-    rows, details, record = [], [], {}
     for name in names:
         module = MODULES[name]
         began = time.monotonic()
         only = None if earlier is None else {s.split("  ")[0] for s in earlier[name]["survivors"]}
-        counts, survivors = run_cosmic_ray(name, module, only)
+        counts, survivors = run_cosmic_ray(name, module, only, args.resume)
         hand = {m.line: run_hand_mutant(module, m) for m in module.hand}
-        ran = counts["killed"] + counts["survived"]
-        killed = counts["killed"]
+        ran, killed = counts["killed"] + counts["survived"], counts["killed"]
         if earlier is not None:  # the mutants the earlier run killed stay killed
             ran, killed = earlier[name]["ran"], earlier[name]["ran"] - counts["survived"]
-        score = killed / ran if ran else float("nan")
-        hand_text = ", ".join(f"`{line}` {'killed' if k else 'SURVIVED'}"
-                              for line, k in hand.items()) or "–"
-        rows.append(f"| {name} | {ran} | {killed} | {counts['survived']} | "
-                    f"{counts['incompetent']} | {score:.1%} | {hand_text} | "
-                    f"{time.monotonic() - began:.0f} |")
-        details.append(f"### {name}\n\n- mutated: {', '.join(module.paths)}"
-                       + (f" (functions {', '.join(module.functions)})" if module.functions else "")
-                       + f"\n- tests: `pytest {test_command(module).split(' pytest ', 1)[1]}`\n"
-                       + ("- survivors:\n" + "".join(f"  - {s}\n" for s in survivors)
-                          if survivors else "- survivors: none\n"))
-        record[name] = {"ran": ran, "killed": killed, "survivors": survivors, "hand": hand}
-        print(rows[-1], flush=True)
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    scope = (f"only the survivors of `{args.only_survivors_of.name}` rerun; the mutants it killed "
-             "are counted as killed" if earlier else
-             f"at most `sample` mutants per module, drawn with seed {SEED}")
-    text = (f"# Mutation scores: {args.label}\n\n{provenance()}\n- commit: {commit}\n"
-            f"- mutants: {scope}\n"
-            f"- cosmic-ray operators: all but {', '.join(f'`{e}`' for e in EXCLUDED_OPERATORS)}\n"
-            "- score = killed (a test failed or timed out) / mutants run; incompetent mutants "
-            "(cosmic-ray could not run them) are not counted\n\n"
-            "| module | mutants | killed | survived | incompetent | score | hand mutants | "
-            "seconds |\n| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n"
-            + "\n".join(rows) + "\n\n## Survivors\n\n" + "\n".join(details))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"mutation-{args.label}.md").write_text(text)
-    (RESULTS / f"mutation-{args.label}.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {RESULTS / f'mutation-{args.label}.md'}")
+        record[name] = {"ran": ran, "killed": killed, "incompetent": counts["incompetent"],
+                        "survivors": survivors, "hand": hand, "seconds": time.monotonic() - began,
+                        "tests": "pytest " + test_command(module).split(" pytest ", 1)[1]}
+        record = {n: record[n] for n in MODULES if n in record}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        markdown.write_text(report(args.label, record, args.only_survivors_of and
+                                   args.only_survivors_of.name))
+        print(f"{name}: {killed}/{ran} killed, {len(survivors)} survived; wrote {markdown}",
+              flush=True)
 
 
 if __name__ == "__main__":

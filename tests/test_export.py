@@ -45,7 +45,12 @@ from modloc.export.onnx_export import (
     downgrade_to_opset_17,
     parity_batches,
 )
-from modloc.export.precision import PrecisionError, calibration_batches, check_map_difference
+from modloc.export.precision import (
+    MAP_TOLERANCE,
+    PrecisionError,
+    calibration_batches,
+    check_map_difference,
+)
 from modloc.export.trt import (
     ShapeRange,
     build_mode,
@@ -93,7 +98,10 @@ def test_demo_stage_scores_the_test_split_with_pytorchs_map(stage):
     assert report["max_difference"] <= 1e-4
     assert report["onnxruntime"]["fp32"]["fused"] == pytest.approx(report["pytorch"]["fused"], abs=1e-4)
     assert report["onnxruntime"]["fp32"]["dummy"] == pytest.approx(report["pytorch"]["dummy"], abs=1e-4)
-    assert 0 < report["onnxruntime"]["int8"]["fused"] <= 1
+    # INT8 passed the export's gate (|Δ MAP@K| ≤ 0.005 on the validation split); on the test
+    # split it must stay as close to fp32
+    int8, fp32 = report["onnxruntime"]["int8"]["fused"], report["onnxruntime"]["fp32"]["fused"]
+    assert int8 == pytest.approx(fp32, abs=MAP_TOLERANCE)
     names = sorted(str(Path(item["path"]).relative_to(root)) for item in report["artifacts"])
     assert names == [f"{kind}/{graph}-{precision}" for kind in ("segment", "video")
                      for graph in ("distill", "ensemble") for precision in ("fp32", "int8")]
@@ -323,6 +331,19 @@ def test_parity_and_precision_gates_fail_loudly():
     check_map_difference("int8", -0.004)
     with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by -0\.0060"):
         check_map_difference("int8", -0.006)
+
+
+def test_the_precision_gate_stops_the_export_and_publishes_nothing(tiny_checkpoints, tiny_dataset,
+                                                                    tmp_path):
+    """The exporter calls the gate: with no tolerance at all, the INT8 variant's measured
+    difference (never exactly 0 on this model) fails the export, and neither the INT8 nor
+    the fp32 directory of the graph is published."""
+    settings = ExportSettings(graphs=("distill",), leaf=0, precisions=("fp32", "int8"),
+                              validation=split(tiny_dataset, "validate"), map_tolerance=0.0)
+    with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by [-+]0\.\d{4}, "
+                                             r"beyond the tolerance 0\.0"):
+        export_checkpoint(tiny_checkpoints["video"], tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_export_refuses_what_it_cannot_measure_or_make(tiny_checkpoints, tmp_path):

@@ -194,26 +194,37 @@ def gated_pipeline() -> tuple[Pipeline, Gate]:
 
 
 def test_concurrent_requests_get_their_own_results_in_merged_batches():
+    """8 threads submit 6 videos each while the worker is held on a first request; once
+    released, the queued requests share pipeline calls of up to 16 videos (never split: two
+    requests, 12 videos, a call) and each thread gets its own results."""
     videos = random_videos(48, seed=7)
-    expected = {r.video_id: r for r in Pipeline(*models()).localize(videos)}
-    with Batcher(Pipeline(*models()), BatcherConfig(max_batch_videos=16, max_wait=0.05)) as batcher:
-        results: dict[int, list] = {}
+    pipeline, gate = gated_pipeline()
+    expected_pipeline, open_gate = gated_pipeline()
+    open_gate.release.set()
+    expected = {r.video_id: r for r in expected_pipeline.localize(videos)}
+    with Batcher(pipeline, BatcherConfig(max_batch_videos=16, max_wait=0)) as batcher:
+        holder = batcher.submit(random_videos(1, seed=1))
+        assert gate.entered.wait(10)
+        futures: dict[int, object] = {}
 
         def client(index: int) -> None:
-            results[index] = batcher.localize(videos[index * 6:(index + 1) * 6], timeout=30)
+            futures[index] = batcher.submit(videos[index * 6:(index + 1) * 6])
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        assert batcher.queue_depth == 48
+        gate.release.set()
+        holder.result(30)
+        results = {index: future.result(30) for index, future in futures.items()}
     for index, own in results.items():
         assert [r.video_id for r in own] == [v.id for v in videos[index * 6:(index + 1) * 6]]
         for result in own:
             np.testing.assert_allclose(result.fused, expected[result.video_id].fused, rtol=1e-6)
-    assert batcher.stats.videos == 48 and batcher.stats.requests == 8
-    assert batcher.stats.batches < 8  # requests shared pipeline calls
-    assert max(batcher.stats.batch_sizes) <= 16
+    assert batcher.stats.videos == 49 and batcher.stats.requests == 9
+    assert dict(batcher.stats.batch_sizes) == {1: 1, 12: 4}  # 8 requests in 4 calls
 
 
 def test_the_queue_limit_is_exact_and_refusal_loses_nothing_queued():
@@ -236,10 +247,12 @@ def test_expired_and_cancelled_requests_never_reach_the_device():
     batcher = Batcher(pipeline, BatcherConfig(max_batch_videos=1, max_wait=0))
     running = batcher.submit(random_videos(1, seed=1))
     assert gate.entered.wait(10)
-    expired = batcher.submit(random_videos(1, seed=2), deadline=time.monotonic() + 0.01)
+    deadline = time.monotonic() + 0.01
+    expired = batcher.submit(random_videos(1, seed=2), deadline=deadline)
     cancelled = batcher.submit(random_videos(1, seed=3))
     assert cancelled.cancel()
-    time.sleep(0.05)
+    while time.monotonic() <= deadline:  # the deadline has passed (a condition, not a guess)
+        time.sleep(0.001)
     gate.release.set()
     running.result(10)
     with pytest.raises(DeadlineExceeded):

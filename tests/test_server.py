@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import signal
 import socket
 import subprocess
@@ -90,13 +92,39 @@ def call(stub_method, requests, timeout=30):
         return error
 
 
-def wait_idle(client, timeout=5.0) -> pb.StatsResponse:
+def wait_for(condition, what: str, timeout: float = 30.0):
+    """Poll ``condition()`` until it returns something true (returned); fail naming ``what``
+    after ``timeout`` seconds. Tests wait on the state they need, never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def wait_idle(client, timeout=30.0) -> pb.StatsResponse:
     """Stats once the server holds no video in flight (an aborted stream releases its
     videos as its handler unwinds, just after the client sees the status)."""
-    deadline = time.monotonic() + timeout
-    while (stats := client.stats()).inflight_videos and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return stats
+    return wait_for(lambda: (stats := client.stats()).inflight_videos == 0 and stats,
+                    "no video in flight", timeout)
+
+
+@contextlib.contextmanager
+def held_port(port: int = 0):
+    """A loopback port nobody else can take while the block runs: a socket bound with
+    SO_REUSEPORT and never listening. gRPC servers set SO_REUSEPORT too, so a server can
+    bind the port meanwhile (and gets every connection: a socket that does not listen takes
+    none); any other process is refused. No probe-then-bind race."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", port))
+        yield holder.getsockname()[1]
+
+
+def server_stats(address: str) -> pb.StatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.LocalizationStub(channel).Stats(pb.StatsRequest(), timeout=10)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -329,15 +357,16 @@ def _localize_stream(address, videos, timeout=30):
 def test_inflight_and_stream_limits_at_their_edges(slow_server):
     videos = [Video(f"w{i}", frames(5, seed=i)) for i in range(4)]
     channel, exact = _localize_stream(slow_server.address, videos[:3])  # exactly the limit
-    time.sleep(0.5)
+    wait_for(lambda: server_stats(slow_server.address).inflight_videos == 3, "3 videos in flight")
     other, over = _localize_stream(slow_server.address, videos[3:])  # one more: refused
     with pytest.raises(grpc.RpcError) as error:
         list(over)
     assert error.value.code() == EXHAUSTED and "limit of 3" in error.value.details()
     assert sorted(r.video_id for r in exact) == ["w0", "w1", "w2"]
     # two streams open (the limit), a third is refused
+    wait_for(lambda: server_stats(slow_server.address).active_streams == 0, "the streams to close")
     held = [_localize_stream(slow_server.address, [Video(f"s{i}", frames(5))]) for i in range(2)]
-    time.sleep(0.5)
+    wait_for(lambda: server_stats(slow_server.address).active_streams == 2, "2 open streams")
     third, refused = _localize_stream(slow_server.address, [Video("s3", frames(5))])
     with pytest.raises(grpc.RpcError) as error:
         list(refused)
@@ -368,10 +397,10 @@ def test_sigterm_drains_in_flight_work(slow_server):
 
     channel = grpc.insecure_channel(slow_server.address)
     stream = pb_grpc.LocalizationStub(channel).Localize(requests(), timeout=30)
-    time.sleep(0.3)  # the video waits in the batcher
+    wait_for(lambda: server_stats(slow_server.address).inflight_videos == 1,
+             "the video to wait in the batcher")
     slow_server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    assert slow_server.health() == NOT_SERVING
+    wait_for(lambda: slow_server.health() == NOT_SERVING, "health NOT_SERVING after SIGTERM")
     refused_channel, refused = _localize_stream(slow_server.address, [Video("new", frames(5))])
     with pytest.raises(grpc.RpcError) as error:
         list(refused)
@@ -419,6 +448,8 @@ def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts
     state = str(tmp_path / "state")
     first = ServerProcess.start(tiny_artifacts, "--state-dir", state)
     servers = []
+    holding = contextlib.ExitStack()
+    holding.enter_context(held_port(first.port))  # nobody takes the port between the two
 
     def restart():
         assert first.kill() == -signal.SIGKILL
@@ -452,6 +483,7 @@ def test_clients_resume_an_ingest_across_a_server_restart(flavor, tiny_artifacts
             assert client.submission() == expected_csv
     finally:
         restarter.join()
+        holding.close()
         for server in servers:
             assert server.stop() == 0, server.log()
 
@@ -493,6 +525,117 @@ def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny
     assert not list(state.glob("snapshot-*"))  # no snapshot written over the failed state
 
 
+def test_every_acknowledged_group_was_fsynced_before_its_ack(tiny_artifacts, tmp_path, monkeypatch):
+    """os.fsync observed at the lowest seam: when ``ingest`` returns (what the server sends
+    as the ack), the insert log's last fsync covered every byte the log holds. A crash test
+    cannot see a missing fsync (a killed process leaves the OS cache intact); this can."""
+    import asyncio
+    import os
+
+    from modloc.engine.service.config import ServerConfig
+    from modloc.engine.service.core import EngineCore
+
+    synced: dict[int, int] = {}  # inode → file size at its last fsync
+    real_fsync = os.fsync
+
+    def observed_fsync(fd):
+        real_fsync(fd)
+        status = os.fstat(fd)
+        synced[status.st_ino] = status.st_size
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    state = tmp_path / "state"
+    core = EngineCore.load(ServerConfig(artifacts=tiny_artifacts, state_dir=state,
+                                        snapshot_videos=0, snapshot_seconds=0))
+
+    async def scenario():
+        sizes = []
+        for group in range(4):
+            videos = [Video(f"g{group}-{i}", frames(6, seed=10 * group + i)) for i in range(group + 1)]
+            outcomes = await core.ingest(videos)
+            assert [o.duplicate for o in outcomes] == [False] * len(videos)
+            (log,) = state.glob("log-*.tfrecord")
+            status = log.stat()
+            assert synced.get(status.st_ino) == status.st_size, f"group {group} acked unsynced"
+            sizes.append(status.st_size)
+        await core.close()
+        return sizes
+
+    sizes = asyncio.run(scenario())
+    assert sizes == sorted(set(sizes))  # each group added records
+
+
+def test_serve_beyond_loopback_without_tokens_is_refused_exposure(tiny_artifacts, monkeypatch):
+    """A real ``modloc serve`` on 0.0.0.0 with no token refuses to start, saying how to fix
+    it; the same command with --insecure-no-auth serves (so the refusal is the check's)."""
+    from modloc.engine.service.security import TOKENS_ENV
+
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="refusing to listen on 0.0.0.0:0 without authentication"):
+        ServerProcess.start(tiny_artifacts, "--address", "0.0.0.0:0")
+    server = ServerProcess.start(tiny_artifacts, "--address", "0.0.0.0:0", "--insecure-no-auth")
+    try:
+        assert wait_for(lambda: server.health() == SERVING, "the open server to serve")
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _serve_with_file_size_limit(tiny_artifacts, state, limit: int) -> ServerProcess:
+    """``modloc serve`` whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE: a write
+    beyond it fails with EFBIG, as on a full disk; Python ignores SIGXFSZ)."""
+    import resource
+
+    from modloc.engine.service.process import READY_PREFIX
+
+    log_path = state.parent / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modloc", "serve", str(tiny_artifacts), "--address", "127.0.0.1:0",
+         "--state-dir", str(state), "--snapshot-videos", "0"],
+        stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    line = process.stdout.readline()
+    assert line.startswith(READY_PREFIX), log_path.read_text()
+    return ServerProcess(process, line[len(READY_PREFIX):].strip(), log_path)
+
+
+def test_a_state_failure_turns_the_real_server_unhealthy_and_unavailable(tiny_artifacts, tmp_path,
+                                                                         test_videos):
+    """Through the server: the group whose commit fails is not acknowledged, health turns
+    NOT_SERVING, Ingest, TopSegments and Submission answer UNAVAILABLE while Localize goes on;
+    a restart on the same state holds every acknowledged video."""
+    state = tmp_path / "state"
+    server = _serve_with_file_size_limit(tiny_artifacts, state, 16 * 1024)
+    acked = []
+    try:
+        with LocalizationClient(server.address, timeout=60) as client:
+            with pytest.raises(grpc.RpcError) as failed:
+                for video in test_videos:  # one group each, until the log passes the limit
+                    acked += client.ingest([video], retries=0)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "could not be written" in failed.value.details()
+            assert 0 < len(acked) < len(test_videos)
+            wait_for(lambda: server.health() == NOT_SERVING, "health NOT_SERVING after the failure")
+            assert server.health("modloc.v1.Localization") == NOT_SERVING
+            for attempt in (lambda: client.ingest(test_videos[-1:], retries=0),
+                            lambda: client.top_segments(client.model_info().ranked_class_ids[0], 1),
+                            lambda: client.submission()):
+                with pytest.raises(grpc.RpcError) as refused:
+                    attempt()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "must restart" in refused.value.details()
+            assert [r.video_id for r in client.localize(test_videos[:1])] == [test_videos[0].id]
+    finally:
+        server.stop()
+    restarted = ServerProcess.start(tiny_artifacts, "--state-dir", str(state))
+    try:
+        with LocalizationClient(restarted.address, timeout=60) as client:
+            assert client.stats().ranked_videos >= len(acked)
+            again = client.ingest([test_videos[i] for i in range(len(acked))], retries=0)
+            assert [a.status for a in again] == [pb.IngestAck.DUPLICATE] * len(acked)
+    finally:
+        assert restarted.stop() == 0, restarted.log()
+
+
 def test_metrics_endpoint_settings_are_checked(tiny_artifacts):
     from modloc.engine.service.config import ServerConfig
 
@@ -504,15 +647,14 @@ def test_metrics_endpoint_settings_are_checked(tiny_artifacts):
 
 
 def test_processes_share_the_port_without_rankings(tiny_artifacts, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # the configuration is checked before any model loads
-    result = subprocess.run([sys.executable, "-m", "modloc", "serve", str(tiny_artifacts),
-                             "--processes", "2", "--state-dir", str(tmp_path), "--address",
-                             f"127.0.0.1:{port}"], capture_output=True, text=True)
-    assert result.returncode == 1 and "rankings need a single owner" in result.stderr
-    server = ServerProcess.start(tiny_artifacts, "--processes", "2", "--address", f"127.0.0.1:{port}")
+    with held_port() as port:
+        # the configuration is checked before any model loads
+        result = subprocess.run([sys.executable, "-m", "modloc", "serve", str(tiny_artifacts),
+                                 "--processes", "2", "--state-dir", str(tmp_path), "--address",
+                                 f"127.0.0.1:{port}"], capture_output=True, text=True)
+        assert result.returncode == 1 and "rankings need a single owner" in result.stderr
+        server = ServerProcess.start(tiny_artifacts, "--processes", "2", "--address",
+                                     f"127.0.0.1:{port}")
     try:
         pids = set()
         for _ in range(16):  # own connections: channels otherwise share one global subchannel
@@ -547,13 +689,12 @@ def test_secured_server_tls_token_kserve_and_metrics(tiny_artifacts, pki, tmp_pa
     """One server with TLS, a bearer token and a metrics port: the front door as deployed."""
     token = "s3cret-token-0123456789"
     (tmp_path / "tokens").write_text(f"# the test's token\n{token}\n")
-    with socket.socket() as probe:  # a free port for /metrics
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
     server = ServerProcess.start(tiny_artifacts, "--token-file", str(tmp_path / "tokens"),
                                  "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-                                 "--metrics-port", str(metrics_port))
+                                 "--metrics-port", "0")
     try:
+        # port 0: the server logs the port it bound before it says it is serving
+        metrics_port = int(re.search(r"event=metrics address=\S+:(\d+)", server.log()).group(1))
         secured = LocalizationClient(server.address, token=token, tls_ca=pki / "ca.pem", timeout=30)
         assert [r.video_id for r in secured.localize(test_videos[:1])] == [test_videos[0].id]
         for wrong in (None, "not-the-token-at-all-000"):
@@ -585,9 +726,9 @@ def test_secured_server_tls_token_kserve_and_metrics(tiny_artifacts, pki, tmp_pa
             return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
                     for line in text.splitlines() if line.startswith("modloc_")}
 
-        deadline = time.monotonic() + 10  # the gauges and videos_total are copied once a second
-        while not (metrics := scrape()).get('modloc_videos_total{rpc="Localize"}') and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # the gauges and videos_total are copied once a second
+        metrics = wait_for(lambda: (m := scrape()).get('modloc_videos_total{rpc="Localize"}') and m,
+                           "the metrics to count the Localize call")
         assert metrics['modloc_videos_total{rpc="Localize"}'] == 1
         assert any('method="/modloc.v1.Localization/Localize"' in name for name in metrics)
         assert any('code="UNAUTHENTICATED"' in name for name in metrics)

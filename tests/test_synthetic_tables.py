@@ -6,7 +6,6 @@ import importlib
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +38,7 @@ def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
     argv = ["--scale", "smoke", "--rows", ",".join(ROWS), "--out", str(out), "--work", str(work),
             "--workers", "1", "--device", "cpu"]
 
-    started = time.perf_counter()
     assert tables.main(argv) == 0
-    first_seconds = time.perf_counter() - started
     report = json.loads(out.with_suffix(".json").read_text())
     # the video model, DBoF from scratch, the mixture's pre-training and its fine-tuning
     assert (report["trained"], report["evaluated"], report["cached"]) == (4, 3, 0)
@@ -70,13 +67,11 @@ def test_smoke_run_writes_the_table_and_resumes(tables, tmp_path):
 
     before = _result_files(work)
     assert len(before) == len(ROWS)
-    started = time.perf_counter()
-    assert tables.main(argv) == 0
+    assert tables.main(argv) == 0  # resumed: nothing trained or evaluated again
     again = json.loads(out.with_suffix(".json").read_text())
     assert (again["trained"], again["evaluated"], again["cached"]) == (0, 0, 3)
     assert _result_files(work) == before
     assert again["rows"] == report["rows"]
-    assert time.perf_counter() - started < first_seconds
 
 
 def test_changed_settings_retrain_only_what_they_touch(tables, tmp_path, monkeypatch):
