@@ -7,7 +7,6 @@ import json
 import math
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from modloc.engine.runtime.backends import open_backend
 from modloc.engine.runtime.infer import infer
 from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.service.client import LocalizationClient, video_chunks
-from modloc.engine.service.process import ServerProcess
+from modloc.engine.service.process import ServerProcess, held_port
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_FRAMES = 400
@@ -108,18 +107,6 @@ def wait_idle(client, timeout=30.0) -> pb.StatsResponse:
     videos as its handler unwinds, just after the client sees the status)."""
     return wait_for(lambda: (stats := client.stats()).inflight_videos == 0 and stats,
                     "no video in flight", timeout)
-
-
-@contextlib.contextmanager
-def held_port(port: int = 0):
-    """A loopback port nobody else can take while the block runs: a socket bound with
-    SO_REUSEPORT and never listening. gRPC servers set SO_REUSEPORT too, so a server can
-    bind the port meanwhile (and gets every connection: a socket that does not listen takes
-    none); any other process is refused. No probe-then-bind race."""
-    with socket.socket() as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(("127.0.0.1", port))
-        yield holder.getsockname()[1]
 
 
 def server_stats(address: str) -> pb.StatsResponse:

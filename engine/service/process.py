@@ -10,8 +10,10 @@ service benchmark and the server tests use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READY_PREFIX = "listening on "
+
+
+@contextlib.contextmanager
+def held_port(port: int = 0, host: str = "127.0.0.1"):
+    """A TCP port no other program can take while the block runs, for servers that need a
+    named port (several processes sharing one, a restart on the same address).
+
+    The holder is a socket bound with SO_REUSEPORT that never listens: ``modloc serve`` (gRPC
+    sets SO_REUSEPORT) can bind the port meanwhile and gets every connection, while a program
+    without SO_REUSEPORT is refused. Unlike probing for a free port and binding it later, no
+    other program can take the port in between.
+    """
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, port))
+        yield holder.getsockname()[1]
 
 
 class ServerProcess:
