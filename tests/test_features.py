@@ -106,3 +106,11 @@ def test_model_input_refuses_the_wrong_width():
                                                   (301, 61)])
 def test_num_segments_is_ceil_frames_over_5(frames, segments):
     assert features.num_segments(frames) == segments
+
+
+def test_the_cached_transforms_are_read_only():
+    # input_affine() and rgb_unwhitening_scale() are shared caches: a caller writing into
+    # them would change every later model input
+    for array in (*features.input_affine(), features.rgb_unwhitening_scale()):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 0.0
