@@ -91,7 +91,7 @@ MODULES: dict[str, Module] = {
                        "tests/test_features.py tests/test_datasets.py tests/test_models.py "
                        "-k 'test_features or padding or feature_input'", sample=40),
     "metrics": Module(("engine/base/metrics",), "tests/test_metrics.py"),
-    "fusion": Module(("engine/runtime/fusion.py",), "tests/test_pipeline.py"),
+    "fusion": Module(("engine/runtime/fusion.py",), "tests/test_fusion.py tests/test_pipeline.py"),
     "pipeline": Module(("engine/runtime/pipeline.py",),
                        "tests/test_pipeline.py tests/test_rankings.py"),
     "topk": Module(("engine/runtime/topk.py",), "tests/test_topk.py",
