@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -66,8 +67,11 @@ def expected_csv(tiny_artifacts, tiny_dataset, tmp_path_factory) -> bytes:
 
 @pytest.fixture(scope="module")
 def ingested(client, test_videos):
-    """The test split ingested once, in file order: the acks."""
-    return client.ingest(test_videos)
+    """The test split ingested once, in file order: the acks, and the submission and stats
+    read right after. Tests run in any order and some ingest more into this module's
+    server, so a test compares against these, not against what the server holds later."""
+    acks = client.ingest(test_videos)
+    return SimpleNamespace(acks=acks, submission=client.submission(), stats=client.stats())
 
 
 def frames(count: int, seed: int = 0) -> np.ndarray:
@@ -152,22 +156,22 @@ def test_chunked_video_equals_whole(client, server):
     assert one == other and one.num_frames == 300  # the pipeline localizes the first 300
 
 
-def test_ingest_then_submission_equals_infer(client, ingested, test_videos, expected_csv):
-    assert [a.video_id for a in ingested] == [v.id for v in test_videos]
-    assert {a.status for a in ingested} == {pb.IngestAck.INGESTED}
-    assert [a.sequence for a in ingested] == list(range(1, len(test_videos) + 1))  # 0: a duplicate
-    assert client.submission() == expected_csv
-    stats = client.stats()
-    assert stats.videos_ingested == stats.ranked_videos == len(test_videos)
+def test_ingest_then_submission_equals_infer(ingested, test_videos, expected_csv):
+    acks = ingested.acks
+    assert [a.video_id for a in acks] == [v.id for v in test_videos]
+    assert {a.status for a in acks} == {pb.IngestAck.INGESTED}
+    assert [a.sequence for a in acks] == list(range(1, len(test_videos) + 1))  # 0: a duplicate
+    assert ingested.submission == expected_csv
+    assert ingested.stats.videos_ingested == ingested.stats.ranked_videos == len(test_videos)
 
 
-def test_duplicate_ingest_changes_nothing(client, ingested, test_videos, expected_csv):
-    before = client.stats()
+def test_duplicate_ingest_changes_nothing(client, ingested, test_videos):
+    before, submission = client.stats(), client.submission()
     acks = client.ingest(test_videos[3:5])
     assert [a.status for a in acks] == [pb.IngestAck.DUPLICATE] * 2
     after = client.stats()
     assert after.duplicates == before.duplicates + 2 and after.ranked_videos == before.ranked_videos
-    assert client.submission() == expected_csv
+    assert client.submission() == submission
 
 
 def test_top_segments_paging(client, ingested):
@@ -320,14 +324,29 @@ def test_exactly_max_frames_accepted(client):
 # --- limits, deadline, crash, drain, processes --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slow_server(tiny_artifacts, tmp_path_factory):
+def _start_slow_server(tiny_artifacts, state) -> ServerProcess:
     """A server whose batcher holds each video 1.5 s (so videos stay in flight), with 3
-    in-flight videos and 2 streams at most; the drain test stops it."""
-    state = tmp_path_factory.mktemp("slow-state")
+    in-flight videos and 2 streams at most."""
     process = ServerProcess.start(tiny_artifacts, "--state-dir", str(state), "--batch-wait", "1.5",
                                   "--max-inflight-videos", "3", "--max-streams", "2", "--grace", "20")
     process.state = state
+    return process
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_artifacts, tmp_path_factory):
+    """The limits' and the deadline's slow server (shared: neither changes its state)."""
+    process = _start_slow_server(tiny_artifacts, tmp_path_factory.mktemp("slow-state"))
+    yield process
+    if process.process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture
+def draining_server(tiny_artifacts, tmp_path):
+    """A slow server of the drain test's own, which the test stops (so that the tests
+    sharing ``slow_server`` run in any order)."""
+    process = _start_slow_server(tiny_artifacts, tmp_path / "state")
     yield process
     if process.process.poll() is None:
         process.kill()
@@ -371,7 +390,7 @@ def test_deadline_exceeded(slow_server):
     channel.close()
 
 
-def test_sigterm_drains_in_flight_work(slow_server):
+def test_sigterm_drains_in_flight_work(draining_server):
     import threading
 
     later = threading.Event()
@@ -381,21 +400,21 @@ def test_sigterm_drains_in_flight_work(slow_server):
         later.wait(20)  # an open stream goes on sending during the grace period
         yield pb.LocalizeRequest(video=video_chunks(Video("sent-while-draining", frames(5, seed=1)))[0])
 
-    channel = grpc.insecure_channel(slow_server.address)
+    channel = grpc.insecure_channel(draining_server.address)
     stream = pb_grpc.LocalizationStub(channel).Localize(requests(), timeout=30)
-    wait_for(lambda: server_stats(slow_server.address).inflight_videos == 1,
+    wait_for(lambda: server_stats(draining_server.address).inflight_videos == 1,
              "the video to wait in the batcher")
-    slow_server.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: slow_server.health() == NOT_SERVING, "health NOT_SERVING after SIGTERM")
-    refused_channel, refused = _localize_stream(slow_server.address, [Video("new", frames(5))])
+    draining_server.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: draining_server.health() == NOT_SERVING, "health NOT_SERVING after SIGTERM")
+    refused_channel, refused = _localize_stream(draining_server.address, [Video("new", frames(5))])
     with pytest.raises(grpc.RpcError) as error:
         list(refused)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     later.set()
     assert [r.video_id for r in stream] == ["drained", "sent-while-draining"]
-    assert slow_server.stop() == 0, slow_server.log()
-    assert list(slow_server.state.glob("snapshot-*.topk"))
-    assert "event=drain_finished" in slow_server.log()
+    assert draining_server.stop() == 0, draining_server.log()
+    assert list(draining_server.state.glob("snapshot-*.topk"))
+    assert "event=drain_finished" in draining_server.log()
     channel.close()
     refused_channel.close()
 
@@ -762,7 +781,7 @@ def test_client_cli(server, client, ingested, tiny_dataset, tmp_path, capsys):
     from modloc.cli import main
 
     assert main(["client", "ingest", server.address, "--data", split(tiny_dataset, "test")]) == 0
-    assert capsys.readouterr().out.strip() == f"ingested 0 videos ({len(ingested)} duplicates)"
+    assert capsys.readouterr().out.strip() == f"ingested 0 videos ({len(ingested.acks)} duplicates)"
     assert main(["client", "submission", server.address, "--out", str(tmp_path / "s.csv")]) == 0
     served = client.submission()  # the module's server: earlier tests may have ingested more
     assert (tmp_path / "s.csv").read_bytes() == served
@@ -777,6 +796,6 @@ def test_client_cli(server, client, ingested, tiny_dataset, tmp_path, capsys):
     assert len(responses) == 24 and all(r["candidates"] for r in responses)
     assert main(["client", "stats", server.address]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert int(stats["videosIngested"]) >= len(ingested)
+    assert int(stats["videosIngested"]) >= len(ingested.acks)
     # counters at zero are printed too: a script reading one finds it
     assert {"duplicates", "queueDepth", "activeStreams", "inflightVideos"} <= stats.keys()
