@@ -154,6 +154,11 @@ def test_demo_writes_report(capsys, tmp_path):
     assert {"infer", "serve"} <= report.keys() & report["stages"].keys()
     infer, serve = report["infer"], report["serve"]
     assert infer["map"] == pytest.approx(export["onnxruntime"]["fp32"]["fused"], abs=1e-4)
+    # the systems' MAPs, from the PyTorch models in training's evaluation, are what the
+    # exported graphs give through the engine's own code: one number, two paths
+    assert report["systems"]["mod"]["map"] == pytest.approx(infer["map"], abs=1e-4)
+    assert report["systems"]["dummy"]["map"] == pytest.approx(export["onnxruntime"]["fp32"]["dummy"],
+                                                              abs=1e-4)
     assert serve["map"] == pytest.approx(infer["map"], abs=1e-4)
     assert serve["exit_status"] == 0
     assert serve["localized"] == serve["ingested"] == infer["videos"] == report["data"]["splits"]["test"]["videos"]
