@@ -112,7 +112,7 @@ MODULES: dict[str, Module] = {
                      "-k 'test_losses or kl or loss or bce or lambda'"),
     "export-gates": Module(("export/precision.py", "export/exporter.py"),
                            "tests/test_export.py -k 'gates_fail_loudly or precision_gate'",
-                           functions=("check_map_difference", "measure_precisions"),
+                           functions=("check_map_difference",),
                            sample=None, timeout=900.0,
                            hand=(HandMutant("export/exporter.py", "check_map_difference("),)),
     "submission": Module(("engine/base/submission.py",), "tests/test_submission.py"),
