@@ -527,25 +527,16 @@ def test_a_state_directory_that_cannot_be_written_stops_ingestion_and_reads(tiny
     assert not list(state.glob("snapshot-*"))  # no snapshot written over the failed state
 
 
-def test_every_acknowledged_group_was_fsynced_before_its_ack(tiny_artifacts, tmp_path, monkeypatch):
+def test_every_acknowledged_group_was_fsynced_before_its_ack(tiny_artifacts, tmp_path, fsynced):
     """os.fsync observed at the lowest seam: when ``ingest`` returns (what the server sends
     as the ack), the insert log's last fsync covered every byte the log holds. A crash test
     cannot see a missing fsync (a killed process leaves the OS cache intact); this can."""
     import asyncio
-    import os
 
     from modloc.engine.service.config import ServerConfig
     from modloc.engine.service.core import EngineCore
 
-    synced: dict[int, int] = {}  # inode → file size at its last fsync
-    real_fsync = os.fsync
-
-    def observed_fsync(fd):
-        real_fsync(fd)
-        status = os.fstat(fd)
-        synced[status.st_ino] = status.st_size
-
-    monkeypatch.setattr(os, "fsync", observed_fsync)
+    synced = fsynced
     state = tmp_path / "state"
     core = EngineCore.load(ServerConfig(artifacts=tiny_artifacts, state_dir=state,
                                         snapshot_videos=0, snapshot_seconds=0))

@@ -557,19 +557,11 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
         assert reopened.topk.rankings() == _fed(range(present)).rankings()
 
 
-def test_commit_fsyncs_every_byte_it_acknowledges(tmp_path, monkeypatch):
+def test_commit_fsyncs_every_byte_it_acknowledges(tmp_path, fsynced):
     """os.fsync observed at the lowest seam: when commit() returns, the log's last fsync
     covered all of the log. A crash test cannot see a missing fsync (a killed process leaves
     the OS cache intact), so this is the test that does."""
-    synced: dict[int, int] = {}  # inode → file size at its last fsync
-    real_fsync = os.fsync
-
-    def observed_fsync(fd):
-        real_fsync(fd)
-        status = os.fstat(fd)
-        synced[status.st_ino] = status.st_size
-
-    monkeypatch.setattr(os, "fsync", observed_fsync)
+    synced = fsynced
     with DurableTopK.open(tmp_path / "d", CLASSES, K) as durable:
         for group in range(3):
             for index in range(3 * group, 3 * group + 3):
