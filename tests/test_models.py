@@ -398,6 +398,18 @@ def test_mod_loss_names_every_term(tree_4x3):
         mod_loss(out, labels, None, LossConfig(temperatures=(1.0, 2.0, 3.0)), tree=model)
 
 
+def test_layers_without_distillation_skip_only_their_own_terms(tree_4x3):
+    model, out, labels = tree_4x3
+    # T = 0 at the root, 1 in the towers: the towers' 12 terms stay
+    tower_only = mod_loss(out, labels, None, LossConfig(temperatures=(0.0, 1.0)), tree=model)
+    assert sorted(k for k in tower_only.terms if k.startswith("kl/")) == sorted(
+        f"kl/{t}>{t}.{m}" for t in range(4) for m in range(3))
+    # one temperature serves every layer of the 2-layer tree
+    every_layer = mod_loss(out, labels, None, LossConfig(temperatures=(2.0,)), tree=model)
+    assert sum(k.startswith("kl/") for k in every_layer.terms) == 4 + 12
+    assert LossConfig().temperatures == (1.0,) and LossConfig().kl_weight(0) == 1.0
+
+
 def test_mod_loss_is_the_reference_total_for_4x3(tree_4x3):
     """REFERENCE §4: T1/λ1 inside the towers, T2/λ2 across them, cumulative L2 per tower."""
     model, out, labels = tree_4x3
