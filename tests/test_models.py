@@ -398,7 +398,7 @@ def test_mod_loss_names_every_term(tree_4x3):
         mod_loss(out, labels, None, LossConfig(temperatures=(1.0, 2.0, 3.0)), tree=model)
 
 
-def test_layers_without_distillation_skip_only_their_own_terms(tree_4x3):
+def test_mod_loss_skips_only_the_layers_without_distillation(tree_4x3):
     model, out, labels = tree_4x3
     # T = 0 at the root, 1 in the towers: the towers' 12 terms stay
     tower_only = mod_loss(out, labels, None, LossConfig(temperatures=(0.0, 1.0)), tree=model)
