@@ -336,15 +336,15 @@ def test_parity_and_precision_gates_fail_loudly():
 def test_the_precision_gate_stops_the_export_and_publishes_nothing(tiny_checkpoints, tiny_dataset,
                                                                     tmp_path):
     """The exporter calls the gate. On the tiny models a well calibrated INT8 graph measures
-    exactly fp32's MAP@K (a difference of 0.0000 for all four of the demo's), so the gate is
-    given a variant with headroom to fail: the video ensemble calibrated on a single video,
-    whose saturated activations cost it 0.0072 of validation MAP@K, past the default 0.005.
-    The export fails and publishes neither its INT8 nor its fp32 directory."""
+    exactly fp32's MAP@K (a difference of 0.0000 for all four of the demo's), so the gate
+    gets a variant with something to refuse: the video ensemble calibrated on a single video
+    (saturated activations; measured: −0.0022 of validation MAP@K), against a tolerance of
+    0.001. The export fails and publishes neither its INT8 nor its fp32 directory."""
     settings = ExportSettings(graphs=("ensemble",), precisions=("fp32", "int8"),
                               validation=split(tiny_dataset, "validate"),
-                              calibration_batches=1, calibration_batch_size=1)
-    with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by -0\.0072, "
-                                             r"beyond the tolerance 0\.005"):
+                              calibration_batches=1, calibration_batch_size=1, map_tolerance=0.001)
+    with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by [-+]0\.\d{4}, "
+                                             r"beyond the tolerance 0\.001"):
         export_checkpoint(tiny_checkpoints["video"], tmp_path / "out", settings)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
