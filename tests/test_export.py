@@ -329,6 +329,8 @@ def test_parity_and_precision_gates_fail_loudly():
     measured = check_parity(lambda f, n: reference(f, n) * 1.001, reference, tolerance=None)
     assert measured["passed"] and measured["max_rel_error"] == pytest.approx(1e-3, rel=1e-3)
     check_map_difference("int8", -0.004)
+    check_map_difference("int8", 0.005)  # exactly the tolerance passes
+    check_map_difference("fp16", -0.005)
     with pytest.raises(PrecisionError, match=r"int8 segment MAP@K differs from fp32's by -0\.0060"):
         check_map_difference("int8", -0.006)
 
