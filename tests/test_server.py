@@ -551,6 +551,10 @@ def test_every_acknowledged_group_was_fsynced_before_its_ack(tiny_artifacts, tmp
             status = log.stat()
             assert synced.get(status.st_ino) == status.st_size, f"group {group} acked unsynced"
             sizes.append(status.st_size)
+        # a group sent again is acknowledged as duplicates (sequence 0) and counted so
+        again = await core.ingest([Video("g1-0", frames(6, seed=10)), Video("g1-1", frames(6, seed=11))])
+        assert [(o.duplicate, o.sequence) for o in again] == [(True, 0), (True, 0)]
+        assert (core.duplicates, core.videos_ingested) == (2, 1 + 2 + 3 + 4)
         await core.close()
         return sizes
 
