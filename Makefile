@@ -30,7 +30,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Mutation testing of the critical modules (benchmarks/mutation.py; about an hour on 2 cores;
+# Mutation testing of the critical modules (benchmarks/mutation.py; about 2 hours on 2 cores;
 # not part of `make test`). It edits the sources in place one mutant at a time: run it on a
 # clean tree, alone.
 mutation: $(STAMP)

@@ -9,8 +9,9 @@ test noticing; each survivor is either killed by a new test or explained in
 The operator set is cut down to what a 2-core machine can run and what finds real gaps: every
 ``+ - * /`` swapped with its inverse, ``**`` with ``*``, comparison boundaries (``<``/``<=``,
 ``>``/``>=``), negations (``==``/``!=``, ``is``/``is not``, ``in``/``not in``), numbers ±1,
-unary operators deleted (and ``-`` made ``+``), ``and``/``or``, ``True``/``False``, ``not`` added, loops run zero times,
-``break``/``continue`` swapped, decorators removed and caught exceptions replaced. The
+unary operators deleted (and ``-`` made ``+``), ``and``/``or``, ``True``/``False``, ``not``
+added, loops run zero times, ``break``/``continue`` swapped, decorators removed and caught
+exceptions replaced. The
 random variable inserter/replacer and the exotic binary swaps (``%``, shifts, bit operators for
 arithmetic) are left out.
 
@@ -18,7 +19,7 @@ cosmic-ray cannot delete a statement, so the calls whose deletion the suite once
 (``os.fsync``, the exposure check, the precision gate) are *hand mutants* here: the line is
 removed the same way (on disk, restored after) and the same test command must fail.
 
-    python benchmarks/mutation.py --label after              # every module (~1 h on 2 cores)
+    python benchmarks/mutation.py --label after              # every module (~2 h, busy 2 cores)
     python benchmarks/mutation.py features losses            # some modules
     python benchmarks/mutation.py --label after --only-survivors-of benchmarks/results/mutation-before.json
 
