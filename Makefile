@@ -11,7 +11,7 @@ EXTRAS := train,export,serve,dev
 # torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Mutation testing of the critical modules (benchmarks/mutation.py; about 2 hours on 2 cores;
+# not part of `make test`). It edits the sources in place one mutant at a time: run it on a
+# clean tree, alone.
+mutation: $(STAMP)
+	$(BIN)/python benchmarks/mutation.py --label current
 
 lint: $(STAMP)
 	$(BIN)/ruff check modloc engine training export benchmarks tests

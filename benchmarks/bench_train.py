@@ -6,17 +6,19 @@ mode, T = 1, λ = 1, L2 1e-5), the backward and an Adam step. The batch is synth
 already on the device (the reader is ``bench_io``'s question). Reported: the median step time
 after warm-up steps and examples/s = batch / median.
 
-Each tree runs twice on the same model: ``plain loop`` (``MixtureNode.leaf_logits`` evaluates
-the sibling leaves one after another) and ``grouped leaves`` (the siblings as grouped matmuls,
-:mod:`modloc.training.models.grouped`). fp32 on the CPU; bf16 autocast and fused Adam on CUDA.
+A tree runs as ``plain loop`` (``MixtureNode.leaf_logits`` evaluates the sibling leaves one
+after another) and ``grouped leaves`` (the siblings as grouped matmuls,
+:mod:`modloc.training.models.grouped`), each on a fresh model and optimizer from the same
+seed, in ``--repeats`` rounds of alternating order. fp32 on the CPU; bf16 autocast and fused
+Adam on CUDA.
 
 Defaults are the paper's sizes (batch 80, 300 frames, 3862 classes). The CPU needs smaller
 settings: MOD-12 at full size holds 1.06 B parameters (17 GB with Adam's state) and takes
 minutes per step on a few cores.
 
     python benchmarks/bench_train.py                  # GPU: the paper's sizes
-    python benchmarks/bench_train.py --batch 8 --frames 40 --hidden-size 256 --steps 3 \
-        --warmup 1 --threads 1                        # 2 shared CPU cores, ~4 minutes
+    python benchmarks/bench_train.py --batch 8 --frames 60 --hidden-size 256 --steps 3 \
+        --warmup 1 --repeats 3 --threads 1            # 2 shared CPU cores, ~6 minutes
 
 Results are written to ``benchmarks/results/bench_train.md``, one section per device (a run
 replaces its device's section and keeps the others).
@@ -96,25 +98,49 @@ def time_steps(model, optimizer, batch, steps: int, warmup: int, device: torch.d
     return seconds
 
 
-def bench_model(name: str, args, device: torch.device) -> list[tuple]:
-    """Rows ``(model, variant, leaves, params, median s, examples/s)`` for one preset."""
+def fresh_model(name: str, args, device: torch.device):
+    """The preset's model from seed 0 and a new Adam: every run starts from the same state."""
     overrides = {} if args.hidden_size is None else {"hidden_size": args.hidden_size}
     torch.manual_seed(0)
     model = create_model(name, num_classes=args.classes, **overrides).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, fused=device.type == "cuda")
-    batch = synthetic_batch(args.batch, args.frames, args.classes, device, args.seed)
+    return model, torch.optim.Adam(model.parameters(), lr=2e-4, fused=device.type == "cuda")
+
+
+def bench_model(name: str, args, device: torch.device) -> list[tuple]:
+    """Rows ``(model, variant, leaves, params, median s, examples/s, speed vs the first
+    variant)`` for one preset.
+
+    Each of ``--repeats`` rounds runs every variant once on a fresh model and optimizer, in
+    alternating order (so neither variant always inherits the other's warm caches or meets
+    the same moment of a shared machine's load); a variant's step time is the median over
+    rounds of its runs' medians, and its speed ratio the median of the within-round ratios.
+    """
+    model, _ = fresh_model(name, args, device)
     is_tree = isinstance(model, MODTree)
     leaves = model.num_leaves if is_tree else 1
     params = count_parameters(model)
+    del model
+    batch = synthetic_batch(args.batch, args.frames, args.classes, device, args.seed)
     variants = ["plain loop", "grouped leaves"] if is_tree else ["single model"]
+    medians: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_ in range(args.repeats):
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:
+            model, optimizer = fresh_model(name, args, device)
+            if is_tree:
+                use_grouped_leaves(model, variant == "grouped leaves")
+            print(f"{name} / {variant}, round {round_ + 1}/{args.repeats}: {args.warmup} warm-up + "
+                  f"{args.steps} timed steps ...", flush=True)
+            medians[variant].append(statistics.median(
+                time_steps(model, optimizer, batch, args.steps, args.warmup, device)))
+            del model, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    first = medians[variants[0]]
     rows = []
     for variant in variants:
-        use_grouped_leaves(model, variant == "grouped leaves")
-        print(f"{name} / {variant}: {args.warmup} warm-up + {args.steps} timed steps ...",
-              flush=True)
-        median = statistics.median(
-            time_steps(model, optimizer, batch, args.steps, args.warmup, device))
-        rows.append((name, variant, leaves, params, median, args.batch / median))
+        median = statistics.median(medians[variant])
+        speed = statistics.median(f / v for f, v in zip(first, medians[variant], strict=True))
+        rows.append((name, variant, leaves, params, median, args.batch / median, speed))
     return rows
 
 
@@ -122,11 +148,9 @@ def render_section(rows: list[tuple], args, device: torch.device) -> str:
     header = ("| model | leaves | variant | params | step ms | examples/s | vs plain loop |\n"
               "|---|---:|---|---:|---:|---:|---:|")
     lines = [header]
-    plain = {}
-    for name, variant, leaves, params, median, rate in rows:
-        plain.setdefault(name, rate)
+    for name, variant, leaves, params, median, rate, speed in rows:
         lines.append(f"| {name} | {leaves} | {variant} | {params / 1e6:,.1f}M | "
-                     f"{median * 1e3:,.1f} | {rate:,.1f} | {rate / plain[name]:.2f}x |")
+                     f"{median * 1e3:,.1f} | {rate:,.1f} | {speed:.2f}x |")
     table = "\n".join(lines)
     precision = "bf16 autocast, fused Adam" if device.type == "cuda" else "fp32, foreach Adam"
     hidden = "preset" if args.hidden_size is None else str(args.hidden_size)
@@ -139,8 +163,10 @@ def render_section(rows: list[tuple], args, device: torch.device) -> str:
 - {versions}
 - batch {args.batch}, {args.frames} frames (video mode, masked), {args.classes} classes, \
 hidden size {hidden}; {precision}
-- median of {args.steps} steps after {args.warmup} warm-up steps; one step = forward + loss + \
-backward + Adam
+- {args.repeats} rounds, each running every variant on a fresh model and optimizer (seed 0) in \
+alternating order; per run the median of {args.steps} steps after {args.warmup} warm-up steps; \
+step ms = median over rounds, "vs plain loop" = median of the within-round speed ratios; one \
+step = forward + loss + backward + Adam
 
 {table}
 """
@@ -158,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the leaves' hidden size (default: the preset's 2048)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every variant on a fresh model, order alternating (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when present, else cpu)")
     parser.add_argument("--threads", type=int,
@@ -167,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_FILE,
                         help="results file (default benchmarks/results/bench_train.md)")
     args = parser.parse_args(argv)
-    if min(args.batch, args.frames, args.steps, args.classes) < 1 or args.warmup < 0:
-        parser.error("--batch, --frames, --steps and --classes must be positive")
+    if min(args.batch, args.frames, args.steps, args.classes, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--batch, --frames, --steps, --classes and --repeats must be positive")
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -285,6 +285,8 @@ ROWS: tuple[Row, ...] = (
 ROW_KEYS = tuple(row.key for row in ROWS)
 
 # The paper's claims as paired (per-seed) differences: (claim, better row, other row).
+# Every claim is tested on both metrics; the family Holm's correction covers is all of them.
+ALPHA = 0.05
 CLAIMS = (
     ("pre-training then fine-tuning beats fine-tuning alone", "nextvlad", "nextvlad_scratch"),
     ("online distillation beats a wider single model", "nextvlad_distill", "nextvlad_large"),
@@ -345,6 +347,30 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
     std = statistics.stdev(values)
     half = t_quantile(confidence, len(values) - 1) * std / math.sqrt(len(values))
     return {"n": len(values), "mean": mean, "std": std, "ci": [mean - half, mean + half]}
+
+
+def paired_p_value(stats: dict) -> float | None:
+    """Two-sided p-value of the paired t-test of a zero mean difference, from
+    ``mean_interval``'s stats (None below 2 values)."""
+    if stats["std"] is None:
+        return None
+    if stats["std"] == 0:
+        return 0.0 if stats["mean"] != 0 else 1.0
+    t = stats["mean"] / (stats["std"] / math.sqrt(stats["n"]))
+    return max(0.0, 1.0 - student_t_two_sided(t, stats["n"] - 1))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment: the family-wise error of every test together stays
+    at most α when each adjusted p is compared with α. ``None`` (no test) is kept and not
+    counted in the family."""
+    tested = sorted((p, index) for index, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[index] = running
+    return adjusted
 
 
 def seeds_to_resolve(stats: dict, confidence: float = 0.95, limit: int = 1000) -> int | None:
@@ -739,8 +765,15 @@ def paired_differences(results: dict[str, list[dict]], better: str, other: str, 
     return [pairs[r["seed"]] - r[metric] for r in results[other] if r["seed"] in pairs]
 
 
-def summarize(rows: list[Row], results: dict[str, list[dict]]) -> dict:
-    """Per row the statistics over seeds; per claim the paired-difference interval."""
+def summarize(rows: list[Row], results: dict[str, list[dict]], pre_registered_seeds: int) -> dict:
+    """Per row the statistics over seeds; per claim the paired-difference interval, its
+    p-value and the p-value after Holm's correction over every test of the claims' table
+    (each claim on both metrics).
+
+    A table is *confirmatory* when every row has exactly ``pre_registered_seeds`` seeds, the
+    scale's count fixed in :data:`SCALES` before any result was seen; otherwise (seeds added
+    or left out after looking) it is *exploratory*, and its verdicts say so.
+    """
     table = {}
     for row in rows:
         found = sorted(results.get(row.key, []), key=lambda r: r["seed"])
@@ -777,12 +810,22 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> dict:
                            "headroom": table[other]["ceiling"] - table[other]["mean"],
                            "parameters": [table[better]["scaled_parameters"],
                                           table[other]["scaled_parameters"]]})
+    p_values = [paired_p_value(claim[metric]) for claim in claims
+                for metric in ("difference", "all_classes_difference")]
+    adjusted = holm(p_values)
+    for index, claim in enumerate(claims):
+        claim["p"] = p_values[2 * index: 2 * index + 2]
+        claim["holm_p"] = adjusted[2 * index: 2 * index + 2]
+    seed_counts = {row["n"] for row in table.values()}
+    design = {"pre_registered_seeds": pre_registered_seeds, "seeds": sorted(seed_counts),
+              "confirmatory": seed_counts == {pre_registered_seeds}, "correction": "Holm",
+              "family": sum(p is not None for p in p_values), "alpha": ALPHA}
     by_seed: dict[int, list[float]] = {}
     for row in rows:
         for result in results.get(row.key, []):
             by_seed.setdefault(result["seed"], []).append(result["ceiling"])
     ceilings = {seed: statistics.fmean(values) for seed, values in sorted(by_seed.items())}
-    return {"rows": table, "claims": claims, "ceilings": ceilings}
+    return {"rows": table, "claims": claims, "ceilings": ceilings, "design": design}
 
 
 def _schedule(demo: dict, changes: dict) -> dict:
@@ -799,10 +842,18 @@ def _interval(difference: dict) -> str:
     return "—" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def _verdict(difference: dict) -> str:
-    ci = difference["ci"]
-    return ("needs ≥ 2 seeds" if ci is None else "yes" if ci[0] > 0
-            else "no (reversed)" if ci[1] < 0 else "not resolved")
+def _verdict(difference: dict, holm_p: float | None, confirmatory: bool) -> str:
+    """The verdict of Holm's procedure (adjusted p below α), marked exploratory where the
+    table's seed count was not the one fixed in advance."""
+    if difference["ci"] is None or holm_p is None:
+        return "needs ≥ 2 seeds"
+    verdict = ("not resolved" if holm_p >= ALPHA
+               else "yes" if difference["mean"] > 0 else "no (reversed)")
+    return verdict if confirmatory else f"exploratory: {verdict}"
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else "< 0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
 def _seeds_needed(count: int | None, stats: dict) -> str:
@@ -824,22 +875,6 @@ def render(summary: dict, scale: Scale, dataset: Dataset, counts: dict) -> str:
             f"{row['of_ceiling']:.1%} | {_mean_std(row['all_classes'])} | {row['n']} | "
             f"{_seconds(row['pretrain_seconds'])} | {_seconds(row['finetune_seconds'])} | "
             f"{'; '.join(row['devices'])} | {paper} |")
-    if not summary["claims"]:
-        claim_lines = ["None of the claims' row pairs was run (`--rows`)."]
-    else:
-        claim_lines = ["| claim | rows (better − other) | mean difference | 95% CI (paired t) | "
-                       "seeds | headroom | params (scaled) | holds? | seeds to resolve | "
-                       "every class a candidate: difference, 95% CI | holds? | seeds to resolve |",
-                       "|---|---|---:|---|---:|---:|---|---|---:|---|---|---:|"]
-    for claim in summary["claims"]:
-        d, alone = claim["difference"], claim["all_classes_difference"]
-        needed, needed_alone = claim["seeds_to_resolve"]
-        claim_lines.append(
-            f"| {claim['claim']} | `{claim['better']}` − `{claim['other']}` | {d['mean']:+.4f} | "
-            f"{_interval(d)} | {d['n']} | {claim['headroom']:.4f} | "
-            f"{_millions(claim['parameters'][0])} vs {_millions(claim['parameters'][1])} | "
-            f"{_verdict(d)} | {_seeds_needed(needed, d)} | {alone['mean']:+.4f}, {_interval(alone)} | "
-            f"{_verdict(alone)} | {_seeds_needed(needed_alone, alone)} |")
     ceilings = ", ".join(f"seed {seed} {value:.4f}" for seed, value in summary["ceilings"].items())
     splits = ", ".join(f"{name} {c['videos']} videos ({c['rated_segments']} rated segments)"
                        if c["rated_segments"] else f"{name} {c['videos']} videos"
@@ -881,14 +916,74 @@ window of every video: the row's segment model alone, without the video model's 
 
 {chr(10).join(lines)}
 
-## The paper's claims (paired differences over seeds)
+{render_claims(summary)}"""
+
+
+CLAIMS_HEADING = "## The paper's claims (paired differences over seeds)"
+
+
+def render_claims(summary: dict) -> str:
+    """The claims' section of ``tables.md``: the design, then one line per claim."""
+    design = summary["design"]
+    if design["confirmatory"]:
+        status = (f"**Confirmatory.** {design['pre_registered_seeds']} seeds, the count fixed in "
+                  "the script (`SCALES`) before any result was seen. The family is every test of "
+                  f"this table ({design['family']}: each claim on both metrics); *holds?* is "
+                  f"Holm's step-down procedure at family-wise α = {design['alpha']} on the "
+                  "paired t-tests' p-values. The intervals are each a plain 95% interval "
+                  "(uncorrected), shown for size, not for the verdict.")
+    else:
+        status = (f"**Exploratory.** {', '.join(map(str, design['seeds']))} seeds where "
+                  f"{design['pre_registered_seeds']} were fixed in advance: seeds chosen after "
+                  "results were seen (optional stopping) make the tests' error rates unknown. "
+                  "Each interval is a plain 95% interval, uncorrected for the "
+                  f"{design['family']} comparisons; *holds?* applies Holm's procedure as for a "
+                  "confirmatory table, but none of this table confirms a claim: it suggests "
+                  "what a new, pre-registered run should test.")
+    if not summary["claims"]:
+        return f"{CLAIMS_HEADING}\n\nNone of the claims' row pairs was run (`--rows`).\n"
+    lines = ["| claim | rows (better − other) | mean difference | 95% CI (paired t, uncorrected) | "
+             "p | p (Holm) | seeds | headroom | params (scaled) | holds? | seeds to resolve | "
+             "every class a candidate: difference, 95% CI | p (Holm) | holds? | seeds to resolve |",
+             "|---|---|---:|---|---:|---:|---:|---:|---|---|---:|---|---:|---|---:|"]
+    for claim in summary["claims"]:
+        d, alone = claim["difference"], claim["all_classes_difference"]
+        needed, needed_alone = claim["seeds_to_resolve"]
+        (p, _), (holm_p, holm_alone) = claim["p"], claim["holm_p"]
+        lines.append(
+            f"| {claim['claim']} | `{claim['better']}` − `{claim['other']}` | {d['mean']:+.4f} | "
+            f"{_interval(d)} | {_p(p)} | {_p(holm_p)} | {d['n']} | {claim['headroom']:.4f} | "
+            f"{_millions(claim['parameters'][0])} vs {_millions(claim['parameters'][1])} | "
+            f"{_verdict(d, holm_p, design['confirmatory'])} | {_seeds_needed(needed, d)} | "
+            f"{alone['mean']:+.4f}, {_interval(alone)} | {_p(holm_alone)} | "
+            f"{_verdict(alone, holm_alone, design['confirmatory'])} | "
+            f"{_seeds_needed(needed_alone, alone)} |")
+    return f"""{CLAIMS_HEADING}
+
+{status}
 
 *Seeds to resolve*: the fewest seeds whose paired interval would exclude 0 if the difference's
-mean and std stayed as measured here, an extrapolation of this benchmark's power, not a
-result.
+mean and std stayed as measured here, an extrapolation of this benchmark's power for planning
+the next pre-registered run, not a result.
 
-{chr(10).join(claim_lines)}
+{chr(10).join(lines)}
 """
+
+
+def recompute_claims(payload_path: Path) -> None:
+    """Recompute a finished table's claims (statistics only, no training) from its .json and
+    rewrite its claims section in the .md beside it and the .json's claims."""
+    payload = json.loads(payload_path.read_text())
+    results = payload["results"]
+    rows = [row for row in ROWS if row.key in results]
+    summary = summarize(rows, results, SCALES[payload["scale"]].seeds)
+    payload.update(claims=summary["claims"], design=summary["design"])
+    write_json(payload_path, payload)
+    table = payload_path.with_suffix(".md")
+    text = table.read_text()
+    start = text.index(CLAIMS_HEADING)
+    write_atomically(table, text[:start] + render_claims(summary))
+    say(f"recomputed the claims of {table} and {payload_path}")
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -1055,10 +1150,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes training at once, one torch thread each, one seed each "
                              "(the last seeds two) (default 1; up to the CPU cores; CPU only)")
+    parser.add_argument("--recompute-claims", type=Path, metavar="JSON",
+                        help="only recompute the claims' statistics of a finished table from its "
+                             ".json (no training) and rewrite its claims section")
     parser.add_argument("--time-steps", type=int, metavar="N",
                         help="only measure: train every needed run of seed 0 for N steps in a "
                              "scratch directory and print the estimated time of the full run")
     args = parser.parse_args(argv)
+    if args.recompute_claims is not None:
+        recompute_claims(args.recompute_claims)
+        return 0
     try:
         rows = parse_rows(args.rows)
     except ValueError as error:
@@ -1111,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"{index + 1}/{len(jobs)} done, about {eta / 60:.0f} min left")
         results.setdefault(row.key, []).append(result)
 
-    summary = summarize(rows, results)
+    summary = summarize(rows, results, scale.seeds)
     counts = {"trained": bench.trained, "evaluated": bench.evaluated, "cached": cached,
               "work": str(args.work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> dict[int, int]:
+    """``os.fsync`` observed at the lowest seam: inode → the file's size at its last fsync,
+    filled as the code under test syncs (the real fsync still runs first)."""
+    synced: dict[int, int] = {}
+    real_fsync = os.fsync
+
+    def observed_fsync(fd):
+        real_fsync(fd)
+        status = os.fstat(fd)
+        synced[status.st_ino] = status.st_size
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    return synced
 
 
 @pytest.fixture(scope="session")

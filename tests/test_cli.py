@@ -149,6 +149,20 @@ def test_demo_writes_report(capsys, tmp_path):
         (kind, graph, precision) for kind in ("video", "segment")
         for graph in ("distill", "ensemble") for precision in ("fp32", "int8")}
     assert all((Path(a["path"]) / "manifest.json").is_file() for a in export["artifacts"])
+    # infer and serve: the exported models rank the test split offline and through the
+    # service, and both submissions score what the export stage measured
+    assert {"infer", "serve"} <= report.keys() & report["stages"].keys()
+    infer, serve = report["infer"], report["serve"]
+    assert infer["map"] == pytest.approx(export["onnxruntime"]["fp32"]["fused"], abs=1e-4)
+    # the systems' MAPs, from the PyTorch models in training's evaluation, are what the
+    # exported graphs give through the engine's own code: one number, two paths
+    assert report["systems"]["mod"]["map"] == pytest.approx(infer["map"], abs=1e-4)
+    assert report["systems"]["dummy"]["map"] == pytest.approx(export["onnxruntime"]["fp32"]["dummy"],
+                                                              abs=1e-4)
+    assert serve["map"] == pytest.approx(infer["map"], abs=1e-4)
+    assert serve["exit_status"] == 0
+    assert serve["localized"] == serve["ingested"] == infer["videos"] == report["data"]["splits"]["test"]["videos"]
+    assert Path(infer["submission"]).is_file() and Path(serve["submission"]).is_file()
 
 
 # --- failures a user meets: one line each ---------------------------------------------
@@ -168,34 +182,43 @@ def test_client_names_an_unreachable_server(capsys, action):
     assert "UNAVAILABLE: the server at 127.0.0.1:1 could not be reached" in line
 
 
-class _RpcFailure(grpc.RpcError):
-    """A failed call as grpc raises it: a status code and the server's details."""
+@pytest.fixture
+def refusing_server():
+    """A real gRPC server at a port of its own whose TopSegments aborts with INVALID_ARGUMENT
+    for k=0 and, for any other k, does not answer until the test ends (a deadline passes)."""
+    import threading
+    from concurrent import futures
 
-    def __init__(self, code: grpc.StatusCode, details: str):
-        self._code, self._details = code, details
+    from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 
-    def code(self) -> grpc.StatusCode:
-        return self._code
+    released = threading.Event()
 
-    def details(self) -> str:
-        return self._details
+    def top_segments(request, context):
+        if request.k == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "k=0 is outside 1..10000")
+        released.wait(60)
+        return iter(())
+
+    handler = grpc.method_handlers_generic_handler("modloc.v1.Localization", {
+        "TopSegments": grpc.unary_stream_rpc_method_handler(
+            top_segments, request_deserializer=pb.TopSegmentsRequest.FromString,
+            response_serializer=pb.RankedSegment.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    released.set()
+    server.stop(None).wait()
 
 
-@pytest.mark.parametrize("code, details, expected", [
-    (grpc.StatusCode.INVALID_ARGUMENT, "k=0 is outside 1..10000",
-     "INVALID_ARGUMENT: k=0 is outside 1..10000"),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded",
-     "DEADLINE_EXCEEDED: the server at 127.0.0.1:1 did not answer within --timeout 0.5 s"),
+@pytest.mark.parametrize("k, expected", [
+    ("0", "INVALID_ARGUMENT: k=0 is outside 1..10000"),
+    ("5", "DEADLINE_EXCEEDED: the server at {address} did not answer within --timeout 0.5 s"),
 ])
-def test_client_refusals_are_one_line(capsys, monkeypatch, code, details, expected):
-    from modloc.engine.service.client import LocalizationClient
-
-    def refuse(*args, **kwargs):
-        raise _RpcFailure(code, details)
-
-    monkeypatch.setattr(LocalizationClient, "top_segments", refuse)
-    line = one_error_line(capsys, ["client", "top", "127.0.0.1:1", "3", "--k", "0", "--timeout", "0.5"])
-    assert line.endswith(f"error: {expected}")
+def test_client_refusals_are_one_line(capsys, refusing_server, k, expected):
+    line = one_error_line(capsys, ["client", "top", refusing_server, "3", "--k", k,
+                                   "--timeout", "0.5"])
+    assert line.endswith(f"error: {expected.format(address=refusing_server)}")
 
 
 def test_serve_names_an_address_in_use(capsys, tmp_path):

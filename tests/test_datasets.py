@@ -18,7 +18,6 @@ from modloc.engine.base.io.examples import (
     encode_video,
     encode_video_level,
 )
-from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import write_records
 from modloc.engine.base.vocab import ClassSpace
 from modloc.engine.base.windows import pack_segment_windows, segment_windows
@@ -275,15 +274,8 @@ def test_batches_options(many_files):
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 8])
-@pytest.mark.parametrize("decoder_path", ["protobuf", "native-path"])
-def test_every_example_once_across_shards(many_files, count, decoder_path, monkeypatch):
-    decoder = "protobuf"
-    if decoder_path == "native-path":
-        # exercise the decode-then-skip branch used by decoders without record access
-        real = read_videos
-        monkeypatch.setattr(datasets, "read_videos",
-                            lambda p, s, st, d, **options: real(p, s, st, "protobuf", **options))
-        decoder = "native"
+@pytest.mark.parametrize("decoder", ["protobuf", "native"])  # record access / decode-then-skip
+def test_every_example_once_across_shards(many_files, count, decoder):
     videos, segments = Counter(), Counter()
     read_videos_total = 0
     for index in range(count):

@@ -212,15 +212,37 @@ def test_the_timeline_labels_its_numbers_and_keeps_the_legend_off_the_cells(tiny
 
 
 def test_engine_localize_returns_candidates_and_fused_windows(tiny_artifacts, tiny_dataset, classes):
+    """Every value of a localization recomputed from the two artifacts directly, one video
+    and one window at a time: candidates = the video model's classes by score (top 20 of
+    18), fused = P_vid^0.05 · P_seg^0.95, NaN where the segment model has no such class."""
+    from modloc.engine.runtime.backends import open_backend
+
     videos = list(read_videos(split(tiny_dataset, "test")))[:3]
     with Localizer.from_artifacts(tiny_artifacts, class_ids=classes) as engine:
         results = engine.localize(videos)
-    for video, result in zip(videos, results, strict=True):
-        assert result.video_id == video.id
-        assert len(result.candidate_ids) == len(result.video_class_ids) == 18  # top 20 of 18 classes
-        assert np.all(np.diff(result.candidate_scores) <= 0)
-        assert result.fused.shape == (-(-len(video.features) // 5), 18)
-        assert np.nanmax(result.fused) <= 1.0
+    with open_backend(tiny_artifacts / "video" / "distill-fp32") as video_model, \
+            open_backend(tiny_artifacts / "segment" / "distill-fp32") as segment_model:
+        for video, result in zip(videos, results, strict=True):
+            frames = video.features[:300]
+            scores = video_model.run(frames[None], num_frames=np.array([len(frames)], np.int32))[0]
+            order = np.argsort(-scores, kind="stable")[:20]
+            assert result.video_id == video.id and result.num_frames == len(frames)
+            assert len(order) == len(result.video_class_ids) == 18  # top 20 of 18 classes
+            np.testing.assert_array_equal(result.candidate_ids, np.asarray(video_model.class_ids)[order])
+            np.testing.assert_allclose(result.candidate_scores, scores[order], rtol=1e-5, atol=1e-7)
+            starts = np.arange(0, len(frames), 5)
+            np.testing.assert_array_equal(result.window_starts, starts)
+            np.testing.assert_array_equal(result.partial, [len(frames) - s < 5 for s in starts])
+            column = {int(c): j for j, c in enumerate(segment_model.class_ids)}
+            for row, start in enumerate(starts):
+                window = np.zeros((1, 5, 1152), np.uint8)
+                length = min(5, len(frames) - start)
+                window[0, :length] = frames[start:start + length]
+                segment = segment_model.run(window, num_frames=np.array([length], np.int32))[0]
+                expected = [scores[order[j]] ** 0.05 * segment[column[c]] ** 0.95
+                            if c in column else np.nan
+                            for j, c in enumerate(result.candidate_ids.tolist())]
+                np.testing.assert_allclose(result.fused[row], expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("variant", ["distill-fp32", "ensemble-fp32"])

@@ -38,7 +38,13 @@ from modloc.engine.runtime.backends.onnxruntime_backend import OnnxRuntimeBacken
 from modloc.engine.runtime.backends.tensorrt_backend import plan_mismatches
 from modloc.engine.runtime.offline_eval import video_batches
 from modloc.export.exporter import ExportSettings, export_checkpoint
-from modloc.export.gate import Agreement, GateThresholds, quality_gate, rank_correlation
+from modloc.export.gate import (
+    MAP_TOLERANCE,
+    Agreement,
+    GateThresholds,
+    quality_gate,
+    rank_correlation,
+)
 from modloc.export.graph import export_module
 from modloc.export.onnx_export import (
     ParityError,
@@ -94,7 +100,10 @@ def test_demo_stage_scores_the_test_split_with_pytorchs_map(stage):
     assert report["max_difference"] <= 1e-4
     assert report["onnxruntime"]["fp32"]["fused"] == pytest.approx(report["pytorch"]["fused"], abs=1e-4)
     assert report["onnxruntime"]["fp32"]["dummy"] == pytest.approx(report["pytorch"]["dummy"], abs=1e-4)
-    assert 0 < report["onnxruntime"]["int8"]["fused"] <= 1
+    # INT8 passed the export's quality gate (its every-class MAP@K within 0.005 of fp32's on the
+    # validation split, and agreement with fp32); on the test split it must stay as close
+    int8, fp32 = report["onnxruntime"]["int8"]["fused"], report["onnxruntime"]["fp32"]["fused"]
+    assert int8 == pytest.approx(fp32, abs=MAP_TOLERANCE)
     names = sorted(str(Path(item["path"]).relative_to(root)) for item in report["artifacts"])
     assert names == [f"{kind}/{graph}-{precision}" for kind in ("segment", "video")
                      for graph in ("distill", "ensemble") for precision in ("fp32", "int8")]

@@ -490,24 +490,30 @@ class RecordingBackend:
     name = "onnxruntime"
     class_ids = (3, 5)
 
-    def __init__(self, fail: bool = False, everyone: Overlap | None = None):
+    def __init__(self, fail: bool = False, everyone: Overlap | None = None,
+                 meet: threading.Barrier | None = None):
         self.fail = fail
         self.overlap = Overlap()
         self.everyone = everyone or Overlap()
         self.threads: set[int] = set()
+        self.meet = meet  # the first call waits there for another backend's first call
 
     def run(self, features, mask=None, num_frames=None):
         if self.fail:
             raise RuntimeError("device lost")
         self.threads.add(threading.get_ident())
         with self.overlap, self.everyone:
-            time.sleep(0.05)
+            if self.meet is not None:
+                meet, self.meet = self.meet, None
+                meet.wait(30)  # BrokenBarrierError if the other backend cannot run meanwhile
+            time.sleep(0.01)  # gives a call that wrongly overlaps this one the time to show
         return np.zeros((len(features), 2), np.float32)
 
 
 def test_each_backend_is_called_by_one_thread_at_a_time():
-    everyone = Overlap()
-    shared, other = RecordingBackend(everyone=everyone), RecordingBackend(everyone=everyone)
+    everyone, meet = Overlap(), threading.Barrier(2)
+    shared = RecordingBackend(everyone=everyone, meet=meet)
+    other = RecordingBackend(everyone=everyone, meet=meet)
     servicer = KServeServicer({"a": shared, "b": shared, "c": other}, lambda: True)
     features, num_frames = batch(rows=1)
 
@@ -518,7 +524,9 @@ def test_each_backend_is_called_by_one_thread_at_a_time():
     asyncio.run(scenario())
     assert shared.overlap.most == 1  # "a" and "b" share the backend, so they share its lock
     assert other.overlap.most == 1
-    assert everyone.most == 2  # while "c" ran beside them: one lock per backend, not one in all
+    # "c" ran beside them (their first calls met at the barrier): one lock per backend, not
+    # one for all
+    assert everyone.most == 2
     # and one thread per backend (per-thread state such as CUDA graphs is made once)
     assert len(shared.threads) == len(other.threads) == 1 and shared.threads != other.threads
 

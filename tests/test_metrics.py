@@ -261,6 +261,29 @@ def test_duplicates_take_up_row_positions_before_truncation():
     result = segment_map({7: ["a:0", "a:0", "a:0", "b:5"]}, hand_truth(), k=3)
     assert result.class_ap[7] == 0.0
     assert (result.truncated, result.duplicates) == (1, 2)
+    assert (result.submitted, result.unrated, result.scored) == (4, 0, 1)  # 4 − 1 − 0 − 2
+
+
+def test_the_limits_of_k_and_num_positives_are_exact():
+    scores = np.array([[0.3, 0.9, 0.1]])
+    np.testing.assert_array_equal(top_k_ranking(scores, 1), [[1]])  # 1: the smallest k
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        top_k_ranking(scores, 0)
+    assert average_precision([0.9, 0.1], [0, 0], num_positives=0) == 0.0  # 0: allowed
+    with pytest.raises(ValueError, match="num_positives must be >= 0, got -1"):
+        average_precision([0.9, 0.1], [1, 0], num_positives=-1)
+
+
+def test_video_metrics_default_to_gap_at_20():
+    # YouTube-8M's GAP pools each video's top 20 classes: with 21 classes and the only
+    # positive ranked 21st, GAP@20 sees no hit
+    predictions = np.linspace(1.0, 0.0, 21)[None, :]
+    labels = np.zeros((1, 21))
+    labels[0, 20] = 1
+    metrics = VideoMetrics(21)
+    metrics.accumulate(predictions, labels)
+    assert metrics.top_k == 20 and metrics.get().gap == 0.0
+    assert gap(predictions, labels) == 0.0 and gap(predictions, labels, top_k=21) > 0
 
 
 def test_segment_map_rejects_a_truth_without_positives_and_a_bad_k():

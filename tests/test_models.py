@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_losses import kl_from_formula
 
 from modloc.engine.base.features import masked_model_input
 from modloc.training.losses import (
@@ -246,6 +247,18 @@ def test_forward_shapes(name):
     logits = root_logits(model(features, num_frames))  # training mode, padded rows
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
     logits.sum().backward()
+    # every parameter takes part in the root's logits (a one-child gate's gradient is 0: its
+    # softmax is 1 whatever it computes)
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+    # in eval mode a video's logits do not depend on the rest of its batch
+    model.eval()
+    with torch.no_grad():
+        batch = root_logits(model(features, num_frames))
+        for row in range(3):
+            alone = root_logits(model(features[row:row + 1], num_frames[row:row + 1]))
+            torch.testing.assert_close(alone[0], batch[row], rtol=1e-5, atol=1e-5)
+    model.train()
 
     one_frame, ones = make_batch(num_frames=(1, 1), frames=1)
     assert root_logits(model(one_frame, ones)).shape == (2, 7)
@@ -388,6 +401,18 @@ def test_mod_loss_names_every_term(tree_4x3):
         mod_loss(out, labels, None, LossConfig(temperatures=(1.0, 2.0, 3.0)), tree=model)
 
 
+def test_mod_loss_skips_only_the_layers_without_distillation(tree_4x3):
+    model, out, labels = tree_4x3
+    # T = 0 at the root, 1 in the towers: the towers' 12 terms stay
+    tower_only = mod_loss(out, labels, None, LossConfig(temperatures=(0.0, 1.0)), tree=model)
+    assert sorted(k for k in tower_only.terms if k.startswith("kl/")) == sorted(
+        f"kl/{t}>{t}.{m}" for t in range(4) for m in range(3))
+    # one temperature serves every layer of the 2-layer tree
+    every_layer = mod_loss(out, labels, None, LossConfig(temperatures=(2.0,)), tree=model)
+    assert sum(k.startswith("kl/") for k in every_layer.terms) == 4 + 12
+    assert LossConfig().temperatures == (1.0,) and LossConfig().kl_weight(0) == 1.0
+
+
 def test_mod_loss_is_the_reference_total_for_4x3(tree_4x3):
     """REFERENCE §4: T1/λ1 inside the towers, T2/λ2 across them, cumulative L2 per tower."""
     model, out, labels = tree_4x3
@@ -399,15 +424,19 @@ def test_mod_loss_is_the_reference_total_for_4x3(tree_4x3):
     def g_bce(logits):
         return bce_on_probabilities(torch.sigmoid(logits), labels)
 
+    def kl(teacher, student, temperature):  # the KL from its formula, not distillation_kl
+        return torch.from_numpy(kl_from_formula(teacher.detach().numpy(), student.detach().numpy(),
+                                                temperature)).float()
+
     def tower_l2(t):
         return l2_penalty([p for leaf in model.leaves((t,)) for p in leaf.l2_parameters()], 1e-3)
 
     expected = g_bce(z[()])
     for t in range(4):
         expected = expected + g_bce(z[(t,)]) + sum(g_bce(z[(t, m)]) for m in range(3))
-        kl_t = sum(distillation_kl(z[(t,)], z[(t, m)], t1) for m in range(3)).mean()
+        kl_t = sum(kl(z[(t,)], z[(t, m)], t1) for m in range(3)).mean()
         expected = expected + l1 * kl_t + sum(tower_l2(s) for s in range(t + 1))
-    expected = expected + l2 * sum(distillation_kl(z[()], z[(t,)], t2) for t in range(4)).mean()
+    expected = expected + l2 * sum(kl(z[()], z[(t,)], t2) for t in range(4)).mean()
     torch.testing.assert_close(mod_loss(out, labels, None, config, tree=model).total, expected)
 
 

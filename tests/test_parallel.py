@@ -4,6 +4,11 @@ The distributed tests spawn real gloo process groups on the loopback interface (
 ranks, and 3 ranks as a subgroup of the 4); every rank receives the single-process tree,
 runs it itself and checks its own share, so nothing but the verdict crosses back. Tiny
 leaves throughout.
+
+"Several devices" here are ``["cpu", "cpu"]``: this machine has no second accelerator, so the
+placement logic (which tower goes where, the gathers between devices) runs for real but the
+devices are one; a cross-device copy bug that only shows between distinct devices (cuda:0 →
+cuda:1) is not covered here.
 """
 
 from __future__ import annotations

@@ -194,26 +194,37 @@ def gated_pipeline() -> tuple[Pipeline, Gate]:
 
 
 def test_concurrent_requests_get_their_own_results_in_merged_batches():
+    """8 threads submit 6 videos each while the worker is held on a first request; once
+    released, the queued requests share pipeline calls of up to 16 videos (never split: two
+    requests, 12 videos, a call) and each thread gets its own results."""
     videos = random_videos(48, seed=7)
-    expected = {r.video_id: r for r in Pipeline(*models()).localize(videos)}
-    with Batcher(Pipeline(*models()), BatcherConfig(max_batch_videos=16, max_wait=0.05)) as batcher:
-        results: dict[int, list] = {}
+    pipeline, gate = gated_pipeline()
+    expected_pipeline, open_gate = gated_pipeline()
+    open_gate.release.set()
+    expected = {r.video_id: r for r in expected_pipeline.localize(videos)}
+    with Batcher(pipeline, BatcherConfig(max_batch_videos=16, max_wait=0)) as batcher:
+        holder = batcher.submit(random_videos(1, seed=1))
+        assert gate.entered.wait(10)
+        futures: dict[int, object] = {}
 
         def client(index: int) -> None:
-            results[index] = batcher.localize(videos[index * 6:(index + 1) * 6], timeout=30)
+            futures[index] = batcher.submit(videos[index * 6:(index + 1) * 6])
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        assert batcher.queue_depth == 48
+        gate.release.set()
+        holder.result(30)
+        results = {index: future.result(30) for index, future in futures.items()}
     for index, own in results.items():
         assert [r.video_id for r in own] == [v.id for v in videos[index * 6:(index + 1) * 6]]
         for result in own:
             np.testing.assert_allclose(result.fused, expected[result.video_id].fused, rtol=1e-6)
-    assert batcher.stats.videos == 48 and batcher.stats.requests == 8
-    assert batcher.stats.batches < 8  # requests shared pipeline calls
-    assert max(batcher.stats.batch_sizes) <= 16
+    assert batcher.stats.videos == 49 and batcher.stats.requests == 9
+    assert dict(batcher.stats.batch_sizes) == {1: 1, 12: 4}  # 8 requests in 4 calls
 
 
 def test_the_queue_limit_is_exact_and_refusal_loses_nothing_queued():
@@ -236,10 +247,12 @@ def test_expired_and_cancelled_requests_never_reach_the_device():
     batcher = Batcher(pipeline, BatcherConfig(max_batch_videos=1, max_wait=0))
     running = batcher.submit(random_videos(1, seed=1))
     assert gate.entered.wait(10)
-    expired = batcher.submit(random_videos(1, seed=2), deadline=time.monotonic() + 0.01)
+    deadline = time.monotonic() + 0.01
+    expired = batcher.submit(random_videos(1, seed=2), deadline=deadline)
     cancelled = batcher.submit(random_videos(1, seed=3))
     assert cancelled.cancel()
-    time.sleep(0.05)
+    while time.monotonic() <= deadline:  # the deadline has passed (a condition, not a guess)
+        time.sleep(0.001)
     gate.release.set()
     running.result(10)
     with pytest.raises(DeadlineExceeded):
@@ -288,3 +301,69 @@ def test_a_bad_video_is_refused_at_submit_not_inside_a_shared_batch():
         with pytest.raises(ValueError, match="no frames"):
             batcher.submit([Video("empty", np.zeros((0, 1152), np.uint8))])
         assert batcher.queue_depth == 0
+
+
+# --- settings, counters, results: values the mutation run found unchecked ----------------
+
+
+def test_pipeline_defaults_and_the_edges_of_its_settings():
+    config = PipelineConfig()
+    assert (config.video_batch_size, config.window_batch_size, config.max_frames,
+            config.frame_bucket) == (64, 4096, 300, 30)
+    PipelineConfig(video_batch_size=1, window_batch_size=1, max_frames=1, frame_bucket=1)
+    for name in ("video_batch_size", "window_batch_size", "max_frames", "frame_bucket"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            PipelineConfig(**{name: 0})
+
+
+def test_stage_times_count_every_model_call_and_only_the_calls_time():
+    pipeline = Pipeline(*models(), PipelineConfig(video_batch_size=2, window_batch_size=7))
+    videos = random_videos(5, seed=3)
+    started = time.perf_counter()
+    results = pipeline.localize(videos)
+    elapsed = time.perf_counter() - started
+    windows = sum(len(result.window_starts) for result in results)
+    assert pipeline.times.videos == 5 and pipeline.times.windows == windows
+    assert pipeline.times.video_batches == 3  # 5 videos, 2 a call
+    assert pipeline.times.window_batches == -(-windows // 7)
+    # each stage's seconds are a part of the call's wall time (an inequality, not a timing)
+    assert all(seconds >= 0 for seconds in pipeline.times.seconds.values())
+    assert sum(pipeline.times.seconds.values()) <= elapsed
+
+
+def test_an_ensemble_video_graph_always_gets_300_frames():
+    """The gated ensemble's video graph has a fixed frame axis (its gate was exported on
+    300 frames); every other artifact takes the batch's own padded length."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from modloc.engine.runtime.pipeline import MAX_FRAMES
+
+    def backend(kind, graph):
+        artifact = SimpleNamespace(kind=kind, graph=graph, path=Path(f"/a/{kind}-{graph}"))
+        return SimpleNamespace(artifact=artifact, class_ids=(3, 5), name="onnxruntime",
+                               run=lambda *args, **kwargs: None)
+
+    assert MAX_FRAMES == 300
+    assert ScoringModel.from_backend(backend("video", "ensemble")).fixed_frames == 300
+    for kind, graph in (("video", "distill"), ("segment", "ensemble"), ("segment", "distill")):
+        assert ScoringModel.from_backend(backend(kind, graph)).fixed_frames is None
+
+
+def test_segments_above_the_default_threshold_of_zero():
+    from modloc.engine.runtime.pipeline import VideoLocalization
+
+    result = VideoLocalization(
+        video_id="v", num_frames=12, candidate_ids=np.array([7, 3]),
+        candidate_scores=np.array([0.9, 0.5]), window_starts=np.array([0, 5, 10]),
+        partial=np.array([False, False, True]),
+        fused=np.array([[0.0, np.nan], [0.4, np.nan], [0.8, np.nan]]),  # 3: no segment score
+        video_scores=np.zeros(2, np.float32), video_class_ids=np.array([3, 7]))
+    assert result.segments(7) == [(5, 0.4)]  # 0.0 is not above 0; the partial window is out
+    assert result.segments(7, include_partial=True) == [(10, 0.8), (5, 0.4)]
+    assert result.segments(7, threshold=-1.0) == [(5, 0.4), (0, 0.0)]
+    assert result.segments(3) == [] and result.segments(99) == []
+    starts, ids, values = result.ranking_pairs()
+    np.testing.assert_array_equal(starts, [0, 5])  # class 3's NaN column is not ranked
+    np.testing.assert_array_equal(ids, [7, 7])
+    np.testing.assert_array_equal(values, [0.0, 0.4])

@@ -68,3 +68,69 @@ def test_shards_merge_into_the_rows_of_one_process(tmp_path):
     shards[0].write_submission(path)
     assert path.read_text() == whole.submission_csv()
     assert read_submission(str(path)) == {c: whole.rows()[c] for c in CLASSES}
+
+
+def video(video_id: str, frames: int, video_scores: list[float], fused: list[list[float]]) -> VideoLocalization:
+    """A localized video with its own video scores (classes 3, 4, 5) and fused windows."""
+    fused = np.asarray(fused, np.float64)
+    return VideoLocalization(
+        video_id=video_id, num_frames=frames, video_class_ids=np.asarray(CLASSES, np.int64),
+        video_scores=np.asarray(video_scores, np.float32),
+        candidate_ids=np.asarray(CLASSES, np.int64), candidate_scores=np.asarray(video_scores),
+        window_starts=np.arange(len(fused), dtype=np.int64) * 5,
+        partial=np.arange(len(fused)) * 5 + 5 > frames, fused=fused)
+
+
+def test_the_fallback_fill_by_hand():
+    """REFERENCE §7 step 5: a class short of k is filled from its videos in video-score order,
+    each expanded into its full windows, skipping what is ranked, until k."""
+    from modloc.engine.runtime.rankings import FALLBACK_CLASSES_PER_VIDEO
+
+    assert FALLBACK_CLASSES_PER_VIDEO == 1000  # the reference's …_test_k1000.csv
+    rankings = Rankings(CLASSES, k=3, fallback=True)
+    rankings.add(video("c", 15, [0.05, 0.01, 0.01], [[0.95, 0, 0], [0.94, 0, 0], [0.93, 0, 0]]))
+    rankings.add(video("a", 22, [0.9, 0.5, 0.1], [[0.8, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0],
+                                                  [0, 0, 0]]))
+    rankings.add(video("b", 10, [0.2, 0.6, 0.3], [[0, 0.7, 0], [0, 0.6, 0]]))
+    assert rankings.rows() == {
+        3: ["c:0", "c:5", "c:10"],  # full already: nothing added
+        4: ["b:0", "b:5", "a:0"],  # b's windows are ranked; then a (0.5) before c (0.01)
+        5: ["b:0", "b:5", "a:0"],  # b (0.3) first, both full windows, then a's first
+    }
+    # without the fill, only what the fused scores ranked
+    plain = Rankings(CLASSES, k=3)
+    for item in (video("a", 22, [0.9, 0.5, 0.1], [[0.8, 0, 0]] + [[0, 0, 0]] * 4),
+                 video("b", 10, [0.2, 0.6, 0.3], [[0, 0.7, 0], [0, 0.6, 0]])):
+        plain.add(item)
+    assert plain.rows() == {3: ["a:0"], 4: ["b:0", "b:5"], 5: []}
+
+
+def test_add_all_takes_the_given_orders_as_the_tie_key():
+    same = [[0.5, 0.5, 0.5]]
+    rankings = Rankings(CLASSES, k=10)
+    rankings.add_all([localization("first", same), localization("second", same)], orders=[7, 2])
+    assert rankings.rows()[3] == ["second:0", "first:0"]  # order 2 before order 7
+    unordered = Rankings(CLASSES, k=10)
+    unordered.add_all([localization("first", same), localization("second", same)])
+    assert unordered.rows()[3] == ["first:0", "second:0"]  # the order they came in
+    with pytest.raises(ValueError, match="1 orders for 2 videos"):
+        unordered.add_all([localization("x", same), localization("y", same)], orders=[1])
+
+
+def test_what_rankings_say_about_themselves(tmp_path):
+    memory = Rankings(CLASSES, k=3, fallback=True)
+    assert not memory.durable and repr(memory) == "Rankings(3 classes, k=3, 0 videos, fallback)"
+    with pytest.raises(ValueError, match="in-memory rankings have no snapshots"):
+        memory.snapshot()
+    with Rankings(CLASSES, k=3, directory=tmp_path / "state") as durable:
+        durable.add(localization("a", [[0.9, 0.1, 0.2]]))
+        assert durable.durable and repr(durable) == "Rankings(3 classes, k=3, 1 videos, durable)"
+        assert durable.snapshot().is_file()
+
+
+def test_write_submission_into_a_directory_it_makes_or_finds(tmp_path):
+    rankings = Rankings(CLASSES, k=3)
+    rankings.add(localization("a", [[0.9, 0.1, 0.2]]))
+    rankings.write_submission(tmp_path / "new" / "one.csv")  # made
+    rankings.write_submission(tmp_path / "new" / "two.csv")  # found
+    assert (tmp_path / "new" / "one.csv").read_text() == (tmp_path / "new" / "two.csv").read_text()

@@ -211,6 +211,22 @@ def test_load_tokens_refuses_bad_files(tmp_path, text, message):
 
 def test_exactly_min_length_token_is_accepted():
     assert parse_tokens("y" * MIN_TOKEN_LENGTH, "test") == ["y" * MIN_TOKEN_LENGTH]
+    # the limit itself, written out: 16 characters pass, 15 do not
+    assert MIN_TOKEN_LENGTH == 16 and parse_tokens("y" * 16, "test") == ["y" * 16]
+    with pytest.raises(SecurityConfigError, match="token of 15 characters"):
+        parse_tokens("y" * 15, "test")
+
+
+@pytest.mark.parametrize("make", [grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler,
+                                  grpc.stream_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler])
+def test_a_refusal_has_the_refused_calls_cardinality(make):
+    from modloc.engine.service.security import _refusal
+
+    handler = make(lambda request, context: None)
+    refusal = _refusal(handler, "missing bearer token")
+    assert (refusal.request_streaming, refusal.response_streaming) == (
+        handler.request_streaming, handler.response_streaming)
+    assert refusal.request_deserializer is None  # an unauthenticated payload is never parsed
 
 
 def test_load_tokens_names_a_missing_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from modloc.engine.base.submission import (
     SUBMISSION_HEADER,
     ProblemKind,
+    check_rankable_id,
     read_submission,
     read_video_predictions,
     validate_submission,
@@ -262,3 +264,29 @@ def test_video_reader_errors_name_the_line(body, line, message):
 def test_video_writer_errors(predictions, message):
     with pytest.raises(ValueError, match=message):
         write_video_predictions(io.StringIO(), predictions)
+
+
+@pytest.mark.parametrize("video_id", ["abc", "Ab-9_x.y", "é"])
+def test_a_rankable_video_id_passes(video_id):
+    check_rankable_id(video_id)
+
+
+@pytest.mark.parametrize("video_id", ["", "a b", "a\tb", "a\nb", "a:b", "a,b", " "])
+def test_an_id_a_segment_id_cannot_carry_is_refused_naming_where(video_id):
+    with pytest.raises(ValueError, match=rf"^f\.tfrecord: record 3: video id {re.escape(repr(video_id))} "
+                                         r"cannot be ranked"):
+        check_rankable_id(video_id, "f.tfrecord: record 3: ")
+
+
+def test_video_predictions_take_class_0_and_refuse_negative_classes():
+    out = io.StringIO()
+    write_video_predictions(out, {"v": [(0, 0.5), (7, 0.25)]})
+    assert read_video_predictions(io.StringIO(out.getvalue())) == {"v": [(0, 0.5), (7, 0.25)]}
+    with pytest.raises(ValueError, match="'v': classes are repeated or negative"):
+        write_video_predictions(io.StringIO(), {"v": [(-1, 0.5)]})
+
+
+def test_classes_outside_the_submission_are_named_ten_at_most():
+    with pytest.raises(ValueError, match=r"not submission classes: \[100, 101, 102, 103, 104, 105, "
+                                         r"106, 107, 108, 109\]$"):
+        write_submission(io.StringIO(), {c: ["a:0"] for c in range(100, 111)}, class_ids=[3])

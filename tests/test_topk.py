@@ -23,7 +23,7 @@ import pytest
 from modloc.engine.base.io.tfrecord import CorruptRecordError, encode_record, iter_buffer_records
 from modloc.engine.base.metrics import SegmentTruth, rank_segments, segment_map
 from modloc.engine.runtime.fusion import dummy_pairs
-from modloc.engine.runtime.topk import DurableTopK, TopK, TopKFormatError
+from modloc.engine.runtime.topk import DurableTopK, TopK, TopKFormatError, default_slack
 
 CLASSES = [3, 7, 11, 42]
 K = 6
@@ -555,3 +555,40 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
         assert present >= len(acknowledged)  # every acknowledged one, maybe one more
         assert reopened.topk.stats().videos == present  # and nothing out of sequence
         assert reopened.topk.rankings() == _fed(range(present)).rankings()
+
+
+def test_commit_fsyncs_every_byte_it_acknowledges(tmp_path, fsynced):
+    """os.fsync observed at the lowest seam: when commit() returns, the log's last fsync
+    covered all of the log. A crash test cannot see a missing fsync (a killed process leaves
+    the OS cache intact), so this is the test that does."""
+    synced = fsynced
+    with DurableTopK.open(tmp_path / "d", CLASSES, K) as durable:
+        for group in range(3):
+            for index in range(3 * group, 3 * group + 3):
+                assert durable.add(*_video(index))
+            durable.commit()
+            status = _log(tmp_path / "d").stat()
+            assert synced.get(status.st_ino) == status.st_size, f"group {group} acknowledged unsynced"
+        durable.snapshot()  # a new log: its header is synced before any record goes after it
+        assert durable.add(*_video(99))
+        durable.commit()
+        status = _log(tmp_path / "d").stat()
+        assert synced.get(status.st_ino) == status.st_size
+
+
+def test_a_log_torn_inside_its_header_starts_again_from_byte_0(tmp_path, caplog):
+    directory = tmp_path / "d"
+    DurableTopK.open(directory, CLASSES, K).close()  # a log that holds only its header
+    log = _log(directory)
+    os.truncate(log, 5)  # the crash tore the header itself
+    with DurableTopK.open(directory, CLASSES, K) as reopened:
+        assert reopened.topk.stats().videos == 0
+        assert reopened.add(*_video(0))
+    with DurableTopK.open(directory, CLASSES, K) as again:  # the rewritten log reads back whole
+        assert again.contains(_video(0)[0]) and again.topk.stats().videos == 1
+
+
+def test_the_default_slack_is_a_quarter_of_k_and_at_least_1024():
+    assert default_slack(100_000) == 25_000
+    assert default_slack(4_099) == 1_024 and default_slack(4_100) == 1_025
+    assert default_slack(1) == 1_024

@@ -2,6 +2,8 @@
 and on ``torchrun`` ranks, each equal to the single-process run of the same config.
 
 Every run is a tiny tree (branching (2, 2)) on the ``tiny`` synthetic dataset, a few steps.
+The "several devices" are ``["cpu", "cpu"]`` (no second accelerator here): real placement and
+gathers, one physical device.
 """
 
 from __future__ import annotations

@@ -112,9 +112,12 @@ def test_timing_cache_is_written_and_reused(artifacts):
     first = build_plan(directory, _settings("segment"))
     cache = Path(first.plan["timing_cache"])
     assert cache.is_file() and cache.stat().st_size > 0
+    first_cache = cache.read_bytes()
     second = build_plan(directory, _settings("segment"))
     assert second.plan["timing_cache"] == str(cache)
-    assert second.plan["build_seconds"] <= first.plan["build_seconds"] + 1.0
+    # the second build starts from the first's cache (no timing assertion: a unit test cannot
+    # promise build times): what it writes back holds at least what it read
+    assert len(cache.read_bytes()) >= len(first_cache)
 
 
 def test_streams_run_concurrently_and_large_batches_in_chunks(artifacts):

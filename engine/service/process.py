@@ -10,8 +10,10 @@ service benchmark and the server tests use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READY_PREFIX = "listening on "
+
+
+@contextlib.contextmanager
+def held_port(port: int = 0, host: str = "127.0.0.1"):
+    """A TCP port no other program can take while the block runs, for ``modloc serve
+    --processes N`` (N > 1), which needs a named port.
+
+    The holder is a socket bound with SO_REUSEPORT that never listens: the serving processes
+    (gRPC sets SO_REUSEPORT when there are several) bind the port beside it and get every
+    connection, while a program without SO_REUSEPORT is refused. Unlike probing for a free
+    port and binding it later, no other program can take the port in between. (A single
+    process binds without SO_REUSEPORT, on purpose: it cannot share a held port.)
+    """
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, port))
+        yield holder.getsockname()[1]
 
 
 class ServerProcess:
