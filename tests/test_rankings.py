@@ -120,7 +120,7 @@ def test_add_all_takes_the_given_orders_as_the_tie_key():
 def test_what_rankings_say_about_themselves(tmp_path):
     memory = Rankings(CLASSES, k=3, fallback=True)
     assert not memory.durable and repr(memory) == "Rankings(3 classes, k=3, 0 videos, fallback)"
-    with pytest.raises(ValueError, match="in-memory rankings have no snapshots"):
+    with pytest.raises(ValueError, match="only durable rankings in a directory have snapshots"):
         memory.snapshot()
     with Rankings(CLASSES, k=3, directory=tmp_path / "state") as durable:
         durable.add(localization("a", [[0.9, 0.1, 0.2]]))
