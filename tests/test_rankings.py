@@ -68,3 +68,16 @@ def test_shards_merge_into_the_rows_of_one_process(tmp_path):
     shards[0].write_submission(path)
     assert path.read_text() == whole.submission_csv()
     assert read_submission(str(path)) == {c: whole.rows()[c] for c in CLASSES}
+
+
+def test_infer_refuses_a_file_id_that_a_csv_writer_would_quote(tmp_path):
+    """``modloc infer`` checks the ids of its files with the service's rule, before any work."""
+    from modloc.engine.base.io.examples import Video, encode_video
+    from modloc.engine.base.io.tfrecord import write_records
+    from modloc.engine.runtime.infer import ordered_chunks
+
+    path = tmp_path / "test.tfrecord"
+    features = np.zeros((5, 1152), np.uint8)
+    write_records(path, [encode_video(Video("fine", features)), encode_video(Video('a"b', features))])
+    with pytest.raises(ValueError, match=rf"{path}: record 1: video id 'a\"b' cannot be ranked"):
+        list(ordered_chunks([(0, str(path))], 8))

@@ -35,6 +35,7 @@ from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.submission import check_rankable_id
 from modloc.engine.runtime.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from modloc.engine.runtime.pipeline import VideoLocalization
 from modloc.engine.service.core import (
@@ -48,8 +49,6 @@ from modloc.engine.service.core import (
 log = logging.getLogger("modloc.server")
 
 SUBMISSION_PIECE_BYTES = 1 << 20  # CSV bytes per SubmissionChunk (well under any message limit)
-# Characters a Kaggle segment id "<video id>:<start>" cannot hold (modloc.engine.base.submission).
-_SEGMENT_ID_BREAKERS = frozenset(":,")
 
 
 class Refusal(Exception):
@@ -67,7 +66,8 @@ def _where(index: int, video_id: str | None) -> str:
 
 def check_video_id(video_id: str, max_bytes: int, index: int, for_rankings: bool) -> None:
     """Refuse an id that is empty, too long, whitespace-only or holds control characters;
-    ids bound for the rankings must also fit a Kaggle segment id (no whitespace, ':' or ',')."""
+    ids bound for the rankings must also follow the rankable id rule
+    (:func:`~modloc.engine.base.submission.check_rankable_id`)."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     if not video_id:
         raise Refusal(invalid, f"request {index}: video.video_id is empty")
@@ -79,9 +79,11 @@ def check_video_id(video_id: str, max_bytes: int, index: int, for_rankings: bool
         raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id holds a control character")
     if not video_id.strip():
         raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id is only whitespace")
-    if for_rankings and (any(c.isspace() for c in video_id) or _SEGMENT_ID_BREAKERS & set(video_id)):
-        raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id holds whitespace, ':' "
-                      "or ',', which a ranked segment id '<video id>:<start>' cannot hold")
+    if for_rankings:
+        try:
+            check_rankable_id(video_id, f"{_where(index, video_id)}: video.video_id: ")
+        except ValueError as error:
+            raise Refusal(invalid, str(error)) from None
 
 
 class VideoAssembler:
