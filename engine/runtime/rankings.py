@@ -42,7 +42,7 @@ from modloc.engine.base.submission import check_rankable_id, write_submission
 from modloc.engine.base.vocab import default_segment_class_ids
 from modloc.engine.runtime.expansion import ExpansionCut
 from modloc.engine.runtime.pipeline import VideoLocalization
-from modloc.engine.runtime.topk import DurableTopK, TopK, TopKStats
+from modloc.engine.runtime.topk import DurableTopK, StatePolicy, TopK, TopKStats
 
 # REFERENCE §7 step 5: the fallback file (…_test_k1000.csv) holds each video's top 1000 classes
 FALLBACK_CLASSES_PER_VIDEO = 1000
@@ -59,7 +59,12 @@ class Rankings:
             reference does not).
         fallback: keep the state of the fallback fill (REFERENCE §7 step 5).
         directory: keep the rankings durable in this directory (created if absent;
-            restored if it holds them): see :meth:`commit`.
+            restored if it holds them): see :meth:`commit`, and
+            :class:`~modloc.engine.runtime.topk.DurableTopK` for the directory's rules.
+        settings: what fills the rankings besides ``include_partial`` (the models' hashes,
+            the fusion settings), recorded in the directory and checked when it is reopened.
+        policy: what reopening a directory may do beyond restoring intact state (accept a
+            loss, other settings, or start fresh).
 
     ``expansion`` (default None) may be set to an :class:`ExpansionCut` before videos are
     added: only the pairs it allows enter (REFERENCE §7 step 3; every video then needs its
@@ -68,13 +73,16 @@ class Rankings:
 
     def __init__(self, class_ids: Sequence[int] | np.ndarray | None = None,
                  k: int = MAX_SEGMENTS_PER_CLASS, *, include_partial: bool = False,
-                 fallback: bool = False, directory: str | os.PathLike | None = None):
+                 fallback: bool = False, directory: str | os.PathLike | None = None,
+                 settings: dict | None = None, policy: StatePolicy | None = None):
         self.class_ids = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
         self.k = k
         self.include_partial = include_partial
         if fallback and directory is not None:
             raise ValueError("the fallback fill keeps no durable state: use it in memory only")
-        self._durable = DurableTopK.open(directory, self.class_ids, k) if directory is not None else None
+        self._durable = None if directory is None else DurableTopK.open(
+            directory, self.class_ids, k, settings={**(settings or {}), "include_partial": include_partial},
+            policy=policy or StatePolicy())
         self._topk = self._durable.topk if self._durable is not None else TopK(self.class_ids, k)
         # per class, videos by video score; an entry's "start" holds the video's number of
         # full windows, so this state merges like the rankings themselves
@@ -158,6 +166,12 @@ class Rankings:
         if self._durable is None:
             raise ValueError("in-memory rankings have no snapshots (give a directory)")
         return self._durable.snapshot()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The write that failed a durable directory (nothing more is durable until it is
+        reopened), or None."""
+        return self._durable.failure if self._durable is not None else None
 
     def close(self) -> None:
         """Commit and release a durable directory (nothing for in-memory rankings)."""

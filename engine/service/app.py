@@ -18,6 +18,11 @@ then the server stops (cancelling what is left: a video not yet acknowledged is 
 ingested, and a client's retry sends it again), the batcher finishes its queue, a final
 snapshot is written, and the process exits 0.
 
+Exit status :data:`EXIT_STATE_FAILED` (75, sysexits' EX_TEMPFAIL): the state directory
+failed while serving (a full disk, an I/O error), so the server stopped acknowledging
+ingestion and turned NOT_SERVING; it still drained cleanly, wrote nothing over the files
+(they hold every acknowledged video), and a restart recovers them.
+
 Several processes (``processes > 1``): the parent forks them before any gRPC object
 exists; each binds the same port with ``SO_REUSEPORT`` (the kernel spreads connections
 over them) and loads its own models. Rankings need one owner, so this mode serves without
@@ -52,6 +57,7 @@ log = logging.getLogger("modloc.server")
 
 LOCALIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Localization"].full_name
 DRAIN_POLL_SECONDS = 0.05
+EXIT_STATE_FAILED = 75  # the state directory failed while serving; a restart recovers it
 FEATURE_BYTES_WITH_MASK = FEATURE_SIZE + 4  # a KServe frame: uint8 features, an FP32 mask entry
 
 
@@ -195,8 +201,9 @@ class _Server:
         log_event("drain_finished", videos_ingested=self.core.videos_ingested)
 
 
-async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (see the module docstring)."""
+async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (see the module docstring); the exit
+    status (0, or :data:`EXIT_STATE_FAILED`)."""
     server = _Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -214,6 +221,7 @@ async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | No
         on_ready(f"{config.host}:{port}")
     await stop.wait()
     await server.drain("signal")
+    return EXIT_STATE_FAILED if server.core.state_failure is not None else 0
 
 
 def serve(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> int:
@@ -222,8 +230,7 @@ def serve(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -
     ``on_ready(address)`` is called once, when every process is serving.
     """
     if config.processes == 1:
-        asyncio.run(serve_async(config, on_ready))
-        return 0
+        return asyncio.run(serve_async(config, on_ready))
     return _serve_forked(config, on_ready)
 
 
@@ -244,8 +251,7 @@ def _serve_forked(config: ServerConfig, on_ready: Callable[[str], None] | None) 
 
             status = 1
             try:
-                asyncio.run(serve_async(config, announce))
-                status = 0
+                status = asyncio.run(serve_async(config, announce))
             except BaseException:
                 log.exception("event=process_failed pid=%d", os.getpid())
             finally:
@@ -280,4 +286,4 @@ def _serve_forked(config: ServerConfig, on_ready: Callable[[str], None] | None) 
     return worst if announced == config.processes else max(worst, 1)
 
 
-__all__ = ["LOCALIZATION_SERVICE", "serve", "serve_async"]
+__all__ = ["EXIT_STATE_FAILED", "LOCALIZATION_SERVICE", "serve", "serve_async"]

@@ -14,6 +14,7 @@ from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.runtime.backends import BACKENDS
 from modloc.engine.runtime.batcher import BatcherConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
+from modloc.engine.runtime.topk import StatePolicy
 
 MIB = 1 << 20
 # gRPC refuses message limits at or above 2 GiB (its length fields are signed 32-bit).
@@ -35,6 +36,8 @@ class ServerConfig:
         address: ``host:port`` to bind; port 0 picks a free port (one process only).
         state_dir: where the per-class rankings live (:class:`modloc.engine.runtime.topk.DurableTopK`);
             None serves Localize only (Ingest answers FAILED_PRECONDITION).
+        state_policy: what opening ``state_dir`` may do beyond restoring intact state
+            (accept a loss, other models or settings, or start fresh): operator choices.
         snapshot_seconds, snapshot_videos: write a snapshot after this many seconds or
             ingested videos, whichever comes first (0 disables that trigger).
         max_message_bytes: largest request or response message.
@@ -64,6 +67,7 @@ class ServerConfig:
     batcher: BatcherConfig = BatcherConfig()
     address: str = "127.0.0.1:50051"
     state_dir: Path | None = None
+    state_policy: StatePolicy = StatePolicy()
     snapshot_seconds: float = 300.0
     snapshot_videos: int = 100_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -142,6 +146,9 @@ class ServerConfig:
         if self.state_dir is not None and self.processes > 1:
             problems.append("state_dir: rankings need a single owner; processes > 1 serve "
                             "Localize only, so run them without a state directory")
+        if self.state_dir is None and self.state_policy != StatePolicy():
+            problems.append("state_policy: accepting a loss or a settings change, or starting "
+                            "fresh, needs a state directory")
         if self.state_dir is not None and self.state_dir.exists() and not self.state_dir.is_dir():
             problems.append(f"state_dir: {self.state_dir} exists and is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):

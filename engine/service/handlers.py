@@ -318,6 +318,8 @@ class _Stream:
 
     def _finished(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the outbox carries it (a later group awaits it too)
         if self.ingest:
             self._dispatch()
         self._maybe_end()

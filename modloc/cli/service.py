@@ -41,6 +41,16 @@ def _add_serve(subparsers) -> None:
                         help="host:port to bind (default %(default)s)")
     parser.add_argument("--state-dir", help="directory of the durable rankings (without it the "
                         "server serves Localize only)")
+    parser.add_argument("--accept-state-loss", action="store_true",
+                        help="open a damaged state directory (a file its MANIFEST names missing, "
+                        "shorter than recorded, or corrupt): keep what is intact, drop the rest "
+                        "(logged); without it such a directory is refused")
+    parser.add_argument("--accept-settings-change", action="store_true",
+                        help="keep adding to rankings that other models or fusion settings "
+                        "filled (the state directory records them; without it a change is refused)")
+    parser.add_argument("--fresh-state", action="store_true",
+                        help="start new rankings: the state directory's files are moved into a "
+                        "replaced-<time>/ folder inside it")
     parser.add_argument("--processes", type=int, default=1,
                         help="processes sharing the port via SO_REUSEPORT (Localize only; "
                         "refused with --state-dir)")
@@ -64,6 +74,7 @@ def _add_serve(subparsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.runtime.topk import StatePolicy
     from modloc.engine.service.app import serve
     from modloc.engine.service.config import ServerConfig
 
@@ -74,6 +85,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
         backend_options=backend_options, pipeline=pipeline, batcher=batcher,
         address=args.address, state_dir=args.state_dir, snapshot_seconds=args.snapshot_seconds,
+        state_policy=StatePolicy(accept_loss=args.accept_state_loss,
+                                 accept_settings=args.accept_settings_change, fresh=args.fresh_state),
         snapshot_videos=args.snapshot_videos, **field_values(args, ServerConfig, LIMITS),
         grace_seconds=args.grace, processes=args.processes,
         token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
