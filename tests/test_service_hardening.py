@@ -4,7 +4,12 @@ real ``modloc serve`` subprocesses on loopback ports, memory read from /proc/<pi
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
+import sys
+import threading
+import urllib.request
 
 import grpc
 import numpy as np
@@ -12,8 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tiny import split
 
-from modloc.engine.base.io.examples import Video
+from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
+from modloc.engine.base.io.examples import Video, encode_video
 from modloc.engine.base.io.readers import read_videos
+from modloc.engine.base.io.tfrecord import iter_buffer_records, write_records
 from modloc.engine.service.app import EXIT_STATE_FAILED
 from modloc.engine.service.client import LocalizationClient
 from modloc.engine.service.process import ServerProcess
@@ -116,3 +123,92 @@ def test_a_failed_state_directory_drains_with_its_exit_status(tiny_artifacts, tm
             assert client.stats().ranked_videos >= acknowledged
     finally:
         assert restarted.stop() == 0, restarted.log()
+
+
+# --- undecodable requests, the client's retries and its errors ------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts, tmp_path_factory):
+    """A server with rankings and a metrics endpoint; ``metrics()`` scrapes it."""
+    process = ServerProcess.start(tiny_artifacts, "--state-dir", str(tmp_path_factory.mktemp("state")),
+                                  "--metrics-port", "0", "--max-streams", "2")
+    [port] = re.findall(r"event=metrics address=[\d.]+:(\d+)", process.log())
+    process.metrics = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+def _invalid_utf8_id_chunk() -> bytes:
+    """An IngestRequest whose video.video_id is the single byte 0xff (not UTF-8)."""
+    request = pb.IngestRequest(video=pb.VideoChunk(video_id="x", rgb=b"\0" * 1024, audio=b"\0" * 128,
+                                                   last=True)).SerializeToString()
+    assert request.count(b"\x0a\x01x") == 1  # video_id: field 1, 1 byte long
+    return request.replace(b"\x0a\x01x", b"\x0a\x01\xff")
+
+
+UNDECODABLE = {  # name: (method, request streaming, response streaming, message bytes, rpc, index)
+    "unary garbage": ("/modloc.v1.Localization/Stats", False, False, b"\xff\xff\xff", "Stats", None),
+    "stream garbage": ("/modloc.v1.Localization/Localize", True, True, b"\x0a\x05ab", "Localize", 0),
+    "non-UTF-8 id": ("/modloc.v1.Localization/Ingest", True, True, _invalid_utf8_id_chunk(), "Ingest", 0),
+    "server-stream garbage": ("/modloc.v1.Localization/TopSegments", False, True, b"\x08", "TopSegments",
+                              None),
+    "health garbage": ("/grpc.health.v1.Health/Check", False, False, b"\x0a\xff", "Check", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNDECODABLE))
+def test_an_undecodable_request_is_invalid_argument_counted_and_quiet(server, case):
+    method, request_streaming, response_streaming, data, rpc, index = UNDECODABLE[case]
+    with grpc.insecure_channel(server.address) as channel:
+        kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                (True, True): channel.stream_stream}[(request_streaming, response_streaming)]
+        call = kind(method)  # raw bytes both ways
+        request = iter([data]) if request_streaming else data
+        with pytest.raises(grpc.RpcError) as refused:
+            result = call(request, timeout=10)
+            if response_streaming:
+                list(result)
+    which = "the request" if index is None else f"request {index}"
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert refused.value.details().startswith(f"{rpc}: {which} is not a valid "), refused.value.details()
+    assert re.search(rf'modloc_requests_total{{code="INVALID_ARGUMENT",method="{re.escape(method)}"}} [1-9]',
+                     server.metrics())
+    assert "Traceback" not in server.log() and " ERROR " not in server.log()
+
+
+def test_a_server_wide_limit_is_retried_with_backoff(server, tmp_path):
+    """RESOURCE_EXHAUSTED (here: the server's 2 streams are open) is worth another try: the
+    ingest succeeds once a stream closes."""
+    with LocalizationClient(server.address, timeout=60) as holder:
+        held = [holder.localize(iter([Video(f"h{i}", frames(5))]), window=1) for i in range(2)]
+        for stream in held:  # both streams open and answered once: the limit is reached
+            next(stream)
+        release = threading.Timer(0.6, lambda: [stream.close() for stream in held])
+        release.start()
+        with LocalizationClient(server.address, timeout=60) as client:
+            [ack] = client.ingest([Video("after-the-limit", frames(5))])
+        release.join()
+    assert ack.status == pb.IngestAck.INGESTED
+
+
+def test_client_ingest_names_the_bad_record_and_what_was_acknowledged(server, tmp_path):
+    """A corrupt record in the middle of a file: one error line naming the file, the record
+    and how many videos were acknowledged before it; non-zero exit; no gRPC traceback."""
+    path = tmp_path / "damaged.tfrecord"
+    write_records(path, [encode_video(Video(f"rec-{i}", frames(6, seed=i))) for i in range(10)])
+    data = bytearray(path.read_bytes())
+    records = list(iter_buffer_records(bytes(data)))
+    data[records[1].offset + 20] ^= 0xFF  # inside record 1's payload
+    path.write_bytes(bytes(data))
+    with LocalizationClient(server.address) as client:
+        before = client.stats().ranked_videos
+    done = subprocess.run([sys.executable, "-m", "modloc", "client", "ingest", server.address,
+                           "--data", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"modloc client: error: {path}: record 1 at byte offset {records[1].offset}: data "
+                     "CRC mismatch; 1 videos (0 duplicates) acknowledged before it (in the rankings; "
+                     "sending the same files again skips them as duplicates)"], done.stderr
+    with LocalizationClient(server.address) as client:
+        assert client.stats().ranked_videos == before + 1

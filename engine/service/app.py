@@ -51,6 +51,7 @@ from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.service import kserve, metrics, security
 from modloc.engine.service.config import MESSAGE_OVERHEAD, ServerConfig
 from modloc.engine.service.core import EngineCore, log_event
+from modloc.engine.service.decoding import DecodeInterceptor
 from modloc.engine.service.handlers import LocalizationService
 
 log = logging.getLogger("modloc.server")
@@ -103,6 +104,7 @@ class _Server:
         interceptors = [self.metrics.interceptor()]  # first: counts refusals too
         if self.tokens:
             interceptors.append(security.BearerTokenInterceptor(self.tokens))
+        interceptors.append(DecodeInterceptor())  # last: what reaches a handler decodes
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", int(config.processes > 1))]

@@ -18,7 +18,14 @@ When an ``ingest`` stream breaks (server restarted, connection lost) the client 
 ``reconnect_timeout`` seconds for the server to accept connections again (else raises the
 error that broke the stream), then sends the unacknowledged tail again, in order, then the
 rest: the server reports videos it already holds as DUPLICATE and changes nothing, so a
-retry never ingests twice and ties keep the order the videos were given.
+retry never ingests twice and ties keep the order the videos were given. Only what a retry
+can cure is retried: UNAVAILABLE (a restart, a lost connection, a drain) and
+RESOURCE_EXHAUSTED (a server-wide limit; after a backoff) but not a message over the size
+limit; a refusal (INVALID_ARGUMENT, …) or a server fault (INTERNAL, UNKNOWN) is raised.
+
+A video that cannot be read (a missing file, a corrupt record) ends the request stream
+where it is: the videos sent before it are still answered, then its error is raised (what
+``on_ack`` saw tells how far the ingest got).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -41,9 +48,9 @@ from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
 
-# A broken stream (restart, lost connection) is worth another try; a refusal is not.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+# A broken stream (restart, lost connection, drain) or a server-wide limit is worth another
+# try; a refusal or a server fault is not.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 DEFAULT_WINDOW = 32
 DEFAULT_RETRIES = 8
 DEFAULT_RECONNECT_TIMEOUT = 60.0  # seconds a retry waits for the server to accept connections
@@ -84,13 +91,19 @@ def _check_window(window: int) -> None:
         raise ValueError(f"window={window}: at least 1 video must be allowed unanswered")
 
 
+def retryable(error: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed when tried again (:data:`RETRYABLE`; a message over
+    a size limit is RESOURCE_EXHAUSTED too, and no retry makes it smaller)."""
+    return error.code() in RETRYABLE and "larger than max" not in (error.details() or "")
+
+
 class _Source:
     """The caller's videos as chunks, read lazily by the request side of a call.
 
-    gRPC reports an exception raised there only as a bare status (UNKNOWN "Exception
-    iterating requests!" from the blocking API, a cancelled call from asyncio), which ingest
-    would even retry as a broken stream; the exception is kept here and
-    :meth:`raise_if_failed` raises it to the caller instead.
+    An exception raised there would reach the caller only as a bare status (UNKNOWN
+    "Exception iterating requests!" and a logged traceback from the blocking API, a
+    cancelled call from asyncio). Instead reading stops: the request stream ends there, the
+    videos sent are answered, and :meth:`raise_if_failed` raises the exception after.
     """
 
     def __init__(self, videos, max_message_bytes: int):
@@ -99,17 +112,19 @@ class _Source:
         self.error: Exception | None = None
 
     def next(self) -> tuple[Video, list[pb.VideoChunk]] | None:
-        """The next video and its chunks; None at the end."""
+        """The next video and its chunks; None at the end, or when reading failed."""
+        if self.error is not None:
+            return None
         try:
             video = next(self._videos, None)
             return None if video is None else (video, video_chunks(video, self._max_message_bytes))
         except Exception as error:
             self.error = error
-            raise
+            return None
 
-    def raise_if_failed(self, status: BaseException) -> None:
+    def raise_if_failed(self, status: BaseException | None = None) -> None:
         """Raise the exception reading the videos ended with, if any, in place of ``status``
-        (how the call ended)."""
+        (how the call ended, if it failed)."""
         if self.error is not None:
             raise self.error from status
 
@@ -180,6 +195,7 @@ class LocalizationClient:
         finally:
             stop.set()
             call.cancel()
+        source.raise_if_failed()
 
     def _localize_requests(self, source: _Source, slots, stop, threshold: float,
                            max_segments: int) -> Iterator[pb.LocalizeRequest]:
@@ -192,14 +208,18 @@ class LocalizationClient:
 
     def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
                progress: bool | None = False,
-               reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT) -> list[pb.IngestAck]:
+               reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+               on_ack: Callable[[pb.IngestAck], None] | None = None) -> list[pb.IngestAck]:
         """Ingest ``videos`` (TFRecord paths or globs, or Video objects) in order; one
         IngestAck per video (DUPLICATE for those the server held before). At most ``window``
-        videos are unacknowledged at a time. A broken stream is retried up to ``retries``
-        times in a row, each retry waiting up to ``reconnect_timeout`` seconds (None: without
-        bound) for the server to accept connections again, then re-sending the
-        unacknowledged tail; when the server does not come back in time, or on a refusal
-        (INVALID_ARGUMENT, …), grpc.RpcError is raised (the one that ended the stream)."""
+        videos are unacknowledged at a time. A broken stream is retried (:func:`retryable`)
+        up to ``retries`` times in a row, each retry waiting up to ``reconnect_timeout``
+        seconds (None: without bound) for the server to accept connections again, then
+        re-sending the unacknowledged tail; when the server does not come back in time, or
+        on a refusal (INVALID_ARGUMENT, …), grpc.RpcError is raised (the one that ended the
+        stream). An error reading ``videos`` is raised once the videos before it are
+        answered. ``on_ack`` is called with each IngestAck as it arrives (so a caller knows
+        how far an ingest that raised got: every acknowledged video is durable)."""
         _check_window(window)
         source = _Source(videos, self.max_message_bytes)
         unacked: collections.OrderedDict[str, Video] = collections.OrderedDict()
@@ -218,12 +238,15 @@ class LocalizationClient:
                             unacked.pop(ack.video_id, None)
                         slots.release()
                         acks.append(ack)
+                        if on_ack is not None:
+                            on_ack(ack)
                         bar.update(1)
                         failures = 0
+                    source.raise_if_failed()
                     return acks
                 except grpc.RpcError as error:
                     source.raise_if_failed(error)
-                    if error.code() not in RETRYABLE or failures >= retries:
+                    if not retryable(error) or failures >= retries:
                         raise
                     failures += 1
                     time.sleep(_backoff(failures))
@@ -312,11 +335,12 @@ class AsyncLocalizationClient:
             async for response in call:
                 slots.release()  # a response answers exactly one video
                 yield response
-        except (grpc.RpcError, asyncio.CancelledError) as error:
-            source.raise_if_failed(error)  # a failure reading the videos cancels the call
+        except grpc.RpcError as error:
+            source.raise_if_failed(error)
             raise
         finally:
             call.cancel()
+        source.raise_if_failed()
 
     async def _localize_requests(self, source: _Source, slots: asyncio.Semaphore,
                                  threshold: float, max_segments: int
@@ -333,7 +357,8 @@ class AsyncLocalizationClient:
                 first = False
 
     async def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
-                     reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT
+                     reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+                     on_ack: Callable[[pb.IngestAck], None] | None = None
                      ) -> list[pb.IngestAck]:
         """As :meth:`LocalizationClient.ingest`."""
         _check_window(window)
@@ -350,14 +375,14 @@ class AsyncLocalizationClient:
                     unacked.pop(ack.video_id, None)
                     slots.release()
                     acks.append(ack)
+                    if on_ack is not None:
+                        on_ack(ack)
                     failures = 0
+                source.raise_if_failed()
                 return acks
-            except asyncio.CancelledError as cancelled:
-                source.raise_if_failed(cancelled)  # a failure reading the videos cancels the call
-                raise
             except grpc.RpcError as error:
                 source.raise_if_failed(error)
-                if error.code() not in RETRYABLE or failures >= retries:
+                if not retryable(error) or failures >= retries:
                     raise
                 failures += 1
                 await asyncio.sleep(_backoff(failures))
@@ -418,4 +443,5 @@ class AsyncLocalizationClient:
         await self.close()
 
 
-__all__ = ["AsyncLocalizationClient", "LocalizationClient", "as_videos", "video_chunks"]
+__all__ = ["RETRYABLE", "AsyncLocalizationClient", "LocalizationClient", "as_videos", "retryable",
+           "video_chunks"]

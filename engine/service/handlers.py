@@ -45,6 +45,7 @@ from modloc.engine.service.core import (
     StateFailure,
     log_event,
 )
+from modloc.engine.service.decoding import UndecodableRequest
 
 log = logging.getLogger("modloc.server")
 
@@ -219,6 +220,8 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a core error answers with."""
     if isinstance(error, Refusal):
         return error.code, error.message
+    if isinstance(error, UndecodableRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, (QueueFull, InflightLimit)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, DeadlineExceeded):

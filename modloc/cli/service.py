@@ -155,7 +155,13 @@ def _rpc_failure(error, args: argparse.Namespace) -> str:
     return f"{code.name}: {details}"
 
 
+def _acknowledged(acks) -> str:
+    duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
+    return f"{len(acks) - duplicates} videos ({duplicates} duplicates)"
+
+
 def _client_action(args: argparse.Namespace) -> int:
+    import grpc
     from google.protobuf.json_format import MessageToDict
 
     from modloc.engine.service.client import LocalizationClient
@@ -173,10 +179,18 @@ def _client_action(args: argparse.Namespace) -> int:
                                             window=args.window):
                 print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True)))
         elif args.action == "ingest":
-            acks = client.ingest(args.data, window=args.window, progress=None,
-                                 reconnect_timeout=args.reconnect_timeout)
-            duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
-            print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
+            acks = []
+            try:
+                client.ingest(args.data, window=args.window, progress=None,
+                              reconnect_timeout=args.reconnect_timeout, on_ack=acks.append)
+            except (grpc.RpcError, ValueError, OSError) as error:
+                # one line: what stopped it (the file and record, or the server's refusal)
+                # and how far it got, since every acknowledged video is in the rankings
+                what = _rpc_failure(error, args) if isinstance(error, grpc.RpcError) else str(error)
+                raise RuntimeError(f"{what}; {_acknowledged(acks)} acknowledged before it (in the "
+                                   "rankings; sending the same files again skips them as "
+                                   "duplicates)") from error
+            print(f"ingested {_acknowledged(acks)}")
         elif args.action == "top":
             for entry in client.top_segments(args.class_id, args.k, args.offset):
                 print(f"{entry.rank}\t{entry.video_id}:{entry.start_seconds}\t{entry.score:.6g}")
