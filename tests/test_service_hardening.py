@@ -3,12 +3,15 @@ real ``modloc serve`` subprocesses on loopback ports, memory read from /proc/<pi
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -17,12 +20,15 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tiny import split
 
+from modloc.engine._proto.inference import grpc_predict_v2_pb2 as kpb
+from modloc.engine._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
+from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.io.examples import Video, encode_video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.io.tfrecord import iter_buffer_records, write_records
 from modloc.engine.service.app import EXIT_STATE_FAILED
-from modloc.engine.service.client import LocalizationClient
+from modloc.engine.service.client import LocalizationClient, video_chunks
 from modloc.engine.service.process import ServerProcess
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -212,3 +218,129 @@ def test_client_ingest_names_the_bad_record_and_what_was_acknowledged(server, tm
                      "sending the same files again skips them as duplicates)"], done.stderr
     with LocalizationClient(server.address) as client:
         assert client.stats().ranked_videos == before + 1
+
+
+# --- backpressure and admission: memory measured from /proc/<pid>/status ---------------------
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def test_a_client_that_never_reads_cannot_grow_the_server(tiny_artifacts):
+    """A Localize stream whose client sends 60-frame videos as fast as it can and never reads
+    a response: the stream stops reading at max_stream_videos unanswered videos, so the
+    client can send only what the windows hold, and the server's memory stays flat
+    (before: it read every video, thousands in seconds, and grew ~30 MiB/s)."""
+    server = ServerProcess.start(tiny_artifacts, "--max-stream-videos", "8")
+    sent = 0
+    [chunk] = video_chunks(Video("template", frames(60)))
+
+    def requests():
+        nonlocal sent
+        for index in itertools.count():
+            piece = pb.VideoChunk()
+            piece.CopyFrom(chunk)
+            piece.video_id = f"unread-{index}"
+            sent += 1
+            yield pb.LocalizeRequest(video=piece)
+
+    # a plain HTTP/2 window on the client (no bandwidth probing): what it absorbs is small
+    channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        call = pb_grpc.LocalizationStub(channel).Localize(requests(), timeout=60)
+        time.sleep(1.0)
+        before = rss_mib(server.process.pid)
+        time.sleep(2.5)
+        after = rss_mib(server.process.pid)
+        with LocalizationClient(server.address) as client:
+            stats = client.stats()
+        assert stats.inflight_videos <= 8, stats
+        assert sent <= 8 + 64, f"the server read {sent} videos of a client that reads nothing"
+        assert after - before < 10, (before, after)
+        call.cancel()
+    finally:
+        channel.close()
+        assert server.stop() == 0, server.log()
+
+
+def test_a_kserve_flood_over_many_connections_is_refused_before_it_is_read(tiny_artifacts):
+    """32 connections each calling ModelInfer with [11, 300, 1152] uint8 (3.8 MB) back to back
+    for 3 s, against --max-kserve-requests 2: the calls past the limit answer
+    RESOURCE_EXHAUSTED before their message is read, and the server's peak RSS grows by
+    tens of MiB (before: every call was parsed, +900 MiB for 64 callers)."""
+    server = ServerProcess.start(tiny_artifacts, "--max-kserve-requests", "2", "--metrics-port", "0")
+    [port] = re.findall(r"event=metrics address=[\d.]+:(\d+)", server.log())
+    features = np.random.default_rng(0).integers(0, 256, (11, 300, 1152), dtype=np.uint8)
+    request = kpb.ModelInferRequest(model_name="modloc-video", inputs=[
+        kpb.ModelInferRequest.InferInputTensor(name="features", datatype="UINT8", shape=[11, 300, 1152]),
+        kpb.ModelInferRequest.InferInputTensor(name="num_frames", datatype="INT32", shape=[11])],
+        raw_input_contents=[features.tobytes(), np.full(11, 300, "<i4").tobytes()])
+    options = [("grpc.max_send_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    statuses: collections.Counter[str] = collections.Counter()
+    details = set()
+    try:
+        with grpc.insecure_channel(server.address, options=options) as channel:
+            kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)  # warm-up
+        before = peak = rss_mib(server.process.pid)
+        until = time.monotonic() + 3.0
+
+        def caller():
+            with grpc.insecure_channel(server.address, options=options) as channel:  # its own connection
+                stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+                while time.monotonic() < until:
+                    try:
+                        stub.ModelInfer(request, timeout=60)
+                        statuses["OK"] += 1
+                    except grpc.RpcError as error:
+                        statuses[error.code().name] += 1
+                        details.add(error.details())
+
+        callers = [threading.Thread(target=caller) for _ in range(32)]
+        for thread in callers:
+            thread.start()
+        while any(thread.is_alive() for thread in callers):
+            peak = max(peak, rss_mib(server.process.pid))
+            time.sleep(0.02)
+        assert set(statuses) == {"OK", "RESOURCE_EXHAUSTED"}, statuses
+        assert details == {"ModelInfer: 2 KServe requests are in flight, the server's limit is 2; "
+                           "retry after a backoff"}
+        assert peak - before < 120, (before, peak, statuses)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        [refused] = re.findall(r'modloc_requests_total{code="RESOURCE_EXHAUSTED",method="/inference.'
+                               r'GRPCInferenceService/ModelInfer"} ([\d.]+)', scraped)
+        assert float(refused) == statuses["RESOURCE_EXHAUSTED"]
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_connections_past_the_limit_are_closed(tiny_artifacts):
+    server = ServerProcess.start(tiny_artifacts, "--max-connections", "2")
+    options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+    channels = [grpc.insecure_channel(server.address, options=options) for _ in range(3)]
+    try:
+        outcomes = []
+        for channel in channels:
+            try:
+                kpb_grpc.GRPCInferenceServiceStub(channel).ServerLive(kpb.ServerLiveRequest(), timeout=5)
+                outcomes.append("OK")
+            except grpc.RpcError as error:
+                outcomes.append(error.code().name)
+        assert outcomes == ["OK", "OK", "UNAVAILABLE"]
+    finally:
+        for channel in channels:
+            channel.close()
+        assert server.stop() == 0, server.log()
+
+
+def test_kserve_limits_are_checked_with_the_server_settings(tiny_artifacts):
+    from modloc.engine.service.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"max_kserve_bytes: 1048576 is not an integer in 4194304\.\."):
+        ServerConfig(artifacts=tiny_artifacts, max_kserve_bytes=1 << 20)
+    with pytest.raises(ValueError, match=r"max_stream_videos: 0 is not an integer in 1\.\."):
+        ServerConfig(artifacts=tiny_artifacts, max_stream_videos=0)

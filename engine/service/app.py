@@ -58,6 +58,9 @@ log = logging.getLogger("modloc.server")
 
 LOCALIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Localization"].full_name
 DRAIN_POLL_SECONDS = 0.05
+# No bandwidth-delay probing: the receive window of a stream whose messages the server is not
+# reading stays at gRPC's 64 KiB lookahead instead of growing to megabytes.
+TRANSPORT_OPTIONS = (("grpc.http2.bdp_probe", 0),)
 EXIT_STATE_FAILED = 75  # the state directory failed while serving; a restart recovers it
 FEATURE_BYTES_WITH_MASK = FEATURE_SIZE + 4  # a KServe frame: uint8 features, an FP32 mask entry
 
@@ -68,7 +71,9 @@ def _kserve_servicer(config: ServerConfig, ready: Callable[[], bool]) -> kserve.
     per_video = config.pipeline.max_frames * FEATURE_BYTES_WITH_MASK
     max_batch = max(1, (config.max_message_bytes - (64 << 10) - MESSAGE_OVERHEAD) // per_video)
     return kserve.KServeServicer(None, ready=ready, max_batch=max_batch,
-                                 max_frames=config.pipeline.max_frames)
+                                 max_frames=config.pipeline.max_frames,
+                                 limits=kserve.KServeLimits(config.max_kserve_requests,
+                                                            config.max_kserve_bytes))
 
 
 class _Server:
@@ -107,7 +112,10 @@ class _Server:
         interceptors.append(DecodeInterceptor())  # last: what reaches a handler decodes
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", int(config.processes > 1))]
+                   ("grpc.so_reuseport", int(config.processes > 1)),
+                   *TRANSPORT_OPTIONS,
+                   ("grpc.max_concurrent_streams", config.max_connection_streams),
+                   ("grpc.max_allowed_incoming_connections", config.max_connections)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LocalizationServicer_to_server(self.localization, self.server)
         self.kserve = _kserve_servicer(config, lambda: self.ready)
@@ -179,6 +187,8 @@ class _Server:
             stats = self.core.stats()
             self.metrics.queue_depth.set(stats["queue_depth"])
             self.metrics.in_flight_videos.set(stats["inflight_videos"])
+            self.metrics.kserve_in_flight_requests.set(self.kserve.admission.requests)
+            self.metrics.kserve_in_flight_bytes.set(self.kserve.admission.bytes)
             for rpc, total in stats["videos_received"].items():
                 self.metrics.videos.labels(rpc=rpc).inc(total - counted.get(rpc, 0))
                 counted[rpc] = total

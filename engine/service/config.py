@@ -44,7 +44,18 @@ class ServerConfig:
         max_frames: frames a video may have (the pipeline localizes the first
             ``pipeline.max_frames``; this refuses absurd sizes before buffering them).
         max_streams: Localize and Ingest streams open at once, server-wide.
-        max_inflight_videos: videos received and not yet answered, server-wide.
+        max_inflight_videos: videos received and not yet answered, server-wide (a video is
+            answered once its response is handed to the transport).
+        max_stream_videos: unanswered videos of one stream at which it stops reading
+            requests until one is answered (backpressure: what a client that never reads
+            its responses can make the server hold).
+        max_kserve_requests, max_kserve_bytes: KServe inference requests in flight at once,
+            and the request bytes they hold (RESOURCE_EXHAUSTED beyond; see
+            :class:`modloc.engine.service.kserve.KServeLimits`). ``max_kserve_bytes`` is at
+            least ``max_message_bytes``, so that any valid request can be admitted alone.
+        max_connection_streams: concurrent HTTP/2 streams (calls) per client connection
+            (the transport's SETTINGS_MAX_CONCURRENT_STREAMS: a client queues past it).
+        max_connections: client connections at once (more are closed as they arrive).
         max_id_bytes: UTF-8 bytes of a video id.
         max_top_k: largest ``k`` of one TopSegments call (never more than the ranking
             depth ``pipeline.fusion.k``, see :attr:`top_k_limit`).
@@ -74,6 +85,11 @@ class ServerConfig:
     max_frames: int = 3600
     max_streams: int = 64
     max_inflight_videos: int = 1024
+    max_stream_videos: int = 64
+    max_kserve_requests: int = 8
+    max_kserve_bytes: int = 32 * MIB
+    max_connection_streams: int = 100
+    max_connections: int = 1024
     max_id_bytes: int = 256
     max_top_k: int = 10_000
     grace_seconds: float = 30.0
@@ -133,12 +149,20 @@ class ServerConfig:
                             f"{minimum_message}..{GRPC_MESSAGE_CEILING} (a message must hold one "
                             f"{self.pipeline.max_frames}-frame video and stay under gRPC's 2 GiB)")
         for name, low, high in (("max_frames", 1, 1 << 24), ("max_streams", 1, 1 << 16),
-                                ("max_inflight_videos", 1, 1 << 24), ("max_id_bytes", 1, 4096),
+                                ("max_inflight_videos", 1, 1 << 24), ("max_stream_videos", 1, 1 << 20),
+                                ("max_kserve_requests", 1, 1 << 16),
+                                ("max_connection_streams", 1, 1 << 20), ("max_connections", 1, 1 << 20),
+                                ("max_id_bytes", 1, 4096),
                                 ("max_top_k", 1, 1 << 24), ("processes", 1, 256),
                                 ("snapshot_videos", 0, 1 << 40)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
                 problems.append(f"{name}: {value!r} is not an integer in {low}..{high}")
+        if not isinstance(self.max_kserve_bytes, int) or not (
+                self.max_message_bytes <= self.max_kserve_bytes <= 1 << 40):
+            problems.append(f"max_kserve_bytes: {self.max_kserve_bytes!r} is not an integer in "
+                            f"{self.max_message_bytes}..{1 << 40} (at least max_message_bytes, so "
+                            "that one request of the largest size can be admitted)")
         for name in ("snapshot_seconds", "grace_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

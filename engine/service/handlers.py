@@ -16,6 +16,14 @@ Limits (all from :class:`modloc.engine.service.config.ServerConfig`): ``max_stre
 Localize/Ingest streams and ``max_inflight_videos`` received-but-unanswered videos
 server-wide (RESOURCE_EXHAUSTED beyond), ``max_frames`` per video (OUT_OF_RANGE),
 ``max_id_bytes`` per id; the message size limit is gRPC's own (RESOURCE_EXHAUSTED).
+
+Backpressure: a video counts as unanswered until its response has been handed to the
+transport (gRPC's send completes only while the peer's flow-control window has room), not
+when the response is built; and a stream stops reading requests while
+``max_stream_videos`` of its videos are unanswered, so HTTP/2 flow control holds its client
+back. A client that never reads its responses therefore holds at most
+``max_stream_videos`` videos (their responses, once localized) plus gRPC's buffers of its
+stream, whatever it sends.
 """
 
 from __future__ import annotations
@@ -251,7 +259,9 @@ class _Stream:
                                         for_rankings=ingest, unique=not ingest)
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
-        self.admitted = 0  # videos of this stream counted in core.inflight
+        self.admitted = 0  # videos of this stream counted in core.inflight: not yet delivered
+        self.room = asyncio.Event()  # set while admitted < max_stream_videos
+        self.room.set()
         self.pending: list[Video] = []  # Ingest: videos waiting for the next group
         self.last_group: asyncio.Task | None = None
         self.reading = True
@@ -271,6 +281,9 @@ class _Stream:
                               code=code.name, message=message)
                     await self.context.abort(code, message)
                 yield item
+                # gRPC asks for the next response once this one was handed to the transport:
+                # only now is its video answered (every response answers one video)
+                self._answered(1)
         finally:
             reader.cancel()
             for task in self.tasks:
@@ -280,6 +293,7 @@ class _Stream:
 
     async def _read(self, requests) -> None:
         index = 0
+        limit = self.core.config.max_stream_videos
         try:
             async for request in requests:
                 if index == 0 and not self.ingest:
@@ -292,11 +306,15 @@ class _Stream:
                 if video is not None:
                     self.core.admit(1, "Ingest" if self.ingest else "Localize")
                     self.admitted += 1
+                    if self.admitted >= limit:
+                        self.room.clear()
                     if self.ingest:
                         self.pending.append(video)
                         self._dispatch()
                     else:
                         self._start(self._localize(video))
+                    # stop reading (flow control holds the client back) until an answer is delivered
+                    await self.room.wait()
             self.assembler.finish(index)
         except asyncio.CancelledError:
             raise
@@ -334,6 +352,8 @@ class _Stream:
     def _answered(self, videos: int) -> None:
         self.admitted -= videos
         self.core.release(videos)
+        if self.admitted < self.core.config.max_stream_videos:
+            self.room.set()
 
     async def _localize(self, video: Video) -> None:
         try:
@@ -344,7 +364,6 @@ class _Stream:
         include_partial = self.core.config.pipeline.fusion.include_partial
         self.outbox.put_nowait(localize_response(result, self.core.vocabulary, self.threshold,
                                                  self.max_segments, include_partial))
-        self._answered(1)
 
     def _dispatch(self) -> None:
         """Send the waiting videos as one group once the previous group is done (or a
@@ -371,7 +390,6 @@ class _Stream:
             self.outbox.put_nowait(pb.IngestAck(
                 video_id=outcome.video_id, sequence=outcome.sequence,
                 status=pb.IngestAck.DUPLICATE if outcome.duplicate else pb.IngestAck.INGESTED))
-        self._answered(len(group))
 
 
 class LocalizationService(pb_grpc.LocalizationServicer):

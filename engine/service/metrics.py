@@ -22,6 +22,10 @@ Metric names (all prefixed ``modloc_``):
 ``active_streams``                 gauge      streaming calls in progress (kept by the
                                               interceptor)
 ``in_flight_videos``               gauge      videos accepted and not yet answered
+``kserve_in_flight_requests``      gauge      KServe inference requests admitted now
+``kserve_in_flight_bytes``         gauge      request bytes those hold (refusals past the
+                                              limits: ``requests_total`` with
+                                              code RESOURCE_EXHAUSTED)
 ``batch_size``                     histogram  videos per pipeline call
 ``stage_seconds{stage}``           histogram  seconds per pipeline stage (:data:`STAGES`)
 ``request_seconds{method}``        histogram  seconds per gRPC call, start to final status
@@ -111,6 +115,12 @@ class ServerMetrics:
                                     registry=registry)
         self.in_flight_videos = Gauge(name("in_flight_videos"),
                                       "Videos accepted and not yet answered.", registry=registry)
+        self.kserve_in_flight_requests = Gauge(name("kserve_in_flight_requests"),
+                                               "KServe inference requests admitted now.",
+                                               registry=registry)
+        self.kserve_in_flight_bytes = Gauge(name("kserve_in_flight_bytes"),
+                                            "Request bytes the admitted KServe requests hold.",
+                                            registry=registry)
         self.batch_size = Histogram(name("batch_size"), "Videos per pipeline call.",
                                     buckets=BATCH_BUCKETS, registry=registry)
         self.stage_seconds = Histogram(name("stage_seconds"), "Seconds per pipeline stage.",

@@ -11,8 +11,9 @@ from modloc.cli.common import add_field_options, field_values, positive_int, pri
 from modloc.cli.runtime import add_pipeline_options, pipeline_settings
 
 # ServerConfig's limits, each a flag of serve
-LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos", "max_id_bytes",
-          "max_top_k")
+LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
+          "max_stream_videos", "max_kserve_requests", "max_kserve_bytes", "max_connection_streams",
+          "max_connections", "max_id_bytes", "max_top_k")
 
 
 def add_commands(subparsers) -> None:
