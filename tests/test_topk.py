@@ -698,3 +698,19 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
         assert present >= len(acknowledged)  # every acknowledged one, maybe one more
         assert reopened.topk.stats().videos == present  # and nothing out of sequence
         assert reopened.topk.rankings() == _fed(range(present)).rankings()
+
+
+def test_a_manifest_names_only_its_generations_files(tmp_path):
+    """A damaged or crafted manifest cannot point the reader at another file (or outside
+    the directory): each field is checked before any file is opened."""
+    directory = tmp_path / "d"
+    with DurableTopK.open(directory, CLASSES, K) as durable:
+        durable.add(*_video(0))
+    good = json.loads((directory / "MANIFEST").read_text())
+    for change, message in (({"log": {**good["log"], "file": "../elsewhere.tfrecord"}},
+                             r"log.file '../elsewhere.tfrecord' is not generation 0's"),
+                            ({"generation": "0"}, r"field generation is '0', not int"),
+                            ({"log": {**good["log"], "records": True}}, r"field log.records is True")):
+        (directory / "MANIFEST").write_text(json.dumps({**good, **change}))
+        with pytest.raises(TopKFormatError, match=rf"MANIFEST cannot be read \(ValueError: {message}"):
+            DurableTopK.open(directory, CLASSES, K)

@@ -581,37 +581,8 @@ class DurableTopK:
                               "keeping its intact records; the rest are lost")
         if size:
             with open(path, "rb") as handle:
-                try:
-                    for record in iter_stream_records(handle, str(path)):
-                        try:
-                            if record.index == 0:
-                                topk._core.check_log_header(record.payload)
-                                header = True
-                            else:
-                                topk._core.replay(record.payload)
-                                state.records += 1
-                                state.last_video = _logged_id(record.payload)
-                        except ValueError as error:
-                            if record.index == 0:
-                                raise TopKFormatError(f"{path}: {error}") from None
-                            raise CorruptRecordError(str(path), record.index, record.offset,
-                                                     str(error)) from None
-                        state.bytes = record.offset + _FRAMING + len(record.payload)
-                except CorruptRecordError as error:
-                    acknowledged = known is not None and error.offset < known.bytes
-                    if not acknowledged and _torn(error, handle, size):
-                        logger.warning(
-                            "%s: the log ends in a torn write (an append a crash cut short, never "
-                            "acknowledged): cut at byte offset %d inside record %d (%s); dropping "
-                            "its %d bytes; the last intact record is %s", path, error.offset,
-                            error.index, error.reason, size - state.bytes, _last_intact(state))
-                    else:
-                        why = "inside what the manifest says the log held" if acknowledged else \
-                            "and is not a torn write at the log's end"
-                        _refuse_or_accept(policy, f"{error} ({why}); the last intact record "
-                                          f"before it is {_last_intact(state)}",
-                                          f"dropping the {size - state.bytes} bytes from byte "
-                                          f"offset {error.offset} on")
+                header = _replay(handle, str(path), size, topk, state,
+                                 known.bytes if known is not None else 0, policy)
             if known is not None and state.records < known.records:
                 _refuse_or_accept(policy, f"{path} holds {state.records} intact videos, fewer "
                                   f"than the {known.holds()} {when}",
@@ -793,6 +764,47 @@ class DurableTopK:
         os.fsync(log.fileno())
 
 
+def _replay(handle: BinaryIO, source: str, size: int, topk: TopK, state: _LogState,
+            known_bytes: int, policy: StatePolicy) -> bool:
+    """Replay an insert log of ``size`` bytes from ``handle`` into ``topk``, filling
+    ``state`` (the end of the last intact record, the videos, the last one); whether the log
+    had its header. A damaged record is dropped with what follows when it is a torn write
+    past ``known_bytes`` (logged), or when ``policy`` accepts the loss; otherwise
+    TopKFormatError names the file, record and offset (the reader's only error)."""
+    header = False
+    try:
+        for record in iter_stream_records(handle, source):
+            try:
+                if record.index == 0:
+                    topk._core.check_log_header(record.payload)
+                    header = True
+                else:
+                    topk._core.replay(record.payload)
+                    state.records += 1
+                    state.last_video = _logged_id(record.payload)
+            except ValueError as error:
+                if record.index == 0:
+                    raise TopKFormatError(f"{source}: {error}") from None
+                raise CorruptRecordError(source, record.index, record.offset, str(error)) from None
+            state.bytes = record.offset + _FRAMING + len(record.payload)
+    except CorruptRecordError as error:
+        acknowledged = error.offset < known_bytes
+        if not acknowledged and _torn(error, handle, size):
+            logger.warning(
+                "%s: the log ends in a torn write (an append a crash cut short, never "
+                "acknowledged): cut at byte offset %d inside record %d (%s); dropping its %d "
+                "bytes; the last intact record is %s", source, error.offset, error.index,
+                error.reason, size - state.bytes, _last_intact(state))
+        else:
+            why = "inside what the manifest says the log held" if acknowledged else \
+                "and is not a torn write at the log's end"
+            _refuse_or_accept(policy, f"{error} ({why}); the last intact record before it is "
+                              f"{_last_intact(state)}",
+                              f"dropping the {size - state.bytes} bytes from byte offset "
+                              f"{error.offset} on")
+    return header
+
+
 def _last_intact(state: _LogState) -> str:
     if state.last_video is None:
         return f"the header (the log holds no video), ending at byte {state.bytes}"
@@ -814,17 +826,46 @@ def _read_manifest(directory: Path, policy: StatePolicy) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("format") != _MANIFEST_FORMAT or manifest.get("version") != _MANIFEST_VERSION:
-            raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                             f"expected {_MANIFEST_FORMAT!r} version {_MANIFEST_VERSION}")
-        for key in ("generation", "snapshot", "log", "event", "written"):
-            manifest[key]  # noqa: B018 (a KeyError names the missing field)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        manifest = json.loads(path.read_bytes())
+        _check_manifest(manifest)
+    except ValueError as error:  # json's errors (UnicodeDecodeError too) are ValueErrors
         _refuse_or_accept(policy, f"{path} cannot be read ({type(error).__name__}: {error})",
                           "adopting the newest generation whose snapshot loads")
         return None
     return manifest
+
+
+def _check_manifest(manifest) -> None:
+    """Raise ValueError naming the first field of a manifest that is missing or mistyped,
+    or a file name other than its generation's (a manifest names files in its directory
+    only)."""
+    def field(container, key: str, kinds: tuple, where: str):
+        value = container.get(key) if isinstance(container, dict) else None
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise ValueError(f"field {where}{key} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}")
+        return value
+
+    if not isinstance(manifest, dict):
+        raise ValueError(f"not a JSON object but {type(manifest).__name__}")
+    if (manifest.get("format"), manifest.get("version")) != (_MANIFEST_FORMAT, _MANIFEST_VERSION):
+        raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                         f"expected {_MANIFEST_FORMAT!r} version {_MANIFEST_VERSION}")
+    generation = field(manifest, "generation", (int,), "")
+    field(manifest, "event", (str,), "")
+    field(manifest, "written", (str,), "")
+    field(manifest, "settings", (dict, type(None)), "")
+    snapshot = field(manifest, "snapshot", (dict, type(None)), "")
+    if snapshot is not None:
+        if field(snapshot, "file", (str,), "snapshot.") != _SNAPSHOT.format(generation):
+            raise ValueError(f"snapshot.file {snapshot['file']!r} is not generation {generation}'s")
+        for key in ("bytes", "videos"):
+            field(snapshot, key, (int,), "snapshot.")
+    log = field(manifest, "log", (dict,), "")
+    if field(log, "file", (str,), "log.") != _LOG.format(generation):
+        raise ValueError(f"log.file {log['file']!r} is not generation {generation}'s")
+    for key in ("first_video", "bytes", "records"):
+        field(log, key, (int,), "log.")
+    field(log, "last_video", (str, type(None)), "log.")
 
 
 def _adopt(directory: Path, policy: StatePolicy) -> dict:
