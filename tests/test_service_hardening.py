@@ -344,3 +344,34 @@ def test_kserve_limits_are_checked_with_the_server_settings(tiny_artifacts):
         ServerConfig(artifacts=tiny_artifacts, max_kserve_bytes=1 << 20)
     with pytest.raises(ValueError, match=r"max_stream_videos: 0 is not an integer in 1\.\."):
         ServerConfig(artifacts=tiny_artifacts, max_stream_videos=0)
+
+
+# --- batch invariance ----------------------------------------------------------------------
+
+
+def test_served_scores_and_csv_do_not_depend_on_batch_companions(tiny_artifacts, tiny_dataset, tmp_path,
+                                                                test_videos):
+    """A server that scores every video alone (--video-batch 1: each model call one row)
+    gives bit-identical fused scores to the engine scoring all videos in one batch, and its
+    Submission is byte for byte ``modloc infer``'s (which batches 24 at once). Before the
+    two-row rule, single-row calls differed by ~1e-9 and could swap adjacent ties."""
+    from modloc.engine.runtime.infer import infer
+    from modloc.engine.runtime.localizer import Localizer
+
+    offline = tmp_path / "submission.csv"
+    infer(tiny_artifacts, split(tiny_dataset, "test"), offline, progress=False)
+    with Localizer.from_artifacts(tiny_artifacts) as localizer:
+        together = {r.video_id: r for r in localizer.localize(test_videos, rank=False)}
+    server = ServerProcess.start(tiny_artifacts, "--state-dir", str(tmp_path / "state"),
+                                 "--video-batch", "1", "--batch-wait", "0")
+    try:
+        with LocalizationClient(server.address, timeout=60) as client:
+            for response in client.localize(test_videos, window=1):  # one video per call
+                result = together[response.video_id]
+                for candidate in response.candidates:
+                    assert [(s.start_seconds, s.score) for s in candidate.segments] == \
+                        result.segments(candidate.class_id), response.video_id
+            client.ingest(test_videos, window=1)
+            assert client.submission() == offline.read_bytes()
+    finally:
+        assert server.stop() == 0, server.log()

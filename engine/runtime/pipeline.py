@@ -26,6 +26,15 @@ so its scores do not depend on the padding. A MOD tree's gates average over ever
 frame, padding included, as the reference's reader pads every video to 300 frames; a model
 that says so (``fixed_frames=300``) gets batches padded to exactly that.
 
+Batch invariance. A video's scores must not depend on the videos that share its batch, or
+a served Submission would differ from ``modloc infer``'s (adjacent ties swapped) depending
+on how requests happened to batch. With ONNX Runtime on CPU they do not, for every batch of
+two or more rows (measured bit for bit: any batch size, any position, any padding) except
+one: a single-row batch takes the matrix-vector path, whose sums round differently (~1 ulp
+of float32). So a one-row batch is scored as two copies of the row: the cost is the second
+row of an already small call (``benchmarks/bench_batch_invariance.py``), and no other batch
+changes.
+
 Pure numpy: no torch.
 """
 
@@ -305,12 +314,15 @@ class Pipeline:
 
     @staticmethod
     def _checked(model: ScoringModel, features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        rows = len(features)
+        if rows == 1:  # never a one-row batch (module docstring: batch invariance)
+            features, num_frames = np.concatenate([features] * 2), np.concatenate([num_frames] * 2)
         scores = np.asarray(model.score(features, num_frames))
         expected = (len(features), len(model.class_ids))
         if scores.shape != expected:
             raise RuntimeError(f"{model.name} returned scores of shape {scores.shape} for a batch "
                                f"of {len(features)}, expected {expected}")
-        return scores
+        return scores[:rows]
 
     def _fuse(self, candidate_ids: np.ndarray, candidate_scores: np.ndarray,
               window_scores: np.ndarray, windows_per_video: np.ndarray) -> np.ndarray:
