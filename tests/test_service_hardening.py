@@ -160,6 +160,8 @@ UNDECODABLE = {  # name: (method, request streaming, response streaming, message
     "server-stream garbage": ("/modloc.v1.Localization/TopSegments", False, True, b"\x08", "TopSegments",
                               None),
     "health garbage": ("/grpc.health.v1.Health/Check", False, False, b"\x0a\xff", "Check", None),
+    "KServe garbage": ("/inference.GRPCInferenceService/ModelInfer", False, False, b"\x0a\x09ab",
+                       "ModelInfer", None),
 }
 
 
@@ -178,8 +180,12 @@ def test_an_undecodable_request_is_invalid_argument_counted_and_quiet(server, ca
     which = "the request" if index is None else f"request {index}"
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
     assert refused.value.details().startswith(f"{rpc}: {which} is not a valid "), refused.value.details()
-    assert re.search(rf'modloc_requests_total{{code="INVALID_ARGUMENT",method="{re.escape(method)}"}} [1-9]',
-                     server.metrics())
+    # the call is counted as its handler unwinds, just after the client has its status
+    counted = rf'modloc_requests_total{{code="INVALID_ARGUMENT",method="{re.escape(method)}"}} [1-9]'
+    deadline = time.monotonic() + 5
+    while not re.search(counted, server.metrics()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert re.search(counted, server.metrics())
     assert "Traceback" not in server.log() and " ERROR " not in server.log()
 
 
@@ -310,10 +316,15 @@ def test_a_kserve_flood_over_many_connections_is_refused_before_it_is_read(tiny_
         assert details == {"ModelInfer: 2 KServe requests are in flight, the server's limit is 2; "
                            "retry after a backoff"}
         assert peak - before < 120, (before, peak, statuses)
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        [refused] = re.findall(r'modloc_requests_total{code="RESOURCE_EXHAUSTED",method="/inference.'
-                               r'GRPCInferenceService/ModelInfer"} ([\d.]+)', scraped)
-        assert float(refused) == statuses["RESOURCE_EXHAUSTED"]
+        def refused() -> float:
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            return float(re.findall(r'modloc_requests_total{code="RESOURCE_EXHAUSTED",method="/inference.'
+                                    r'GRPCInferenceService/ModelInfer"} ([\d.]+)', scraped)[0])
+
+        deadline = time.monotonic() + 5  # each call is counted as its handler unwinds
+        while refused() != statuses["RESOURCE_EXHAUSTED"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused() == statuses["RESOURCE_EXHAUSTED"]
     finally:
         assert server.stop() == 0, server.log()
 

@@ -180,6 +180,11 @@ class Admission:
                               f"is {self.limits.max_requests}; retry after a backoff")
         self.requests += 1
 
+    async def wait_room(self) -> None:
+        """Return once a slot is free (without taking it)."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.requests < self.limits.max_requests)
+
     async def wait_enter(self) -> None:
         """Admit one request once a slot is free."""
         async with self._freed:
@@ -363,15 +368,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in request order; a refused request is answered with
         its message and the stream goes on, as Triton's streaming endpoint does. The next
-        request is read only once the admission has a slot for it."""
+        request is read only once the admission has room (an idle stream holds no slot:
+        it waits for room, reads, then takes a slot)."""
         for index in itertools.count():
+            await self.admission.wait_room()
+            data = await context.read()  # not the iterator (see ModelInfer)
+            if data is grpc.aio.EOF:
+                return
             await self.admission.wait_enter()
             held = 0
             request = None
             try:
-                data = await context.read()  # not the iterator (see ModelInfer)
-                if data is grpc.aio.EOF:
-                    return
                 self.admission.hold(len(data))
                 held = len(data)
                 request = _decoded(data, f"ModelStreamInfer: request {index}")
