@@ -7,14 +7,19 @@ a matrix-vector path for one row whose sums round differently, so a video scored
 (``modloc infer``'s), enough to swap adjacent ties in a Submission. A one-row batch is now
 scored as two copies of the row (:meth:`modloc.engine.runtime.pipeline.Pipeline._checked`).
 
-Rows, per model size:
+Rows, per model size (the rule's only change is to calls with a one-row batch):
 
 * ``invariance``: the largest difference of any fused score between the videos localized
   in one batch and the same videos in other batchings (each alone; random partitions of
   1 to 16 videos; reversed), with the two-row rule and without it (``single_row``);
-* ``throughput``: videos/s localizing one video per call (every call has a one-row video
-  batch: the rule's whole cost) and 16 videos per call (unchanged), with and without the
-  rule, in interleaved rounds (median); ``cost`` = 1 - with ÷ without.
+* ``cost``: the process CPU seconds per video (this process: the pipeline and ONNX
+  Runtime's threads) localizing one video per call (every call has a one-row video batch:
+  the rule's whole cost) and 16 videos per call (untouched by the rule: a control for the
+  noise), with and without the rule. Calls alternate between the two pipelines, the same
+  video back to back in alternating order, so that other load on a shared machine hits
+  both alike; the cost is the median over the pairs of CPU with ÷ without, minus one. CPU
+  time rather than wall time: on a loaded 2-core machine the wall time of a call measures
+  the neighbours more than the call.
 
 Models: one NeXtVLAD with random weights at the tiny size of ``tests/tiny.py`` and at the
 paper's (8G 128K X2 2048H r=16), exported as distill fp32 graphs with ``modloc export``'s
@@ -22,7 +27,7 @@ code (bench_pipeline's ``export_models``), on ONNX Runtime; synthetic videos of 
 frames.
 
     python benchmarks/bench_batch_invariance.py             # ~6 min on 2 cores
-    python benchmarks/bench_batch_invariance.py --sizes tiny --rounds 3
+    python benchmarks/bench_batch_invariance.py --sizes tiny --pairs 32
 """
 
 from __future__ import annotations
@@ -53,8 +58,10 @@ HEADER = """# Batch invariance: a video's fused scores against its batch compani
 One section per machine. `max |Δ fused|` is the largest difference of a fused score between
 one batch of every video and other batchings (each video alone, random partitions of 1-16,
 reversed order); `two-row rule` scores a one-row batch as two copies of the row (what the
-pipeline does), `single row` does not. Throughput is videos/s through the pipeline with one
-video per call (the rule's whole cost) and 16 per call; `cost` = 1 - with rule ÷ without.
+pipeline does), `single row` does not. CPU ms/video is the process's CPU per video, one
+video per call (the rule's whole cost) and 16 per call (a control: the rule changes nothing
+there, so its "cost" is the measurement's noise); `cost` = median over alternating pairs
+of calls of CPU with ÷ without, minus one.
 """
 SIZES = {"paper": dict(cluster_size=128, groups=8, expansion=2, hidden=2048, gating_reduction=16),
          "tiny": dict(cluster_size=4, groups=2, expansion=2, hidden=16, gating_reduction=4)}
@@ -97,13 +104,23 @@ def largest_difference(pipeline: Pipeline, videos, seed: int) -> float:
     return worst
 
 
-def videos_per_second(pipeline: Pipeline, videos, per_call: int, seconds: float) -> float:
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for begin in range(0, len(videos), per_call):
-            pipeline.localize(videos[begin:begin + per_call])
-            done += len(videos[begin:begin + per_call])
-    return done / (time.perf_counter() - start)
+def paired_cost(pipelines: dict[str, Pipeline], videos, per_call: int, pairs: int) -> dict:
+    """CPU seconds per video of each pipeline over ``pairs`` alternating pairs of calls,
+    and the median ratio rule ÷ single row of the pairs."""
+    seconds = {name: [] for name in pipelines}
+    for pair in range(pairs):
+        begin = (pair * per_call) % len(videos)
+        chunk = videos[begin:begin + per_call]
+        order = list(pipelines) if pair % 2 else list(pipelines)[::-1]
+        for name in order:
+            start = time.process_time()
+            pipelines[name].localize(chunk)
+            seconds[name].append((time.process_time() - start) / len(chunk))
+    ratios = [rule / single for rule, single in zip(seconds["rule"], seconds["single"], strict=True)
+              if single > 0]
+    return {"rule_ms": 1e3 * statistics.median(seconds["rule"]),
+            "single_ms": 1e3 * statistics.median(seconds["single"]),
+            "cost": statistics.median(ratios) - 1}
 
 
 def measure(root: Path, videos, args) -> dict:
@@ -113,28 +130,25 @@ def measure(root: Path, videos, args) -> dict:
     config = PipelineConfig(video_batch_size=32)
     pipelines = {"rule": Pipeline(*models, config), "single": SingleRowPipeline(*models, config)}
     row = {name: largest_difference(pipeline, videos, args.seed) for name, pipeline in pipelines.items()}
-    rates: dict[tuple[str, int], list[float]] = {}
-    for _ in range(args.rounds):  # interleaved: load on a shared machine hits both alike
-        for per_call in (1, 16):
-            for name, pipeline in pipelines.items():
-                rates.setdefault((name, per_call), []).append(
-                    videos_per_second(pipeline, videos, per_call, args.seconds))
-    row["rates"] = {key: statistics.median(values) for key, values in rates.items()}
+    for pipeline in pipelines.values():  # warm-up: first-call allocations
+        pipeline.localize(videos[:16])
+        pipeline.localize(videos[:1])
+    row["costs"] = {per_call: paired_cost(pipelines, videos, per_call, args.pairs // per_call * 4 or 8)
+                    for per_call in (1, 16)}
     video_backend.close()
     segment_backend.close()
     return row
 
 
 def render(rows: dict[str, dict]) -> str:
-    lines = ["| model | max \\|Δ fused\\| two-row rule | max \\|Δ fused\\| single row | videos/s, 1 per "
-             "call: rule / single row | cost | videos/s, 16 per call: rule / single row | cost |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | max \\|Δ fused\\| two-row rule | max \\|Δ fused\\| single row | CPU ms/video, 1 "
+             "per call: rule / single row | cost | CPU ms/video, 16 per call: rule / single row | "
+             "cost (control) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for size, row in rows.items():
-        rates = row["rates"]
         cells = []
         for per_call in (1, 16):
-            rule, single = rates[("rule", per_call)], rates[("single", per_call)]
-            cells += [f"{rule:,.1f} / {single:,.1f}", f"{1 - rule / single:+.1%}"]
+            cost = row["costs"][per_call]
+            cells += [f"{cost['rule_ms']:.2f} / {cost['single_ms']:.2f}", f"{cost['cost']:+.1%}"]
         lines.append(f"| {size} | {row['rule']:.3g} | {row['single']:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "paper"], choices=list(SIZES))
     parser.add_argument("--videos", type=int, default=32, help="synthetic videos (60-300 frames)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
+    parser.add_argument("--pairs", type=int, default=64,
+                        help="pairs of one-video calls timed (16-video calls: a quarter as many)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="export threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_FILE)
@@ -173,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, numpy "
         f"{np.__version__}; load average {os.getloadavg()[0]:.2f} at the end (a shared machine)\n"
         f"- {len(videos)} synthetic videos, {frames:.0f} frames on average; one NeXtVLAD per "
-        f"size with random weights, distill fp32 on ONNX Runtime; {args.rounds} interleaved rounds "
-        f"of {args.seconds:g} s, median\n\n{render(rows)}\n")
+        f"size with random weights, distill fp32 on ONNX Runtime; {args.pairs} pairs of one-video "
+        f"calls, {args.pairs // 4} of 16-video calls, medians\n\n{render(rows)}\n")
     print(section)
     write_section(args.out, section, HEADER)
     print(f"wrote {args.out}")
