@@ -31,9 +31,11 @@ a served Submission would differ from ``modloc infer``'s (adjacent ties swapped)
 on how requests happened to batch. With ONNX Runtime on CPU they do not, for every batch of
 two or more rows (measured bit for bit: any batch size, any position, any padding) except
 one: a single-row batch takes the matrix-vector path, whose sums round differently (~1 ulp
-of float32). So a one-row batch is scored as two copies of the row: the cost is the second
-row of an already small call (``benchmarks/bench_batch_invariance.py``), and no other batch
-changes.
+of float32). So a one-row batch is scored as two copies of the row. No other call changes,
+so throughput at capacity (batches of many videos) is untouched; a video that is alone in
+its call costs more CPU, as the second copy's frames are scored too (measured: +13.5% CPU
+per video for the paper-size NeXtVLAD, +37% for a tiny one whose video model dominates;
+``benchmarks/bench_batch_invariance.py``).
 
 Pure numpy: no torch.
 """
