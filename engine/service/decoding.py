@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from modloc.engine.service.metrics import handler_parts
+
 log = logging.getLogger("modloc.server")
 
 
@@ -71,14 +73,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
             log.info("event=undecodable_request rpc=%s bytes=%d", rpc, len(data))
             return _Undecodable(type_name, error, len(data))
 
-    if handler.request_streaming and handler.response_streaming:
-        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    behavior, factory = handler_parts(handler)
 
     async def checked(request, context):
         """The request as the handler takes it: a unary one refused here, a stream's

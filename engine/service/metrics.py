@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -176,6 +176,18 @@ class ServerMetrics:
         return MetricsHTTPServer(address, server.server_port, server)
 
 
+def handler_parts(handler: grpc.RpcMethodHandler) -> tuple[Callable, Callable]:
+    """A method handler's behavior, and the ``grpc.*_rpc_method_handler`` factory that makes
+    one of the same cardinality (what an interceptor needs to wrap the behavior)."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call of a ``grpc.aio`` server by method and final status code.
 
@@ -205,14 +217,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         streaming = handler.request_streaming or handler.response_streaming
-        if handler.request_streaming and handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = handler_parts(handler)
 
         if inspect.isasyncgenfunction(behavior):
             async def wrapped(request, context):
@@ -250,4 +255,5 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.record_call(method, code, time.perf_counter() - start)
 
 
-__all__ = ["STAGES", "UNKNOWN_METHOD", "MetricsHTTPServer", "MetricsInterceptor", "ServerMetrics"]
+__all__ = ["STAGES", "UNKNOWN_METHOD", "MetricsHTTPServer", "MetricsInterceptor", "ServerMetrics",
+           "handler_parts"]
