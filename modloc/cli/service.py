@@ -34,7 +34,9 @@ def _add_serve(subparsers) -> None:
             "Load exported artifacts and serve Localize/Ingest streams, per-class rankings "
             "(TopSegments, Submission), Stats and ModelInfo over gRPC. Prints 'listening on "
             "HOST:PORT' once serving (port 0 picks a free port). SIGTERM/SIGINT drain: health "
-            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written."
+            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written; "
+            "the exit status is 0, or 75 when the state directory could not be written while "
+            "serving (the files hold every acknowledged video: restart to recover)."
         ),
     )
     add_pipeline_options(parser)
