@@ -48,18 +48,33 @@ the service reaches >= 80% of the in-process throughput on this machine, judged 
 rows only: one server process against the in-process engine with as many callers, the ratio
 taken within each round (both sides under the same load) and its median over rounds.
 
+Hostile clients (``--hostile``, a section of its own): ``modloc serve`` with its default
+limits against a client that never reads its Localize responses (60-frame videos sent as
+fast as the transport takes them, ``--slow-reader-seconds``) and against a flood of
+KServe ModelInfer calls of [11, 300, 1152] uint8 (``--flood-callers`` connections, each
+calling back to back for ``--flood-seconds``). The server's RSS (VmRSS of
+/proc/<pid>/status, sampled every 50 ms) before, a third of the way in, at its peak and at
+the end, and what the clients saw: the videos the never-reading client got the server to
+take, the flood's status codes. Before each, the server is warmed up by the same work done
+politely (a third of the window of the same videos with their responses read; three
+ModelInfer calls one at a time), so that the growth is what the hostile client costs.
+
     python benchmarks/bench_service.py               # ~3.5 min on 2 cores
     python benchmarks/bench_service.py --quick       # ~1 min sanity run
     python benchmarks/bench_service.py --paper-size --streams 1 8 --processes 1
+    python benchmarks/bench_service.py --hostile     # ~1.5 min: the hostile-client rows
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import itertools
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -74,15 +89,18 @@ import torch
 from _common import RESULTS, provenance, write_section
 from bench_pipeline import export_models
 
+from modloc.engine._proto.inference import grpc_predict_v2_pb2 as kpb
+from modloc.engine._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.runtime.batcher import BatcherConfig
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
-from modloc.engine.service.client import video_chunks
+from modloc.engine.service.client import LocalizationClient, video_chunks
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
 from modloc.engine.service.core import EngineCore
 from modloc.engine.service.handlers import interleave, localize_response
@@ -622,6 +640,181 @@ def render_steps(steps, inproc: dict, service: dict) -> str:
     return "\n".join(lines)
 
 
+# --- hostile clients ---------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class RssSampler:
+    """The peak VmRSS of a process, sampled every 50 ms from a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.before, self.peak = pid, rss_mib(pid), 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mib(self.pid))
+            time.sleep(0.05)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        end = rss_mib(self.pid)
+        return {"rss_before": self.before, "rss_peak": max(self.peak, end), "rss_end": end}
+
+
+def hostile_window(sampler: RssSampler, seconds: float) -> float:
+    """Wait ``seconds``; the RSS a third of the way in (what the rest of the window adds
+    to it shows whether growth goes on or has stopped)."""
+    time.sleep(seconds / 3)
+    third = rss_mib(sampler.pid)
+    time.sleep(seconds - seconds / 3)
+    return third
+
+
+def stop_or_kill(server: ServerProcess) -> str:
+    """SIGTERM and the exit status; a server that does not drain in 60 s is killed."""
+    try:
+        return str(server.stop())
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return "no exit 60 s after SIGTERM: killed"
+
+
+def slow_reader(root: Path, args) -> dict:
+    """A Localize stream whose client never reads (module docstring)."""
+    server = ServerProcess.start(root)
+    template = np.random.default_rng(args.seed).integers(0, 256, (60, FEATURE_SIZE), dtype=np.uint8)
+    [chunk] = video_chunks(Video("template", template))
+    sent = 0
+
+    def requests(prefix: str, count: int | None):
+        nonlocal sent
+        for index in itertools.count() if count is None else range(count):
+            piece = pb.VideoChunk()
+            piece.CopyFrom(chunk)
+            piece.video_id = f"{prefix}-{index}"
+            if prefix == "unread":
+                sent += 1
+            yield pb.LocalizeRequest(video=piece)
+
+    try:
+        # the warm-up: the same videos for a third of the window, by a client that reads its
+        # responses and keeps as many in flight as the server lets one stream hold (the
+        # batches, hence the model's arenas, reach the sizes the hostile client meets)
+        warm_until = time.monotonic() + args.slow_reader_seconds / 3
+        polite = (Video(f"warm-{index}", template) for index in itertools.count())
+        window = ServerConfig.__dataclass_fields__["max_stream_videos"].default
+        with LocalizationClient(server.address, timeout=600) as client:
+            for _ in client.localize(itertools.takewhile(lambda _: time.monotonic() < warm_until, polite),
+                                     window=window):
+                pass
+        sampler = RssSampler(server.process.pid)
+        with grpc.insecure_channel(server.address) as rude:
+            call = pb_grpc.LocalizationStub(rude).Localize(requests("unread", None), timeout=600)
+            third = hostile_window(sampler, args.slow_reader_seconds)
+            with grpc.insecure_channel(server.address) as other:
+                stats = pb_grpc.LocalizationStub(other).Stats(pb.StatsRequest(), timeout=30)
+            row = sampler.stop()
+            call.cancel()
+        row.update(seconds=args.slow_reader_seconds, clients=1, rss_third=third,
+                   outcome=f"the client sent {sent:,} videos and read none; server: "
+                           f"{stats.videos_localized:,} localized, {stats.inflight_videos} unanswered")
+    finally:
+        status = stop_or_kill(server)
+    row["exit"] = status
+    return row
+
+
+def kserve_flood(root: Path, args) -> dict:
+    """``--flood-callers`` connections calling ModelInfer back to back (module docstring)."""
+    server = ServerProcess.start(root)
+    features = np.random.default_rng(args.seed).integers(0, 256, (11, 300, FEATURE_SIZE), dtype=np.uint8)
+    request = kpb.ModelInferRequest(model_name="modloc-video", inputs=[
+        kpb.ModelInferRequest.InferInputTensor(name="features", datatype="UINT8", shape=list(features.shape)),
+        kpb.ModelInferRequest.InferInputTensor(name="num_frames", datatype="INT32", shape=[11])],
+        raw_input_contents=[features.tobytes(), np.full(11, 300, "<i4").tobytes()])
+    options = [("grpc.max_send_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    statuses: collections.Counter[str] = collections.Counter()
+    try:
+        with grpc.insecure_channel(server.address, options=options) as polite:
+            stub = kpb_grpc.GRPCInferenceServiceStub(polite)
+            for _ in range(3):  # the warm-up, one call at a time
+                stub.ModelInfer(request, timeout=120)
+        sampler = RssSampler(server.process.pid)
+        until = time.monotonic() + args.flood_seconds
+
+        def caller() -> None:
+            with grpc.insecure_channel(server.address, options=options) as connection:
+                stub = kpb_grpc.GRPCInferenceServiceStub(connection)
+                while time.monotonic() < until:
+                    try:
+                        stub.ModelInfer(request, timeout=120)
+                        statuses["OK"] += 1
+                    except grpc.RpcError as error:
+                        statuses[error.code().name] += 1
+
+        callers = [threading.Thread(target=caller) for _ in range(args.flood_callers)]
+        for thread in callers:
+            thread.start()
+        third = hostile_window(sampler, args.flood_seconds)
+        for thread in callers:
+            thread.join()
+        row = sampler.stop()
+        row.update(seconds=args.flood_seconds, clients=args.flood_callers, rss_third=third,
+                   outcome=", ".join(f"{code} {count:,}" for code, count in statuses.most_common()))
+    finally:
+        status = stop_or_kill(server)
+    row["exit"] = status
+    return row
+
+
+def render_hostile(rows: dict[str, dict]) -> str:
+    lines = ["| client | connections | seconds | RSS before (MiB) | at 1/3 | peak | end | peak growth | "
+             "growth over the last 2/3 | what the clients saw | server exit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['clients']} | {row['seconds']:g} | {row['rss_before']:.0f} | "
+                     f"{row['rss_third']:.0f} | {row['rss_peak']:.0f} | {row['rss_end']:.0f} | "
+                     f"{row['rss_peak'] - row['rss_before']:+.0f} MiB | "
+                     f"{row['rss_end'] - row['rss_third']:+.0f} MiB | {row['outcome']} | {row['exit']} |")
+    return "\n".join(lines)
+
+
+def hostile(args) -> int:
+    """The hostile-client section (module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        generate(config_from("tiny", validate_videos=16, test_videos=8, min_frames=60,
+                             max_frames=300, seed=args.seed), scratch / "data", splits=("validate", "test"))
+        print("building and exporting the tiny models ...", flush=True)
+        root = export_models(scratch, args, ("fp32",))
+        rows = {}
+        print(f"a client that never reads, {args.slow_reader_seconds:g} s ...", flush=True)
+        rows["never reads its Localize responses (60-frame videos)"] = slow_reader(root, args)
+        print(f"a KServe flood, {args.flood_callers} connections, {args.flood_seconds:g} s ...", flush=True)
+        rows["ModelInfer flood, [11, 300, 1152] uint8 each"] = kserve_flood(root, args)
+    section = (
+        f"## Hostile clients, CPU: {platform.machine()}, {os.cpu_count()} cores, tiny NeXtVLAD\n\n"
+        f"{provenance()}\n- Python {platform.python_version()}, grpcio {grpc.__version__}; "
+        f"`modloc serve` with its default limits; RSS = VmRSS of /proc/<pid>/status sampled every "
+        f"50 ms, after a polite warm-up; load average {os.getloadavg()[0]:.2f} at the end (a shared "
+        f"machine)\n\n{render_hostile(rows)}\n")
+    print(section)
+    write_section(args.out, section, HEADER)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -650,8 +843,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-segments", type=int, default=0, help="segments per candidate (0 = all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="export threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hostile", action="store_true",
+                        help="only the hostile-client section: a never-reading client, a KServe flood")
+    parser.add_argument("--slow-reader-seconds", type=float, default=30.0)
+    parser.add_argument("--flood-seconds", type=float, default=20.0)
+    parser.add_argument("--flood-callers", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS_FILE)
     args = parser.parse_args(argv)
+    if args.hostile:
+        for name, value in SIZES["tiny"].items():
+            setattr(args, name, value)
+        args.branching = (1,)
+        torch.manual_seed(args.seed)
+        return hostile(args)
     if args.quick:
         args.rounds, args.seconds, args.warmup, args.processes = 1, 2.0, 0.5, [1]
     size = "paper" if args.paper_size else "tiny"

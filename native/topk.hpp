@@ -82,6 +82,7 @@ class EntryBuffer {
   }
   // Appends `count` entries (any alignment) within the capacity reserved.
   void append(const void* entries, std::size_t count) {
+    if (count == 0) return;  // data_ may still be null: memcpy must not see it (UB, found by fuzzing)
     std::memcpy(data_ + size_, entries, count * sizeof(TopKEntry));
     size_ += count;
   }

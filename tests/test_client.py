@@ -18,7 +18,11 @@ from tiny import split, synth_manifest
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.io.readers import read_videos
-from modloc.engine.service.client import RETRYABLE, AsyncLocalizationClient, LocalizationClient
+from modloc.engine.service.client import (
+    AsyncLocalizationClient,
+    LocalizationClient,
+    retryable,
+)
 from modloc.engine.service.process import ServerProcess
 
 MAX_INFLIGHT = 16
@@ -186,7 +190,7 @@ def test_ingest_gives_up_when_the_server_does_not_come_back(flavor, tiny_artifac
     # client gave up after its reconnect wait instead of waiting for a server that never
     # came back. How the break shows is a race: usually UNAVAILABLE, and INTERNAL ("Failed
     # execute_batch") when grpc.aio was sending into the stream as it closed; both retryable.
-    assert error.value.code() in RETRYABLE, error.value
+    assert retryable(error.value), error.value
     assert stopped_at, "the server did not stop"
 
 
@@ -227,3 +231,28 @@ def test_client_verb_answers_a_script_in_one_line_each(limited_server, tiny_data
     assert done.returncode == 0 and done.stdout == ""
     assert done.stderr.strip() == (f"class {empty} has no ranked segment from rank 0 on (nothing "
                                    "ingested for it yet)")
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, again", [
+    (grpc.StatusCode.UNAVAILABLE, "Socket closed", True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "64 videos in flight", True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (5 vs. 4)", False),
+    (grpc.StatusCode.INTERNAL, "Failed execute_batch: SendMessageOperation", True),  # grpc.aio's
+    (grpc.StatusCode.INTERNAL, "model 'distill-fp32' failed", False),  # the server's fault
+    (grpc.StatusCode.INVALID_ARGUMENT, "video 'a': frames", False),
+    (grpc.StatusCode.UNKNOWN, "Exception iterating requests!", False),
+    (grpc.StatusCode.CANCELLED, "Locally cancelled by application!", False),
+])
+def test_what_the_client_tries_again(code, details, again):
+    assert retryable(_Failure(code, details)) is again

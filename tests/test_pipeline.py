@@ -77,7 +77,9 @@ def reference(video: Video, fusion: FusionConfig, max_frames: int = 300):
 
 def test_fused_values_exponents_unscored_candidates_and_partial_windows():
     # windows at 0 and 5 are full, the one at 10 partial; class 99 has no segment score
-    video_model = ScoringModel(lambda f, n: np.array([[0.8, 0.6, 0.4]], np.float32), (12, 99, 11))
+    # one row per video, as a model gives (the pipeline scores a one-row batch as two rows)
+    video_model = ScoringModel(lambda f, n: np.tile(np.array([[0.8, 0.6, 0.4]], np.float32), (len(f), 1)),
+                               (12, 99, 11))
     segment_model = ScoringModel(lambda f, n: np.array([[0.9, 0.2], [0.1, 0.7], [0.5, 0.5]], np.float32),
                                  (12, 11))
     video = Video("v", np.zeros((12, 1152), np.uint8))
@@ -136,7 +138,8 @@ def test_video_batches_are_padded_to_the_bucketed_longest_or_to_fixed_frames():
     assert calls == [(3, 60, 1152)]
     calls.clear()
     Pipeline(*models(fixed_frames=300, calls=calls), PipelineConfig(video_batch_size=2)).localize(videos)
-    assert calls == [(2, 300, 1152), (1, 300, 1152)]
+    # the last batch holds one video: scored as two copies of it (never a one-row batch)
+    assert calls == [(2, 300, 1152), (2, 300, 1152)]
     with pytest.raises(ValueError, match="fewer than max_frames"):
         Pipeline(*models(fixed_frames=100))
 

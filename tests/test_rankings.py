@@ -134,3 +134,14 @@ def test_write_submission_into_a_directory_it_makes_or_finds(tmp_path):
     rankings.write_submission(tmp_path / "new" / "one.csv")  # made
     rankings.write_submission(tmp_path / "new" / "two.csv")  # found
     assert (tmp_path / "new" / "one.csv").read_text() == (tmp_path / "new" / "two.csv").read_text()
+def test_infer_refuses_a_file_id_that_a_csv_writer_would_quote(tmp_path):
+    """``modloc infer`` checks the ids of its files with the service's rule, before any work."""
+    from modloc.engine.base.io.examples import Video, encode_video
+    from modloc.engine.base.io.tfrecord import write_records
+    from modloc.engine.runtime.infer import ordered_chunks
+
+    path = tmp_path / "test.tfrecord"
+    features = np.zeros((5, 1152), np.uint8)
+    write_records(path, [encode_video(Video("fine", features)), encode_video(Video('a"b', features))])
+    with pytest.raises(ValueError, match=rf"{path}: record 1: video id 'a\"b' cannot be ranked"):
+        list(ordered_chunks([(0, str(path))], 8))

@@ -93,6 +93,7 @@ def test_kaggle_row_limit_is_enforced_not_cut(length):
         ({3: ["a:0", ""]}, "empty segment id"),
         ({3: [""]}, "empty segment id"),  # would read back as an empty row
         ({3: ["a:0 b:5"]}, "segment 'a:0 b:5'"),  # would read back as two ids
+        ({3: ['"a:0', "b:5"]}, """segment '"a:0'"""),  # a quoted field to CSV readers
     ],
 )
 def test_writer_refuses_what_the_validator_would_flag(rankings, message):
@@ -138,6 +139,37 @@ def test_video_predictions_of_another_split_are_refused(tmp_path, tiny_dataset):
         evaluate_video_predictions(str(predictions), str(tiny_dataset / "train" / "*.tfrecord"))
 
 
+def test_a_quoted_field_is_refused_even_by_a_lenient_read():
+    with pytest.raises(ValueError, match=r"line 2: quoted field: a '\"' at column 3"):
+        read_submission(io.StringIO(H + '3,"a:0 b:5\n7,c:0\n'), class_ids=CLASSES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=12))
+def test_every_rankable_id_is_one_that_csv_writers_leave_unquoted(video_id):
+    """The id rule refuses exactly what would change a CSV reader's fields: what it lets
+    through, Python's csv module writes verbatim and reads back as the same rows."""
+    import csv
+
+    try:
+        check_rankable_id(video_id)
+    except ValueError:
+        return
+    row = f"{video_id}:0 {video_id}x:5"
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([3, row])
+    assert buffer.getvalue() == f"3,{row}\n"  # nothing quoted
+    text = written({3: row.split(" ")})
+    assert list(csv.reader(io.StringIO(text))) == [["Class", "Segments"], ["3", row], ["7", ""]]
+    assert read_submission(io.StringIO(text), strict=True, class_ids=CLASSES) == {3: row.split(" "), 7: []}
+
+
+@pytest.mark.parametrize("video_id", ["", "a b", "a:b", "a,b", 'a"b', "a\x00b", "a\x85b", "a\u2028b"])
+def test_the_id_rule_refuses_what_splits_or_quotes_a_csv_row(video_id):
+    with pytest.raises(ValueError, match="cannot be ranked"):
+        check_rankable_id(video_id)
+
+
 def test_crlf_line_endings_are_read():
     text = "Class,Segments\r\n3,a:0 b:5\r\n7,\r\n"
     assert validate_submission(io.StringIO(text), class_ids=CLASSES) == []
@@ -180,6 +212,13 @@ MALFORMED = [
     (H + "3,:5\n7,\n", [(ProblemKind.BAD_SEGMENT, 2, 3, ":5")]),
     (H + "3,a:0 a:0 a:0\n7,\n", [(ProblemKind.DUPLICATE_SEGMENT, 2, 3, "a:0")]),
     (H + "3,\n7,a:0 a:5 a:10 a:15\n", [(ProblemKind.TOO_MANY_SEGMENTS, 3, 7, None)]),
+    # csv.reader would read '"a:0 …' as a quoted field running into the next lines
+    (
+        H + '3,"a:0 b:5\n7,c:0\n',
+        [(ProblemKind.QUOTED_FIELD, 2, None, None), (ProblemKind.MISSING_CLASS, None, 3, None)],
+    ),
+    (H + '3,a:0\n7,b"c:0\n', [(ProblemKind.QUOTED_FIELD, 3, None, None),
+                               (ProblemKind.MISSING_CLASS, None, 7, None)]),
 ]
 
 

@@ -7,6 +7,7 @@ back to ``k`` often, so the threshold path runs on every test.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,10 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modloc.engine.base.io.tfrecord import CorruptRecordError, encode_record, iter_buffer_records
+from modloc.engine.base.io.tfrecord import encode_record, iter_buffer_records
 from modloc.engine.base.metrics import SegmentTruth, rank_segments, segment_map
 from modloc.engine.runtime.fusion import dummy_pairs
-from modloc.engine.runtime.topk import DurableTopK, TopK, TopKFormatError, default_slack
+from modloc.engine.runtime.topk import (
+    DurableTopK,
+    StateMismatchError,
+    StatePolicy,
+    TopK,
+    TopKFormatError,
+    default_slack,
+)
 
 CLASSES = [3, 7, 11, 42]
 K = 6
@@ -392,35 +400,121 @@ def test_durable_add_commit_crash_and_reopen(tmp_path):
         durable.add(*_video(99))
 
 
-def test_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog):
-    with DurableTopK.open(tmp_path / "d", CLASSES, K) as durable:
-        for index in range(12):
-            durable.add(*_video(index))
-    log = _log(tmp_path / "d")
-    os.truncate(log, log.stat().st_size - 5)
+def _acknowledged(directory: Path, count: int, snapshot_after: int | None = None) -> Path:
+    """A directory whose first ``count`` videos were committed (a snapshot after
+    ``snapshot_after`` of them), left as a crash would leave it (never closed)."""
+    live = directory.with_name(directory.name + "-live")
+    durable = DurableTopK.open(live, CLASSES, K)
+    for index in range(count):
+        durable.add(*_video(index))
+        if index + 1 == snapshot_after:
+            durable.commit()
+            durable.snapshot()
+    durable.commit()
+    _crash_image(live, directory)
+    durable.close()
+    return directory
+
+
+@pytest.mark.parametrize("cut", ["inside the last record", "inside its length field"])
+def test_a_torn_append_at_the_logs_end_is_dropped_saying_where(tmp_path, caplog, cut):
+    directory = _acknowledged(tmp_path / "d", 12)
+    log = _log(directory)
+    last = list(iter_buffer_records(log.read_bytes()))[-1]
+    size = log.stat().st_size - 5 if cut == "inside the last record" else last.offset + 5
+    os.truncate(log, size)
     with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
-        reopened = DurableTopK.open(tmp_path / "d", CLASSES, K)
-    assert "torn by a crash" in caplog.text and str(log) in caplog.text
+        reopened = DurableTopK.open(directory, CLASSES, K)
+    assert f"{log}: the log ends in a torn write" in caplog.text
+    assert (f"cut at byte offset {last.offset} inside record 12 (truncated" in caplog.text
+            and f"dropping its {size - last.offset} bytes" in caplog.text
+            and f"the last intact record is video {_video(10)[0]!r} (the log's video 11), "
+                f"ending at byte {last.offset}" in caplog.text), caplog.text
     assert reopened.topk.rankings() == _fed(range(11)).rankings()
-    assert not reopened.contains(_video(11)[0])
     reopened.add(*_video(11))  # appended after the cut-off tail: the log stays well framed
     reopened.close()
-    with DurableTopK.open(tmp_path / "d", CLASSES, K) as again:
+    with DurableTopK.open(directory, CLASSES, K) as again:
         assert again.topk.rankings() == _fed(range(12)).rankings()
 
 
-def test_corrupt_record_in_the_middle_is_an_error(tmp_path):
-    with DurableTopK.open(tmp_path / "d", CLASSES, K) as durable:
-        for index in range(6):
+def test_a_crc_bad_last_record_is_torn_only_if_its_crc_never_reached_the_disk(tmp_path, caplog):
+    """The rule for a last record failing its CRC: its CRC field reads zero, the end of an
+    append a crash cut short; any other bytes (one flipped bit) are damage."""
+    directory = _acknowledged(tmp_path / "d", 8)
+    log = _log(directory)
+    data = bytearray(log.read_bytes())
+    last = list(iter_buffer_records(bytes(data)))[-1]
+    flipped = bytearray(data)
+    flipped[last.offset + 14] ^= 0x01
+    log.write_bytes(bytes(flipped))
+    with pytest.raises(TopKFormatError, match=rf"{log}: record 8 at byte offset {last.offset}: data "
+                       r"CRC mismatch \(and is not a torn write at the log's end\)") as refused:
+        DurableTopK.open(directory, CLASSES, K)
+    assert f"the last intact record before it is video {_video(6)[0]!r}" in str(refused.value)
+    assert "--accept-state-loss" in str(refused.value)
+    data[-4:] = b"\0\0\0\0"  # the append's last block never written
+    log.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
+        with DurableTopK.open(directory, CLASSES, K) as reopened:
+            assert reopened.topk.rankings() == _fed(range(7)).rankings()
+    assert "torn write" in caplog.text and "data CRC mismatch" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "cut to its header", "cut mid-record"])
+def test_a_log_missing_or_shorter_than_the_manifest_says_is_refused(tmp_path, caplog, damage):
+    """After a clean close the manifest knows the log's length: losing any of it is refused,
+    naming the file and what is missing, unless the operator accepts the loss."""
+    directory = tmp_path / "d"
+    with DurableTopK.open(directory, CLASSES, K) as durable:
+        for index in range(20):
             durable.add(*_video(index))
-    log = _log(tmp_path / "d")
+        durable.snapshot()
+        for index in range(20, 40):
+            durable.add(*_video(index))
+    log = _log(directory)
+    records = list(iter_buffer_records(log.read_bytes()))
+    if damage == "deleted":
+        log.unlink()
+        expected = rf"{log} is missing: the manifest names it as the log of the videos after the first 20, holding \d+ bytes: its header and 20 videos, the last '{_video(39)[0]}'"
+    else:
+        size = {"emptied": 0, "cut to its header": records[1].offset,
+                "cut mid-record": records[10].offset + 20}[damage]
+        os.truncate(log, size)
+        expected = rf"{log} holds {size} bytes, fewer than the \d+ bytes: its header and 20 videos"
+    with pytest.raises(TopKFormatError, match=expected) as refused:
+        DurableTopK.open(directory, CLASSES, K)
+    assert "when the manifest was written (close" in str(refused.value)
+    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
+        with DurableTopK.open(directory, CLASSES, K, policy=StatePolicy(accept_loss=True)) as accepted:
+            kept = {"deleted": 20, "emptied": 20, "cut to its header": 20, "cut mid-record": 29}[damage]
+            assert accepted.topk.rankings() == _fed(range(kept)).rankings()
+    assert "accepting the loss as asked" in caplog.text
+    with DurableTopK.open(directory, CLASSES, K) as again:  # the accepted state is the state now
+        assert again.topk.stats().videos == kept
+
+
+def test_a_log_lost_after_a_crash_past_the_snapshot_is_refused(tmp_path):
+    """The issue's case: 20 videos acknowledged past the last snapshot, then the process
+    died and the log was deleted or emptied; before the manifest it restarted without them."""
+    for damage in ("deleted", "emptied"):
+        directory = _acknowledged(tmp_path / damage, 40, snapshot_after=20)
+        log = _log(directory)
+        log.unlink() if damage == "deleted" else log.write_bytes(b"")
+        with pytest.raises(TopKFormatError, match=rf"{log} (is missing|holds 0 bytes)"):
+            DurableTopK.open(directory, CLASSES, K)
+
+
+def test_corrupt_record_in_the_middle_is_an_error(tmp_path):
+    directory = _acknowledged(tmp_path / "d", 6)
+    log = _log(directory)
     records = list(iter_buffer_records(log.read_bytes()))
     data = bytearray(log.read_bytes())
     data[records[3].offset + 14] ^= 0xFF  # inside record 3's payload
     log.write_bytes(bytes(data))
-    with pytest.raises(CorruptRecordError, match=r"record 3 at byte offset \d+: data CRC mismatch") as info:
-        DurableTopK.open(tmp_path / "d", CLASSES, K)
-    assert str(log) in str(info.value)
+    with pytest.raises(TopKFormatError, match=rf"{log}: record 3 at byte offset \d+: data CRC mismatch"):
+        DurableTopK.open(directory, CLASSES, K)
+    with DurableTopK.open(directory, CLASSES, K, policy=StatePolicy(accept_loss=True)) as accepted:
+        assert accepted.topk.rankings() == _fed(range(2)).rankings()  # up to the damage
 
 
 def test_snapshot_then_more_adds_then_reopen(tmp_path):
@@ -437,8 +531,11 @@ def test_snapshot_then_more_adds_then_reopen(tmp_path):
     for index in range(30, 45):
         durable.add(*_video(index))
     durable.commit()
-    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "log-00000002.tfrecord",
+    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "MANIFEST", "log-00000002.tfrecord",
                                                           "snapshot-00000002.topk"]
+    manifest = json.loads((directory / "MANIFEST").read_text())
+    assert manifest["snapshot"] == {"file": second.name, "bytes": second.stat().st_size, "videos": 30}
+    assert manifest["log"]["file"] == "log-00000002.tfrecord" and manifest["log"]["first_video"] == 30
     with DurableTopK.open(_crash_image(directory, tmp_path / "crashed"), CLASSES, K) as reopened:
         assert reopened.topk.rankings() == _fed(range(45)).rankings()
         assert not reopened.add(*_video(5))  # in the snapshot: still idempotent
@@ -465,7 +562,7 @@ def test_a_snapshot_that_cannot_be_written_leaves_the_log_going(tmp_path, monkey
         durable.snapshot()
     monkeypatch.setattr(modloc.engine.base.atomic.os, "replace", real_replace)
     # no half-written file is left, and the log takes more: nothing acknowledged was at risk
-    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "log-00000000.tfrecord"]
+    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "MANIFEST", "log-00000000.tfrecord"]
     for index in range(10, 15):
         durable.add(*_video(index))
     durable.commit()
@@ -474,29 +571,76 @@ def test_a_snapshot_that_cannot_be_written_leaves_the_log_going(tmp_path, monkey
     durable.close()
 
 
-def test_a_snapshot_left_unfinished_by_a_crash_is_discarded(tmp_path, caplog):
+def test_files_the_manifest_does_not_name_are_leftovers_and_a_named_one_must_be_intact(tmp_path):
     directory = tmp_path / "d"
     with DurableTopK.open(directory, CLASSES, K) as durable:
         for index in range(10):
             durable.add(*_video(index))
-    # the crash came after the snapshot's rename, before its data reached the disk
+    # a crash during a snapshot, before the manifest named it: its files are leftovers
     (directory / "snapshot-00000001.topk").write_bytes(b"\0" * 100)
-    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
-        reopened = DurableTopK.open(directory, CLASSES, K)
-    assert "unfinished" in caplog.text
-    assert reopened.topk.rankings() == _fed(range(10)).rankings()
-    reopened.close()
-    # ...and one that did reach the disk is used, its log created, the older generation removed
-    (directory / "snapshot-00000001.topk").write_bytes(_fed(range(10), slack=None).to_bytes())
+    (directory / "log-00000001.tfrecord").write_bytes(b"")
     with DurableTopK.open(directory, CLASSES, K) as reopened:
         assert reopened.topk.rankings() == _fed(range(10)).rankings()
-    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "log-00000001.tfrecord",
+        reopened.snapshot()
+    assert sorted(p.name for p in directory.iterdir()) == ["LOCK", "MANIFEST", "log-00000001.tfrecord",
                                                           "snapshot-00000001.topk"]
-    # an unfinished snapshot with nothing earlier to fall back on is an error, not a reset
-    (directory / "log-00000001.tfrecord").unlink()
-    (directory / "snapshot-00000001.topk").write_bytes(b"\0" * 100)
-    with pytest.raises(TopKFormatError, match="no earlier generation"):
+    # the named snapshot damaged, emptied or replaced: refused
+    snapshot = directory / "snapshot-00000001.topk"
+    good = snapshot.read_bytes()
+    for damaged, reason in ((b"", "holds 0 bytes, not the"), (good[:-1] + b"\x01", "is damaged"),
+                            (_fed(range(9), slack=None).to_bytes(), r"holds \d+ (bytes|videos), not the")):
+        snapshot.write_bytes(damaged)
+        with pytest.raises(TopKFormatError, match=rf"{snapshot} .*{reason}.*snapshot of 10 acknowledged videos"):
+            DurableTopK.open(directory, CLASSES, K)
+    snapshot.unlink()
+    with pytest.raises(TopKFormatError, match=rf"{snapshot} is missing"):
         DurableTopK.open(directory, CLASSES, K)
+
+
+def test_top_k_files_without_a_manifest_are_refused_unless_adopted(tmp_path):
+    directory = tmp_path / "d"
+    with DurableTopK.open(directory, CLASSES, K) as durable:
+        for index in range(10):
+            durable.add(*_video(index))
+        durable.snapshot()
+        durable.add(*_video(10))
+    (directory / "MANIFEST").unlink()
+    with pytest.raises(TopKFormatError, match=r"holds top-K files \(log-00000001.tfrecord, "
+                       r"snapshot-00000001.topk\) but no readable MANIFEST"):
+        DurableTopK.open(directory, CLASSES, K)
+    (directory / "MANIFEST").write_text("{not json")
+    with pytest.raises(TopKFormatError, match=r"MANIFEST cannot be read \(JSONDecodeError"):
+        DurableTopK.open(directory, CLASSES, K)
+    with DurableTopK.open(directory, CLASSES, K, policy=StatePolicy(accept_loss=True)) as adopted:
+        assert adopted.topk.rankings() == _fed(range(11)).rankings()
+    with DurableTopK.open(directory, CLASSES, K) as again:  # adopted: it has a manifest now
+        assert again.topk.stats().videos == 11
+
+
+def test_settings_that_filled_the_rankings_are_checked_on_restart(tmp_path, caplog):
+    directory = tmp_path / "d"
+    first = {"segment_model": {"sha256": "aa", "variant": "distill-fp32"}, "top_n": 20}
+    with DurableTopK.open(directory, CLASSES, K, settings=first) as durable:
+        durable.add(*_video(0))
+    changed = {"segment_model": {"sha256": "bb", "variant": "distill-int8"}, "top_n": 20}
+    with pytest.raises(StateMismatchError, match=r"filled under other settings \(segment_model.sha256: "
+                       r"'aa' then, 'bb' now; segment_model.variant: 'distill-fp32' then, "
+                       r"'distill-int8' now\)") as refused:
+        DurableTopK.open(directory, CLASSES, K, settings=changed)
+    assert "--fresh-state" in str(refused.value) and "--accept-settings-change" in str(refused.value)
+    with DurableTopK.open(directory, CLASSES, K, settings=first) as same:  # the same ones: fine
+        assert same.topk.stats().videos == 1
+    with caplog.at_level(logging.WARNING, logger="modloc.engine.runtime.topk"):
+        with DurableTopK.open(directory, CLASSES, K, settings=changed,
+                              policy=StatePolicy(accept_settings=True)) as kept:
+            assert kept.topk.stats().videos == 1
+    assert "keeping rankings filled under other settings" in caplog.text
+    with DurableTopK.open(directory, CLASSES, K, settings=changed) as recorded:  # now recorded
+        assert recorded.topk.stats().videos == 1
+    with DurableTopK.open(directory, CLASSES, K, settings=first, policy=StatePolicy(fresh=True)) as fresh:
+        assert fresh.topk.stats().videos == 0
+    [aside] = directory.glob("replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["MANIFEST", "log-00000000.tfrecord"]
 
 
 def test_durable_refuses_other_classes_k_and_a_second_opener(tmp_path):
@@ -576,12 +720,16 @@ def test_commit_fsyncs_every_byte_it_acknowledges(tmp_path, fsynced):
         assert synced.get(status.st_ino) == status.st_size
 
 
-def test_a_log_torn_inside_its_header_starts_again_from_byte_0(tmp_path, caplog):
+def test_a_log_cut_inside_its_header_is_refused_or_started_again_from_byte_0(tmp_path):
+    """The manifest names a log only once its header is durable, so a header cut short is
+    damage, not a torn append: refused; with accept_loss the log starts again from byte 0."""
     directory = tmp_path / "d"
     DurableTopK.open(directory, CLASSES, K).close()  # a log that holds only its header
     log = _log(directory)
-    os.truncate(log, 5)  # the crash tore the header itself
-    with DurableTopK.open(directory, CLASSES, K) as reopened:
+    os.truncate(log, 5)
+    with pytest.raises(TopKFormatError, match=r"holds 5 bytes, fewer than the 72 bytes"):
+        DurableTopK.open(directory, CLASSES, K)
+    with DurableTopK.open(directory, CLASSES, K, policy=StatePolicy(accept_loss=True)) as reopened:
         assert reopened.topk.stats().videos == 0
         assert reopened.add(*_video(0))
     with DurableTopK.open(directory, CLASSES, K) as again:  # the rewritten log reads back whole
@@ -592,3 +740,19 @@ def test_the_default_slack_is_a_quarter_of_k_and_at_least_1024():
     assert default_slack(100_000) == 25_000
     assert default_slack(4_099) == 1_024 and default_slack(4_100) == 1_025
     assert default_slack(1) == 1_024
+
+
+def test_a_manifest_names_only_its_generations_files(tmp_path):
+    """A damaged or crafted manifest cannot point the reader at another file (or outside
+    the directory): each field is checked before any file is opened."""
+    directory = tmp_path / "d"
+    with DurableTopK.open(directory, CLASSES, K) as durable:
+        durable.add(*_video(0))
+    good = json.loads((directory / "MANIFEST").read_text())
+    for change, message in (({"log": {**good["log"], "file": "../elsewhere.tfrecord"}},
+                             r"log.file '../elsewhere.tfrecord' is not generation 0's"),
+                            ({"generation": "0"}, r"field generation is '0', not int"),
+                            ({"log": {**good["log"], "records": True}}, r"field log.records is True")):
+        (directory / "MANIFEST").write_text(json.dumps({**good, **change}))
+        with pytest.raises(TopKFormatError, match=rf"MANIFEST cannot be read \(ValueError: {message}"):
+            DurableTopK.open(directory, CLASSES, K)

@@ -11,18 +11,26 @@ import shutil
 from pathlib import Path
 
 
-def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes | str, durable: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory (created
-    with its parents when missing, as every ``--out`` of the CLI is)."""
+    with its parents when missing, as every ``--out`` of the CLI is).
+
+    ``durable``: also fsync the data before the rename and the directory after it, so that
+    once this returns a crash leaves the new file, whole (without it a crash soon after may
+    leave the new name over data that never reached the disk).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not also keep the half-written file
         raise

@@ -40,9 +40,12 @@ VIDEO_PREDICTIONS_HEADER = "VideoId,LabelConfidencePairs"
 
 PathOrFile = Union[str, "os.PathLike[str]", TextIO]
 
-# A segment id: a video id without whitespace, ':' or ',', then a start time that is a
-# multiple of 5 (last digit 0 or 5) with no leading zero.
-_VIDEO_ID = r"[^\s:,]+"
+# A segment id: a rankable video id (check_rankable_id: no whitespace, control character,
+# ':', ',' or '"'), then a start time that is a multiple of 5 (last digit 0 or 5) with no
+# leading zero.
+_VIDEO_ID = r'[^\s:,"\x00-\x1f\x7f-\x9f\ud800-\udfff]+'
+_RANKABLE_ID = re.compile(_VIDEO_ID)
+_QUOTE = '"'
 _START_MULTIPLE_OF_5 = r"(?:[05]|[1-9][0-9]*[05])"
 _SEGMENT_ID = re.compile(rf"({_VIDEO_ID}):(0|[1-9][0-9]*)")
 # A whole row of well-formed ids: checked in one C-speed regex match, so that a
@@ -61,6 +64,7 @@ class ProblemKind(str, enum.Enum):
     EXTRA_HEADER = "extra header"  # a header line after line 1
     BLANK_LINE = "blank line"
     MALFORMED_ROW = "malformed row"  # not 'class,ids', or an empty id (stray space)
+    QUOTED_FIELD = "quoted field"  # a '"': CSV readers would read a quoted field there
     BAD_CLASS = "bad class"  # the class field is not a non-negative integer
     UNKNOWN_CLASS = "unknown class"  # not one of the segment classes
     REPEATED_CLASS = "repeated class"  # a second row for a class
@@ -74,6 +78,7 @@ class ProblemKind(str, enum.Enum):
 _STRUCTURAL = {
     ProblemKind.EXTRA_HEADER,
     ProblemKind.MALFORMED_ROW,
+    ProblemKind.QUOTED_FIELD,
     ProblemKind.BAD_CLASS,
     ProblemKind.REPEATED_CLASS,
 }
@@ -95,17 +100,26 @@ class Problem:
 
 
 def check_rankable_id(video_id: str, where: str = "") -> None:
-    """Refuse a video id that a ranked segment id ``'<video id>:<start>'`` (REFERENCE §7,
-    the Kaggle CSV) cannot carry: empty, or holding whitespace, ':' or ','.
+    """Refuse a video id that cannot be ranked: the one id rule of everything that ranks
+    (the service's Ingest, ``modloc infer`` on file ids, :class:`Rankings`) and of the
+    submission reader and writer.
+
+    A ranked segment id is ``'<video id>:<start>'`` in a row of the Kaggle CSV (REFERENCE
+    §7), so the id must be non-empty and hold no character that would change how the row
+    splits or that a CSV writer would have to quote: no whitespace (spaces separate the
+    ids, line breaks the rows), no control character, no ``:`` (ends the id), no ``,``
+    (separates the fields) and no ``"`` (starts a quoted field, which standard CSV readers
+    run into the following rows).
 
     Only ranking needs this: such a video can still be localized (``modloc show``, the
     Localize service). ``where`` (e.g. ``"file.tfrecord: record 3: "``) prefixes the message.
     """
-    if video_id and not any(c.isspace() or c in ":," for c in video_id):
+    if _RANKABLE_ID.fullmatch(video_id):
         return
     raise ValueError(f"{where}video id {video_id!r} cannot be ranked: a Kaggle segment id "
                      "'<video id>:<start>' needs a non-empty video id without whitespace, "
-                     "':' or ','")
+                     "control characters, ':', ',' or '\"' (characters that split a CSV row or "
+                     "that a CSV writer would quote)")
 
 
 def write_submission(
@@ -320,6 +334,17 @@ def _scan_submission(
                 )
             if not text:
                 problems.append(Problem(ProblemKind.BLANK_LINE, line, "an empty line"))
+                continue
+            if _QUOTE in text:
+                # csv.reader and pandas would read a quoted field from here on, across lines
+                problems.append(
+                    Problem(
+                        ProblemKind.QUOTED_FIELD,
+                        line,
+                        f"a '\"' at column {text.index(_QUOTE) + 1}: CSV readers would read a "
+                        "quoted field there (no video id may hold '\"')",
+                    )
+                )
                 continue
             class_text, comma, segments_text = text.partition(",")
             if not comma or "," in segments_text:

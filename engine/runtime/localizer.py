@@ -25,6 +25,7 @@ from modloc.engine.runtime.pipeline import (
     VideoLocalization,
 )
 from modloc.engine.runtime.rankings import Rankings, RedisSettings
+from modloc.engine.runtime.topk import StatePolicy
 
 DEFAULT_VARIANT = "distill-fp32"
 
@@ -50,6 +51,22 @@ def artifact_paths(artifacts: str | os.PathLike, video: str | None = None,
                                        f"; expected {root}/{kind}/<graph>-<precision>/ from modloc export"))
         chosen.append(candidate)
     return chosen[0], chosen[1]
+
+
+def ranking_settings(video_backend, segment_backend, config: PipelineConfig) -> dict:
+    """What decides the fused scores that fill durable rankings: each model (its ONNX
+    graph's sha256, graph and precision) and the fusion settings. The state directory
+    records them, and refuses a restart that would mix in scores made otherwise."""
+    fusion = config.fusion
+
+    def model(backend) -> dict:
+        artifact = backend.artifact
+        return {"onnx_sha256": artifact.manifest["onnx"]["sha256"],
+                "variant": f"{artifact.graph}-{artifact.precision}"}
+
+    return {"video_model": model(video_backend), "segment_model": model(segment_backend),
+            "top_n": fusion.top_n, "video_exponent": fusion.video_exponent,
+            "segment_exponent": fusion.segment_exponent, "max_frames": config.max_frames}
 
 
 class Localizer:
@@ -80,11 +97,13 @@ class Localizer:
                        config: PipelineConfig | None = None, backend_options: dict | None = None,
                        class_ids: Sequence[int] | None = None, fallback: bool = False,
                        state_dir: str | os.PathLike | None = None,
-                       redis: RedisSettings | None = None) -> Localizer:
+                       redis: RedisSettings | None = None,
+                       state_policy: StatePolicy | None = None) -> Localizer:
         """A localizer over exported artifacts (:func:`artifact_paths`) on ``backend``.
 
-        ``class_ids``, ``fallback`` and ``state_dir`` (durable rankings) or ``redis`` (shared
-        ones) make its :class:`Rankings`.
+        ``class_ids``, ``fallback`` and ``state_dir`` (durable rankings, opened with
+        ``state_policy``; the directory records the :func:`ranking_settings` that fill it)
+        or ``redis`` (shared ones) make its :class:`Rankings`.
         """
         from modloc.engine.runtime.backends import open_backend
 
@@ -99,8 +118,10 @@ class Localizer:
                                      f"{kind}-level one is expected")
             pipeline = Pipeline(ScoringModel.from_backend(opened[0]),
                                 ScoringModel.from_backend(opened[1]), config)
+            settings = ranking_settings(opened[0], opened[1], config) if state_dir is not None else None
             rankings = Rankings(class_ids, config.fusion.k, include_partial=config.fusion.include_partial,
-                                fallback=fallback, directory=state_dir, redis=redis)
+                                fallback=fallback, directory=state_dir, redis=redis,
+                                settings=settings, policy=state_policy)
         except BaseException:
             for loaded in opened:
                 loaded.close()
@@ -137,4 +158,4 @@ class Localizer:
         self.close()
 
 
-__all__ = ["DEFAULT_VARIANT", "Localizer", "artifact_paths"]
+__all__ = ["DEFAULT_VARIANT", "Localizer", "artifact_paths", "ranking_settings"]

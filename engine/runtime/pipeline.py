@@ -26,6 +26,17 @@ so its scores do not depend on the padding. A MOD tree's gates average over ever
 frame, padding included, as the reference's reader pads every video to 300 frames; a model
 that says so (``fixed_frames=300``) gets batches padded to exactly that.
 
+Batch invariance. A video's scores must not depend on the videos that share its batch, or
+a served Submission would differ from ``modloc infer``'s (adjacent ties swapped) depending
+on how requests happened to batch. With ONNX Runtime on CPU they do not, for every batch of
+two or more rows (measured bit for bit: any batch size, any position, any padding) except
+one: a single-row batch takes the matrix-vector path, whose sums round differently (~1 ulp
+of float32). So a one-row batch is scored as two copies of the row. No other call changes,
+so throughput at capacity (batches of many videos) is untouched; a video that is alone in
+its call costs more CPU, as the second copy's frames are scored too (measured: +13.5% CPU
+per video for the paper-size NeXtVLAD, +37% for a tiny one whose video model dominates;
+``benchmarks/bench_batch_invariance.py``).
+
 Pure numpy: no torch.
 """
 
@@ -305,12 +316,15 @@ class Pipeline:
 
     @staticmethod
     def _checked(model: ScoringModel, features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        rows = len(features)
+        if rows == 1:  # never a one-row batch (module docstring: batch invariance)
+            features, num_frames = np.concatenate([features] * 2), np.concatenate([num_frames] * 2)
         scores = np.asarray(model.score(features, num_frames))
         expected = (len(features), len(model.class_ids))
         if scores.shape != expected:
             raise RuntimeError(f"{model.name} returned scores of shape {scores.shape} for a batch "
                                f"of {len(features)}, expected {expected}")
-        return scores
+        return scores[:rows]
 
     def _fuse(self, candidate_ids: np.ndarray, candidate_scores: np.ndarray,
               window_scores: np.ndarray, windows_per_video: np.ndarray) -> np.ndarray:

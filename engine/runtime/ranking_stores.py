@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from modloc.engine.runtime.topk import DurableTopK, TopK, TopKStats
+from modloc.engine.runtime.topk import DurableTopK, StatePolicy, TopK, TopKStats
 
 
 class StoreUnavailable(RuntimeError):
@@ -144,10 +144,12 @@ class NativeStore:
     shared = False
 
     def __init__(self, class_ids: Sequence[int], k: int,
-                 directory: str | os.PathLike | None = None):
+                 directory: str | os.PathLike | None = None, *,
+                 settings: dict | None = None, policy: StatePolicy | None = None):
         self.class_ids = list(class_ids)
         self.k = k
-        self.durable_topk = DurableTopK.open(directory, self.class_ids, k) if directory is not None else None
+        self.durable_topk = None if directory is None else DurableTopK.open(
+            directory, self.class_ids, k, settings=settings, policy=policy or StatePolicy())
         self.topk = self.durable_topk.topk if self.durable_topk is not None else TopK(self.class_ids, k)
         self._order_lock = threading.Lock()  # a default order is the count before the add
 

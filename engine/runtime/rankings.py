@@ -52,7 +52,7 @@ from modloc.engine.runtime.ranking_stores import (
     RedisSettings,
     VideoPairs,
 )
-from modloc.engine.runtime.topk import TopK, TopKStats
+from modloc.engine.runtime.topk import StatePolicy, TopK, TopKStats
 
 # REFERENCE §7 step 5: the fallback file (…_test_k1000.csv) holds each video's top 1000 classes
 FALLBACK_CLASSES_PER_VIDEO = 1000
@@ -69,9 +69,14 @@ class Rankings:
             reference does not).
         fallback: keep the state of the fallback fill (REFERENCE §7 step 5).
         directory: keep the rankings durable in this directory (created if absent;
-            restored if it holds them): see :meth:`commit`.
+            restored if it holds them): see :meth:`commit`, and
+            :class:`~modloc.engine.runtime.topk.DurableTopK` for the directory's rules.
         redis: keep them in Redis instead, shared with every process that opens the same
             ones (durable, see :class:`~modloc.engine.runtime.redis_rankings.RedisStore`).
+        settings: what fills the rankings besides ``include_partial`` (the models' hashes,
+            the fusion settings), recorded in the directory and checked when it is reopened.
+        policy: what reopening a directory may do beyond restoring intact state (accept a
+            loss, other settings, or start fresh).
 
     ``expansion`` (default None) may be set to an :class:`ExpansionCut` before videos are
     added: only the pairs it allows enter (REFERENCE §7 step 3; every video then needs its
@@ -81,7 +86,8 @@ class Rankings:
     def __init__(self, class_ids: Sequence[int] | np.ndarray | None = None,
                  k: int = MAX_SEGMENTS_PER_CLASS, *, include_partial: bool = False,
                  fallback: bool = False, directory: str | os.PathLike | None = None,
-                 redis: RedisSettings | None = None):
+                 redis: RedisSettings | None = None,
+                 settings: dict | None = None, policy: StatePolicy | None = None):
         self.class_ids = [int(c) for c in (default_segment_class_ids() if class_ids is None else class_ids)]
         self.k = k
         self.include_partial = include_partial
@@ -94,7 +100,9 @@ class Rankings:
 
             self.store: RankingStore = RedisStore(redis, self.class_ids, k)
         else:
-            self.store = NativeStore(self.class_ids, k, directory)
+            self.store = NativeStore(
+                self.class_ids, k, directory,
+                settings={**(settings or {}), "include_partial": include_partial}, policy=policy)
         # per class, videos by video score; an entry's "start" holds the video's number of
         # full windows, so this state merges like the rankings themselves
         self._fallback = TopK(self.class_ids, k) if fallback else None
@@ -202,6 +210,13 @@ class Rankings:
         if not self.snapshots:
             raise ValueError("only durable rankings in a directory have snapshots (give a directory)")
         return self.store.durable_topk.snapshot()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The write that failed a durable directory (nothing more is durable until it is
+        reopened), or None."""
+        durable = self.store.durable_topk if isinstance(self.store, NativeStore) else None
+        return durable.failure if durable is not None else None
 
     def close(self) -> None:
         """Commit and release a durable directory or Redis connections (nothing for

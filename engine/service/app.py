@@ -24,6 +24,11 @@ then the server stops (cancelling what is left: a video not yet acknowledged is 
 ingested, and a client's retry sends it again), the batcher finishes its queue, a final
 snapshot is written, and the process exits 0.
 
+Exit status :data:`EXIT_STATE_FAILED` (75, sysexits' EX_TEMPFAIL): the state directory
+failed while serving (a full disk, an I/O error), so the server stopped acknowledging
+ingestion and turned NOT_SERVING; it still drained cleanly, wrote nothing over the files
+(they hold every acknowledged video), and a restart recovers them.
+
 Several processes (``processes > 1``): the parent forks them before any gRPC object
 exists; each binds the same port with ``SO_REUSEPORT`` (the kernel spreads connections
 over them) and loads its own models. Rankings in a state directory need one owner, so this
@@ -53,6 +58,7 @@ from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.service import kserve, metrics, security
 from modloc.engine.service.config import MESSAGE_OVERHEAD, ServerConfig
 from modloc.engine.service.core import EngineCore, log_event
+from modloc.engine.service.decoding import DecodeInterceptor
 from modloc.engine.service.handlers import LocalizationService
 
 log = logging.getLogger("modloc.server")
@@ -60,6 +66,10 @@ log = logging.getLogger("modloc.server")
 LOCALIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Localization"].full_name
 INGEST_HEALTH = f"{LOCALIZATION_SERVICE}/Ingest"  # a health entry, not a service
 DRAIN_POLL_SECONDS = 0.05
+# No bandwidth-delay probing: the receive window of a stream whose messages the server is not
+# reading stays at gRPC's 64 KiB lookahead instead of growing to megabytes.
+TRANSPORT_OPTIONS = (("grpc.http2.bdp_probe", 0),)
+EXIT_STATE_FAILED = 75  # the state directory failed while serving; a restart recovers it
 FEATURE_BYTES_WITH_MASK = FEATURE_SIZE + 4  # a KServe frame: uint8 features, an FP32 mask entry
 
 
@@ -69,7 +79,9 @@ def _kserve_servicer(config: ServerConfig, ready: Callable[[], bool]) -> kserve.
     per_video = config.pipeline.max_frames * FEATURE_BYTES_WITH_MASK
     max_batch = max(1, (config.max_message_bytes - (64 << 10) - MESSAGE_OVERHEAD) // per_video)
     return kserve.KServeServicer(None, ready=ready, max_batch=max_batch,
-                                 max_frames=config.pipeline.max_frames)
+                                 max_frames=config.pipeline.max_frames,
+                                 limits=kserve.KServeLimits(config.max_kserve_requests,
+                                                            config.max_kserve_bytes))
 
 
 class _Server:
@@ -105,9 +117,13 @@ class _Server:
         interceptors = [self.metrics.interceptor()]  # first: counts refusals too
         if self.tokens:
             interceptors.append(security.BearerTokenInterceptor(self.tokens))
+        interceptors.append(DecodeInterceptor())  # last: what reaches a handler decodes
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", int(config.processes > 1))]
+                   ("grpc.so_reuseport", int(config.processes > 1)),
+                   *TRANSPORT_OPTIONS,
+                   ("grpc.max_concurrent_streams", config.max_connection_streams),
+                   ("grpc.max_allowed_incoming_connections", config.max_connections)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LocalizationServicer_to_server(self.localization, self.server)
         self.kserve = _kserve_servicer(config, lambda: self.ready)
@@ -187,6 +203,8 @@ class _Server:
             stats = self.core.stats()
             self.metrics.queue_depth.set(stats["queue_depth"])
             self.metrics.in_flight_videos.set(stats["inflight_videos"])
+            self.metrics.kserve_in_flight_requests.set(self.kserve.admission.requests)
+            self.metrics.kserve_in_flight_bytes.set(self.kserve.admission.bytes)
             for rpc, total in stats["videos_received"].items():
                 self.metrics.videos.labels(rpc=rpc).inc(total - counted.get(rpc, 0))
                 counted[rpc] = total
@@ -211,8 +229,9 @@ class _Server:
         log_event("drain_finished", videos_ingested=self.core.videos_ingested)
 
 
-async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (see the module docstring)."""
+async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (see the module docstring); the exit
+    status (0, or :data:`EXIT_STATE_FAILED`)."""
     server = _Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -230,6 +249,7 @@ async def serve_async(config: ServerConfig, on_ready: Callable[[str], None] | No
         on_ready(f"{config.host}:{port}")
     await stop.wait()
     await server.drain("signal")
+    return EXIT_STATE_FAILED if server.core.state_failure is not None else 0
 
 
 def serve(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> int:
@@ -238,8 +258,7 @@ def serve(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -
     ``on_ready(address)`` is called once, when every process is serving.
     """
     if config.processes == 1:
-        asyncio.run(serve_async(config, on_ready))
-        return 0
+        return asyncio.run(serve_async(config, on_ready))
     return _serve_forked(config, on_ready)
 
 
@@ -260,8 +279,7 @@ def _serve_forked(config: ServerConfig, on_ready: Callable[[str], None] | None) 
 
             status = 1
             try:
-                asyncio.run(serve_async(config, announce))
-                status = 0
+                status = asyncio.run(serve_async(config, announce))
             except BaseException:
                 log.exception("event=process_failed pid=%d", os.getpid())
             finally:
@@ -296,4 +314,4 @@ def _serve_forked(config: ServerConfig, on_ready: Callable[[str], None] | None) 
     return worst if announced == config.processes else max(worst, 1)
 
 
-__all__ = ["INGEST_HEALTH", "LOCALIZATION_SERVICE", "serve", "serve_async"]
+__all__ = ["EXIT_STATE_FAILED", "INGEST_HEALTH", "LOCALIZATION_SERVICE", "serve", "serve_async"]

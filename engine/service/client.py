@@ -18,7 +18,14 @@ When an ``ingest`` stream breaks (server restarted, connection lost) the client 
 ``reconnect_timeout`` seconds for the server to accept connections again (else raises the
 error that broke the stream), then sends the unacknowledged tail again, in order, then the
 rest: the server reports videos it already holds as DUPLICATE and changes nothing, so a
-retry never ingests twice and ties keep the order the videos were given.
+retry never ingests twice and ties keep the order the videos were given. Only what a retry
+can cure is retried: UNAVAILABLE (a restart, a lost connection, a drain) and
+RESOURCE_EXHAUSTED (a server-wide limit; after a backoff) but not a message over the size
+limit; a refusal (INVALID_ARGUMENT, …) or a server fault (INTERNAL, UNKNOWN) is raised.
+
+A video that cannot be read (a missing file, a corrupt record) ends the request stream
+where it is: the videos sent before it are still answered, then its error is raised (what
+``on_ack`` saw tells how far the ingest got).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -41,9 +48,9 @@ from modloc.engine.base.io.examples import Video
 from modloc.engine.base.progress import Progress
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
 
-# A broken stream (restart, lost connection) is worth another try; a refusal is not.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+# A broken stream (restart, lost connection, drain) or a server-wide limit is worth another
+# try; a refusal or a server fault is not.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 DEFAULT_WINDOW = 32
 DEFAULT_RETRIES = 8
 DEFAULT_RECONNECT_TIMEOUT = 60.0  # seconds a retry waits for the server to accept connections
@@ -84,6 +91,21 @@ def _check_window(window: int) -> None:
         raise ValueError(f"window={window}: at least 1 video must be allowed unanswered")
 
 
+# grpc.aio's own report of a send into a stream that broke as it was sending: INTERNAL from
+# the client's side, not the server's (the server's status, if any, is lost with the stream).
+BROKEN_SEND = "Failed execute_batch"
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed when tried again (:data:`RETRYABLE`; a message over
+    a size limit is RESOURCE_EXHAUSTED too, and no retry makes it smaller), or grpc.aio's
+    INTERNAL for a send on a broken stream (:data:`BROKEN_SEND`)."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.INTERNAL:
+        return details.startswith(BROKEN_SEND)
+    return error.code() in RETRYABLE and "larger than max" not in details
+
+
 class _Source:
     """The caller's videos as chunks, read lazily by the request side of a call.
 
@@ -100,7 +122,9 @@ class _Source:
         self.error: Exception | None = None
 
     def next(self) -> tuple[Video, list[pb.VideoChunk]] | None:
-        """The next video and its chunks; None at the end, or after a reading error."""
+        """The next video and its chunks; None at the end, or when reading failed."""
+        if self.error is not None:
+            return None
         try:
             video = next(self._videos, None)
             return None if video is None else (video, video_chunks(video, self._max_message_bytes))
@@ -182,6 +206,7 @@ class LocalizationClient:
         finally:
             stop.set()
             call.cancel()
+        source.raise_if_failed()
 
     def _localize_requests(self, source: _Source, slots, stop, threshold: float,
                            max_segments: int) -> Iterator[pb.LocalizeRequest]:
@@ -194,14 +219,18 @@ class LocalizationClient:
 
     def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
                progress: bool | None = False,
-               reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT) -> list[pb.IngestAck]:
+               reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+               on_ack: Callable[[pb.IngestAck], None] | None = None) -> list[pb.IngestAck]:
         """Ingest ``videos`` (TFRecord paths or globs, or Video objects) in order; one
         IngestAck per video (DUPLICATE for those the server held before). At most ``window``
-        videos are unacknowledged at a time. A broken stream is retried up to ``retries``
-        times in a row, each retry waiting up to ``reconnect_timeout`` seconds (None: without
-        bound) for the server to accept connections again, then re-sending the
-        unacknowledged tail; when the server does not come back in time, or on a refusal
-        (INVALID_ARGUMENT, …), grpc.RpcError is raised (the one that ended the stream)."""
+        videos are unacknowledged at a time. A broken stream is retried (:func:`retryable`)
+        up to ``retries`` times in a row, each retry waiting up to ``reconnect_timeout``
+        seconds (None: without bound) for the server to accept connections again, then
+        re-sending the unacknowledged tail; when the server does not come back in time, or
+        on a refusal (INVALID_ARGUMENT, …), grpc.RpcError is raised (the one that ended the
+        stream). An error reading ``videos`` is raised once the videos before it are
+        answered. ``on_ack`` is called with each IngestAck as it arrives (so a caller knows
+        how far an ingest that raised got: every acknowledged video is durable)."""
         _check_window(window)
         source = _Source(videos, self.max_message_bytes)
         unacked: collections.OrderedDict[str, Video] = collections.OrderedDict()
@@ -220,13 +249,15 @@ class LocalizationClient:
                             unacked.pop(ack.video_id, None)
                         slots.release()
                         acks.append(ack)
+                        if on_ack is not None:
+                            on_ack(ack)
                         bar.update(1)
                         failures = 0
                     source.raise_if_failed()
                     return acks
                 except grpc.RpcError as error:
                     source.raise_if_failed(error)
-                    if error.code() not in RETRYABLE or failures >= retries:
+                    if not retryable(error) or failures >= retries:
                         raise
                     failures += 1
                     time.sleep(_backoff(failures))
@@ -315,12 +346,12 @@ class AsyncLocalizationClient:
             async for response in call:
                 slots.release()  # a response answers exactly one video
                 yield response
-            source.raise_if_failed()
         except (grpc.RpcError, asyncio.CancelledError) as error:
             source.raise_if_failed(error)  # a failure reading the videos cancels the call
             raise
         finally:
             call.cancel()
+        source.raise_if_failed()
 
     async def _localize_requests(self, source: _Source, slots: asyncio.Semaphore,
                                  threshold: float, max_segments: int
@@ -337,7 +368,8 @@ class AsyncLocalizationClient:
                 first = False
 
     async def ingest(self, videos, window: int = DEFAULT_WINDOW, retries: int = DEFAULT_RETRIES,
-                     reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT
+                     reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+                     on_ack: Callable[[pb.IngestAck], None] | None = None
                      ) -> list[pb.IngestAck]:
         """As :meth:`LocalizationClient.ingest`."""
         _check_window(window)
@@ -354,15 +386,14 @@ class AsyncLocalizationClient:
                     unacked.pop(ack.video_id, None)
                     slots.release()
                     acks.append(ack)
+                    if on_ack is not None:
+                        on_ack(ack)
                     failures = 0
                 source.raise_if_failed()
                 return acks
-            except asyncio.CancelledError as cancelled:
-                source.raise_if_failed(cancelled)  # a failure reading the videos cancels the call
-                raise
             except grpc.RpcError as error:
                 source.raise_if_failed(error)
-                if error.code() not in RETRYABLE or failures >= retries:
+                if not retryable(error) or failures >= retries:
                     raise
                 failures += 1
                 await asyncio.sleep(_backoff(failures))
@@ -423,4 +454,5 @@ class AsyncLocalizationClient:
         await self.close()
 
 
-__all__ = ["AsyncLocalizationClient", "LocalizationClient", "as_videos", "video_chunks"]
+__all__ = ["RETRYABLE", "AsyncLocalizationClient", "LocalizationClient", "as_videos", "retryable",
+           "video_chunks"]

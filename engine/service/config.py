@@ -15,6 +15,7 @@ from modloc.engine.runtime.backends import BACKENDS
 from modloc.engine.runtime.batcher import BatcherConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
 from modloc.engine.runtime.ranking_stores import RedisSettings
+from modloc.engine.runtime.topk import StatePolicy
 
 MIB = 1 << 20
 # gRPC refuses message limits at or above 2 GiB (its length fields are signed 32-bit).
@@ -38,13 +39,26 @@ class ServerConfig:
             None serves Localize only (Ingest answers FAILED_PRECONDITION).
         redis: keep the rankings in Redis instead (``--rankings redis://…``), shared by every
             replica of a fleet; such a server keeps no state of its own.
+        state_policy: what opening ``state_dir`` may do beyond restoring intact state
+            (accept a loss, other models or settings, or start fresh): operator choices.
         snapshot_seconds, snapshot_videos: write a snapshot after this many seconds or
             ingested videos, whichever comes first (0 disables that trigger).
         max_message_bytes: largest request or response message.
         max_frames: frames a video may have (the pipeline localizes the first
             ``pipeline.max_frames``; this refuses absurd sizes before buffering them).
         max_streams: Localize and Ingest streams open at once, server-wide.
-        max_inflight_videos: videos received and not yet answered, server-wide.
+        max_inflight_videos: videos received and not yet answered, server-wide (a video is
+            answered once its response is handed to the transport).
+        max_stream_videos: unanswered videos of one stream at which it stops reading
+            requests until one is answered (backpressure: what a client that never reads
+            its responses can make the server hold).
+        max_kserve_requests, max_kserve_bytes: KServe inference requests in flight at once,
+            and the request bytes they hold (RESOURCE_EXHAUSTED beyond; see
+            :class:`modloc.engine.service.kserve.KServeLimits`). ``max_kserve_bytes`` is at
+            least ``max_message_bytes``, so that any valid request can be admitted alone.
+        max_connection_streams: concurrent HTTP/2 streams (calls) per client connection
+            (the transport's SETTINGS_MAX_CONCURRENT_STREAMS: a client queues past it).
+        max_connections: client connections at once (more are closed as they arrive).
         max_id_bytes: UTF-8 bytes of a video id.
         max_top_k: largest ``k`` of one TopSegments call (never more than the ranking
             depth ``pipeline.fusion.k``, see :attr:`top_k_limit`).
@@ -69,12 +83,18 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     state_dir: Path | None = None
     redis: RedisSettings | None = None
+    state_policy: StatePolicy = StatePolicy()
     snapshot_seconds: float = 300.0
     snapshot_videos: int = 100_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_frames: int = 3600
     max_streams: int = 64
     max_inflight_videos: int = 1024
+    max_stream_videos: int = 64
+    max_kserve_requests: int = 8
+    max_kserve_bytes: int = 32 * MIB
+    max_connection_streams: int = 100
+    max_connections: int = 1024
     max_id_bytes: int = 256
     max_top_k: int = 10_000
     grace_seconds: float = 30.0
@@ -134,12 +154,20 @@ class ServerConfig:
                             f"{minimum_message}..{GRPC_MESSAGE_CEILING} (a message must hold one "
                             f"{self.pipeline.max_frames}-frame video and stay under gRPC's 2 GiB)")
         for name, low, high in (("max_frames", 1, 1 << 24), ("max_streams", 1, 1 << 16),
-                                ("max_inflight_videos", 1, 1 << 24), ("max_id_bytes", 1, 4096),
+                                ("max_inflight_videos", 1, 1 << 24), ("max_stream_videos", 1, 1 << 20),
+                                ("max_kserve_requests", 1, 1 << 16),
+                                ("max_connection_streams", 1, 1 << 20), ("max_connections", 1, 1 << 20),
+                                ("max_id_bytes", 1, 4096),
                                 ("max_top_k", 1, 1 << 24), ("processes", 1, 256),
                                 ("snapshot_videos", 0, 1 << 40)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
                 problems.append(f"{name}: {value!r} is not an integer in {low}..{high}")
+        if not isinstance(self.max_kserve_bytes, int) or not (
+                self.max_message_bytes <= self.max_kserve_bytes <= 1 << 40):
+            problems.append(f"max_kserve_bytes: {self.max_kserve_bytes!r} is not an integer in "
+                            f"{self.max_message_bytes}..{1 << 40} (at least max_message_bytes, so "
+                            "that one request of the largest size can be admitted)")
         for name in ("snapshot_seconds", "grace_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -150,6 +178,9 @@ class ServerConfig:
         if self.state_dir is not None and self.processes > 1:
             problems.append("state_dir: rankings need a single owner; processes > 1 serve "
                             "Localize only, so run them without a state directory")
+        if self.state_dir is None and self.state_policy != StatePolicy():
+            problems.append("state_policy: accepting a loss or a settings change, or starting "
+                            "fresh, needs a state directory")
         if self.state_dir is not None and self.state_dir.exists() and not self.state_dir.is_dir():
             problems.append(f"state_dir: {self.state_dir} exists and is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -134,7 +134,8 @@ class EngineCore:
         localizer = Localizer.from_artifacts(config.artifacts, config.video, config.segment,
                                              config.backend, config.pipeline,
                                              backend_options=config.backend_options,
-                                             state_dir=config.state_dir, redis=config.redis)
+                                             state_dir=config.state_dir, redis=config.redis,
+                                             state_policy=config.state_policy)
         core = cls(config, localizer)
         log_event("core_loaded", backend=config.backend, state_dir=config.state_dir,
                   ingested_before=core.ranked_videos)
@@ -251,6 +252,8 @@ class EngineCore:
                 path = self.rankings.snapshot()
             except OSError as error:
                 log_event("snapshot_failed", reason=reason, error=repr(error))
+                if self.rankings.failure is not None:  # the manifest's rename: state unknown
+                    self._fail(error)
                 return
             self._since_snapshot = 0
         log_event("snapshot", reason=reason, path=path, videos=self.ranked_videos)

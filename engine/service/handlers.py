@@ -16,6 +16,14 @@ Limits (all from :class:`modloc.engine.service.config.ServerConfig`): ``max_stre
 Localize/Ingest streams and ``max_inflight_videos`` received-but-unanswered videos
 server-wide (RESOURCE_EXHAUSTED beyond), ``max_frames`` per video (OUT_OF_RANGE),
 ``max_id_bytes`` per id; the message size limit is gRPC's own (RESOURCE_EXHAUSTED).
+
+Backpressure: a video counts as unanswered until its response has been handed to the
+transport (gRPC's send completes only while the peer's flow-control window has room), not
+when the response is built; and a stream stops reading requests while
+``max_stream_videos`` of its videos are unanswered, so HTTP/2 flow control holds its client
+back. A client that never reads its responses therefore holds at most
+``max_stream_videos`` videos (their responses, once localized) plus gRPC's buffers of its
+stream, whatever it sends.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
 from modloc.engine.base.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from modloc.engine.base.io.examples import Video
+from modloc.engine.base.submission import check_rankable_id
 from modloc.engine.runtime.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 from modloc.engine.runtime.pipeline import VideoLocalization
 from modloc.engine.runtime.ranking_stores import StoreUnavailable
@@ -45,12 +54,11 @@ from modloc.engine.service.core import (
     StateFailure,
     log_event,
 )
+from modloc.engine.service.decoding import UndecodableRequest
 
 log = logging.getLogger("modloc.server")
 
 SUBMISSION_PIECE_BYTES = 1 << 20  # CSV bytes per SubmissionChunk (well under any message limit)
-# Characters a Kaggle segment id "<video id>:<start>" cannot hold (modloc.engine.base.submission).
-_SEGMENT_ID_BREAKERS = frozenset(":,")
 
 
 class Refusal(Exception):
@@ -68,7 +76,8 @@ def _where(index: int, video_id: str | None) -> str:
 
 def check_video_id(video_id: str, max_bytes: int, index: int, for_rankings: bool) -> None:
     """Refuse an id that is empty, too long, whitespace-only or holds control characters;
-    ids bound for the rankings must also fit a Kaggle segment id (no whitespace, ':' or ',')."""
+    ids bound for the rankings must also follow the rankable id rule
+    (:func:`~modloc.engine.base.submission.check_rankable_id`)."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     if not video_id:
         raise Refusal(invalid, f"request {index}: video.video_id is empty")
@@ -80,9 +89,11 @@ def check_video_id(video_id: str, max_bytes: int, index: int, for_rankings: bool
         raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id holds a control character")
     if not video_id.strip():
         raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id is only whitespace")
-    if for_rankings and (any(c.isspace() for c in video_id) or _SEGMENT_ID_BREAKERS & set(video_id)):
-        raise Refusal(invalid, f"{_where(index, video_id)}: video.video_id holds whitespace, ':' "
-                      "or ',', which a ranked segment id '<video id>:<start>' cannot hold")
+    if for_rankings:
+        try:
+            check_rankable_id(video_id, f"{_where(index, video_id)}: video.video_id: ")
+        except ValueError as error:
+            raise Refusal(invalid, str(error)) from None
 
 
 class VideoAssembler:
@@ -218,6 +229,8 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a core error answers with."""
     if isinstance(error, Refusal):
         return error.code, error.message
+    if isinstance(error, UndecodableRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, (QueueFull, InflightLimit)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, DeadlineExceeded):
@@ -247,7 +260,9 @@ class _Stream:
                                         for_rankings=ingest, unique=not ingest)
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
-        self.admitted = 0  # videos of this stream counted in core.inflight
+        self.admitted = 0  # videos of this stream counted in core.inflight: not yet delivered
+        self.room = asyncio.Event()  # set while admitted < max_stream_videos
+        self.room.set()
         self.pending: list[Video] = []  # Ingest: videos waiting for the next group
         self.last_group: asyncio.Task | None = None
         self.reading = True
@@ -267,6 +282,9 @@ class _Stream:
                               code=code.name, message=message)
                     await self.context.abort(code, message)
                 yield item
+                # gRPC asks for the next response once this one was handed to the transport:
+                # only now is its video answered (every response answers one video)
+                self._answered(1)
         finally:
             reader.cancel()
             for task in self.tasks:
@@ -276,6 +294,7 @@ class _Stream:
 
     async def _read(self, requests) -> None:
         index = 0
+        limit = self.core.config.max_stream_videos
         try:
             async for request in requests:
                 if index == 0 and not self.ingest:
@@ -288,11 +307,15 @@ class _Stream:
                 if video is not None:
                     self.core.admit(1, "Ingest" if self.ingest else "Localize")
                     self.admitted += 1
+                    if self.admitted >= limit:
+                        self.room.clear()
                     if self.ingest:
                         self.pending.append(video)
                         self._dispatch()
                     else:
                         self._start(self._localize(video))
+                    # stop reading (flow control holds the client back) until an answer is delivered
+                    await self.room.wait()
             self.assembler.finish(index)
         except asyncio.CancelledError:
             raise
@@ -317,6 +340,8 @@ class _Stream:
 
     def _finished(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the outbox carries it (a later group awaits it too)
         if self.ingest:
             self._dispatch()
         self._maybe_end()
@@ -328,6 +353,8 @@ class _Stream:
     def _answered(self, videos: int) -> None:
         self.admitted -= videos
         self.core.release(videos)
+        if self.admitted < self.core.config.max_stream_videos:
+            self.room.set()
 
     async def _localize(self, video: Video) -> None:
         try:
@@ -338,7 +365,6 @@ class _Stream:
         include_partial = self.core.config.pipeline.fusion.include_partial
         self.outbox.put_nowait(localize_response(result, self.core.vocabulary, self.threshold,
                                                  self.max_segments, include_partial))
-        self._answered(1)
 
     def _dispatch(self) -> None:
         """Send the waiting videos as one group once the previous group is done (or a
@@ -365,7 +391,6 @@ class _Stream:
             self.outbox.put_nowait(pb.IngestAck(
                 video_id=outcome.video_id, sequence=outcome.sequence,
                 status=pb.IngestAck.DUPLICATE if outcome.duplicate else pb.IngestAck.INGESTED))
-        self._answered(len(group))
 
 
 class LocalizationService(pb_grpc.LocalizationServicer):

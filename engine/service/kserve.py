@@ -45,11 +45,26 @@ whose ``error_message`` is set instead of ending the stream, as Triton does.
 Request parameters other than ``class_ids`` and any tensor parameter (shared memory regions,
 the classification extension) are refused rather than ignored: each of them would change
 what the data or the answer means, and this server implements none of them.
+
+**Admission** (:class:`KServeLimits`): at most ``max_requests`` inference requests in
+flight at once, holding at most ``max_bytes`` of request messages. gRPC parses a unary
+request before its handler runs, so a limit checked there comes after the memory is spent
+(a flood of 48 calls of 3.8 MB parsed them all). ModelInfer is therefore served as a
+request stream of raw bytes (the wire format of a unary call is the same, clients see no
+difference): its handler runs before the message is read and refuses a call past
+``max_requests`` with RESOURCE_EXHAUSTED at once, so a refused call never has more than
+its HTTP/2 flow-control window read; the admitted message is then checked against
+``max_bytes`` (RESOURCE_EXHAUSTED) and parsed (INVALID_ARGUMENT if it does not decode).
+ModelStreamInfer reads its next request only once a slot is free (the stream waits: flow
+control holds its client back) and answers a request past ``max_bytes`` with an
+``error_message``. The server sets the transport's side (per-connection streams, windows,
+connections: :mod:`modloc.engine.service.app`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -59,6 +74,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from modloc._version import __version__
 from modloc.engine._proto.inference import grpc_predict_v2_pb2 as pb
@@ -71,6 +87,7 @@ log = logging.getLogger(__name__)
 MODEL_VERSION = "1"
 DEFAULT_MODEL_NAMES = {"video": "modloc-video", "segment": "modloc-segment"}
 DEFAULT_MAX_BATCH = 256
+SERVICE = "inference.GRPCInferenceService"
 # the extensions this servicer implements: Triton's bidirectional ModelStreamInfer, and
 # request/response parameters (the ``class_ids`` parameter)
 EXTENSIONS = ("model_stream_infer", "parameters")
@@ -106,6 +123,16 @@ _DATATYPES = {
 _INPUT_DATATYPES = {FEATURES: ("UINT8",), NUM_FRAMES: ("INT32", "INT64"), MASK: ("FP32", "BOOL")}
 
 
+def _decoded(data: bytes, what: str) -> pb.ModelInferRequest:
+    """``data`` parsed as a ModelInferRequest; KServeError INVALID_ARGUMENT if it is not one."""
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError as error:
+        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{what} is not a valid inference.ModelInferRequest message ({error}; "
+                          f"{len(data)} bytes)") from None
+
+
 class KServeError(Exception):
     """A request this service refuses: the gRPC status code and a message for the client."""
 
@@ -117,6 +144,68 @@ class KServeError(Exception):
 
 def _invalid(message: str) -> KServeError:
     return KServeError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class KServeLimits:
+    """Admission of KServe inference (module docstring).
+
+    Attributes:
+        max_requests: ModelInfer calls and ModelStreamInfer requests in flight at once.
+        max_bytes: request message bytes those hold at once.
+    """
+
+    max_requests: int = 8
+    max_bytes: int = 32 << 20
+
+    def __post_init__(self):
+        if self.max_requests < 1 or self.max_bytes < 1:
+            raise ValueError(f"KServe limits must be >= 1, got {self}")
+
+
+class Admission:
+    """The requests and bytes admitted now (event-loop thread only), against the limits."""
+
+    def __init__(self, limits: KServeLimits):
+        self.limits = limits
+        self.requests = 0
+        self.bytes = 0
+        self._freed = asyncio.Condition()
+
+    def enter(self) -> None:
+        """Admit one request now, or raise KServeError RESOURCE_EXHAUSTED."""
+        if self.requests >= self.limits.max_requests:
+            raise KServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self.requests} KServe requests are in flight, the server's limit "
+                              f"is {self.limits.max_requests}; retry after a backoff")
+        self.requests += 1
+
+    async def wait_room(self) -> None:
+        """Return once a slot is free (without taking it)."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.requests < self.limits.max_requests)
+
+    async def wait_enter(self) -> None:
+        """Admit one request once a slot is free."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.requests < self.limits.max_requests)
+            self.requests += 1
+
+    def hold(self, size: int) -> None:
+        """Count an admitted request's ``size`` message bytes, or raise RESOURCE_EXHAUSTED."""
+        if self.bytes + size > self.limits.max_bytes:
+            raise KServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"KServe requests in flight hold {self.bytes} bytes; this one's "
+                              f"{size} would pass the server's limit of {self.limits.max_bytes}; "
+                              "retry after a backoff")
+        self.bytes += size
+
+    async def leave(self, size: int) -> None:
+        """A request admitted (with ``size`` bytes held, 0 if none) is done."""
+        self.requests -= 1
+        self.bytes -= size
+        async with self._freed:
+            self._freed.notify()
 
 
 @dataclass(frozen=True)
@@ -144,12 +233,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         locks: model name → the lock that serializes calls into its backend. By default each
             distinct backend gets its own lock (backends need not be thread-safe); pass the
             lock the engine's own pipeline holds when it shares the backend object.
+        limits: the admission of inference requests (:class:`KServeLimits`).
     """
 
     def __init__(self, models: Mapping[str, Backend] | None, ready: Callable[[], bool],
                  server_name: str = "modloc", server_version: str = __version__,
                  max_batch: int = DEFAULT_MAX_BATCH, max_frames: int = MAX_FRAMES,
-                 locks: Mapping[str, threading.Lock] | None = None):
+                 locks: Mapping[str, threading.Lock] | None = None,
+                 limits: KServeLimits | None = None):
         for label, value in (("max_batch", max_batch), ("max_frames", max_frames)):
             if int(value) < 1:
                 raise ValueError(f"{label} must be >= 1, got {value}")
@@ -158,6 +249,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.server_version = server_version
         self.max_batch = int(max_batch)
         self.max_frames = int(max_frames)
+        self.admission = Admission(limits or KServeLimits())
         self.models: dict[str, Backend] = {}
         if models is not None:
             self.attach(models, locks)
@@ -189,8 +281,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.models = dict(models)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register the service on a ``grpc.aio`` server."""
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+        """Register the service on a ``grpc.aio`` server: the five unary calls as generated,
+        the two inference calls reading raw request bytes (admission before reading)."""
+        handlers = {name: grpc.unary_unary_rpc_method_handler(
+                        getattr(self, name), request_deserializer=getattr(pb, f"{name}Request").FromString,
+                        response_serializer=getattr(pb, f"{name}Response").SerializeToString)
+                    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                                 "ModelMetadata")}
+        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+            self.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString)
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer, response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     @property
     def max_request_bytes(self) -> int:
@@ -237,27 +339,61 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------- inference
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request_iterator: AsyncIterator[bytes], context):
+        """ModelInfer over the raw bytes of its one request (see :meth:`add_to_server`).
+
+        Messages are read with ``context.read()``, not through ``request_iterator``: the
+        iterator's suspended frame would keep the last message alive after the call.
+        """
+        held = 0
         try:
-            return await self.infer(request)
+            self.admission.enter()  # before the message is read: a refusal costs no memory
+        except KServeError as error:
+            await context.abort(error.code, f"ModelInfer: {error.message}")
+        try:
+            data = await context.read()
+            if data is grpc.aio.EOF:
+                data = b""
+            self.admission.hold(len(data))
+            held = len(data)
+            request = _decoded(data, "ModelInfer: the request")
+            del data
+            return await self._run(request, *self._prepared(request, release=True))
         except KServeError as error:
             await context.abort(error.code, error.message)
+        finally:
+            await self.admission.leave(held)
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[bytes],
                                context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # one response per request, in request order; a refused request is answered with its
-        # message and the stream goes on, as Triton's streaming endpoint does
-        async for request in request_iterator:
+        """One response per request, in request order; a refused request is answered with
+        its message and the stream goes on, as Triton's streaming endpoint does. The next
+        request is read only once the admission has room (an idle stream holds no slot:
+        it waits for room, reads, then takes a slot)."""
+        for index in itertools.count():
+            await self.admission.wait_room()
+            data = await context.read()  # not the iterator (see ModelInfer)
+            if data is grpc.aio.EOF:
+                return
+            await self.admission.wait_enter()
+            held = 0
+            request = None
             try:
-                response = await self.infer(request)
+                self.admission.hold(len(data))
+                held = len(data)
+                request = _decoded(data, f"ModelStreamInfer: request {index}")
+                del data
+                response = pb.ModelStreamInferResponse(
+                    infer_response=await self._run(request, *self._prepared(request, release=True)))
             except KServeError as error:
-                yield pb.ModelStreamInferResponse(
+                response = pb.ModelStreamInferResponse(
                     error_message=error.message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version,
-                                                         id=request.id))
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id) if request is not None else None)
+            finally:
+                await self.admission.leave(held)
+            yield response
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Validate and run one ModelInfer request.
@@ -267,13 +403,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 server is not ready, INVALID_ARGUMENT for a malformed request, INTERNAL when
                 the backend fails.
         """
+        return await self._run(request, *self._prepared(request))
+
+    def _prepared(self, request: pb.ModelInferRequest, release: bool = False) -> tuple[Backend, _Batch]:
+        """The model and the validated batch of a request; ``release``: then drop the
+        request's input data, which the batch has copied (an admitted request waiting for
+        its model holds one copy of its data, not three)."""
         backend = self._model(request.model_name, request.model_version)
         if not self.ready():
             raise KServeError(grpc.StatusCode.UNAVAILABLE, "the server is not ready for inference")
         batch = self._parse(request)
+        if release:
+            request.ClearField("raw_input_contents")
+            request.ClearField("inputs")
+        return backend, batch
+
+    async def _run(self, request: pb.ModelInferRequest, backend: Backend,
+                   batch: _Batch) -> pb.ModelInferResponse:
         try:
             probabilities = await asyncio.get_running_loop().run_in_executor(
-                self._threads[request.model_name], self._run, request.model_name, backend, batch)
+                self._threads[request.model_name], self._call, request.model_name, backend, batch)
         except Exception as error:
             # the request was valid, so this is the server's fault: INTERNAL, logged in full,
             # and (on a stream) answered like any other failed request
@@ -294,7 +443,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                               f"model {name!r} has no version {version!r}; versions: {MODEL_VERSION}")
         return backend
 
-    def _run(self, name: str, backend: Backend, batch: _Batch) -> np.ndarray:
+    def _call(self, name: str, backend: Backend, batch: _Batch) -> np.ndarray:
         with self._locks[name]:
             return backend.run(batch.features, mask=batch.mask, num_frames=batch.num_frames)
 
@@ -463,4 +612,5 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 __all__ = ["CLASS_IDS_PARAMETER", "DEFAULT_MAX_BATCH", "DEFAULT_MODEL_NAMES", "EXTENSIONS",
-           "MODEL_VERSION", "PLATFORMS", "KServeError", "KServeServicer"]
+           "MODEL_VERSION", "PLATFORMS", "SERVICE", "Admission", "KServeError", "KServeLimits",
+           "KServeServicer"]

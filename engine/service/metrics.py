@@ -22,6 +22,10 @@ Metric names (all prefixed ``modloc_``):
 ``active_streams``                 gauge      streaming calls in progress (kept by the
                                               interceptor)
 ``in_flight_videos``               gauge      videos accepted and not yet answered
+``kserve_in_flight_requests``      gauge      KServe inference requests admitted now
+``kserve_in_flight_bytes``         gauge      request bytes those hold (refusals past the
+                                              limits: ``requests_total`` with
+                                              code RESOURCE_EXHAUSTED)
 ``batch_size``                     histogram  videos per pipeline call
 ``stage_seconds{stage}``           histogram  seconds per pipeline stage (:data:`STAGES`)
 ``request_seconds{method}``        histogram  seconds per gRPC call, start to final status
@@ -38,7 +42,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -111,6 +115,12 @@ class ServerMetrics:
                                     registry=registry)
         self.in_flight_videos = Gauge(name("in_flight_videos"),
                                       "Videos accepted and not yet answered.", registry=registry)
+        self.kserve_in_flight_requests = Gauge(name("kserve_in_flight_requests"),
+                                               "KServe inference requests admitted now.",
+                                               registry=registry)
+        self.kserve_in_flight_bytes = Gauge(name("kserve_in_flight_bytes"),
+                                            "Request bytes the admitted KServe requests hold.",
+                                            registry=registry)
         self.batch_size = Histogram(name("batch_size"), "Videos per pipeline call.",
                                     buckets=BATCH_BUCKETS, registry=registry)
         self.stage_seconds = Histogram(name("stage_seconds"), "Seconds per pipeline stage.",
@@ -166,6 +176,18 @@ class ServerMetrics:
         return MetricsHTTPServer(address, server.server_port, server)
 
 
+def handler_parts(handler: grpc.RpcMethodHandler) -> tuple[Callable, Callable]:
+    """A method handler's behavior, and the ``grpc.*_rpc_method_handler`` factory that makes
+    one of the same cardinality (what an interceptor needs to wrap the behavior)."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call of a ``grpc.aio`` server by method and final status code.
 
@@ -195,14 +217,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         streaming = handler.request_streaming or handler.response_streaming
-        if handler.request_streaming and handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = handler_parts(handler)
 
         if inspect.isasyncgenfunction(behavior):
             async def wrapped(request, context):
@@ -240,4 +255,5 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.record_call(method, code, time.perf_counter() - start)
 
 
-__all__ = ["STAGES", "UNKNOWN_METHOD", "MetricsHTTPServer", "MetricsInterceptor", "ServerMetrics"]
+__all__ = ["STAGES", "UNKNOWN_METHOD", "MetricsHTTPServer", "MetricsInterceptor", "ServerMetrics",
+           "handler_parts"]

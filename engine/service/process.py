@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -51,15 +52,21 @@ class ServerProcess:
         self.log_path = log_path
 
     @classmethod
-    def start(cls, artifacts, *args: str) -> ServerProcess:
+    def start(cls, artifacts, *args: str, file_size_limit: int | None = None) -> ServerProcess:
         """Run ``modloc serve ARTIFACTS --address 127.0.0.1:0 ARGS`` and wait until it
-        prints its address; raises RuntimeError with its log when it exits first."""
+        prints its address; raises RuntimeError with its log when it exits first.
+
+        ``file_size_limit``: the largest file the server may write, in bytes (RLIMIT_FSIZE;
+        past it a write fails with EFBIG, as on a full disk).
+        """
         log_path = Path(tempfile.mkstemp(prefix="modloc-serve-", suffix=".log")[1])
         address_args = () if any(a == "--address" for a in args) else ("--address", "127.0.0.1:0")
         process = subprocess.Popen(
             [sys.executable, "-m", "modloc", "serve", str(artifacts), *address_args, *args],
             stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=None if file_size_limit is None else lambda: resource.setrlimit(
+                resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
         line = process.stdout.readline()  # blocks until the address or EOF (the server died)
         if not line.startswith(READY_PREFIX):
             process.kill()

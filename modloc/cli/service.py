@@ -11,8 +11,9 @@ from modloc.cli.common import add_field_options, field_values, positive_int, pri
 from modloc.cli.runtime import add_pipeline_options, pipeline_settings
 
 # ServerConfig's limits, each a flag of serve
-LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos", "max_id_bytes",
-          "max_top_k")
+LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
+          "max_stream_videos", "max_kserve_requests", "max_kserve_bytes", "max_connection_streams",
+          "max_connections", "max_id_bytes", "max_top_k")
 
 
 def add_commands(subparsers) -> None:
@@ -34,7 +35,9 @@ def _add_serve(subparsers) -> None:
             "Load exported artifacts and serve Localize/Ingest streams, per-class rankings "
             "(TopSegments, Submission), Stats and ModelInfo over gRPC. Prints 'listening on "
             "HOST:PORT' once serving (port 0 picks a free port). SIGTERM/SIGINT drain: health "
-            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written."
+            "turns NOT_SERVING, open streams get --grace seconds, a final snapshot is written; "
+            "the exit status is 0, or 75 when the state directory could not be written while "
+            "serving (the files hold every acknowledged video: restart to recover)."
         ),
     )
     add_pipeline_options(parser)
@@ -54,6 +57,16 @@ def _add_serve(subparsers) -> None:
                         "acknowledged (default %(default)s)")
     parser.add_argument("--redis-prefix", default=redis["prefix"].default,
                         help="prefix of the rankings' keys (default %(default)s)")
+    parser.add_argument("--accept-state-loss", action="store_true",
+                        help="open a damaged state directory (a file its MANIFEST names missing, "
+                        "shorter than recorded, or corrupt): keep what is intact, drop the rest "
+                        "(logged); without it such a directory is refused")
+    parser.add_argument("--accept-settings-change", action="store_true",
+                        help="keep adding to rankings that other models or fusion settings "
+                        "filled (the state directory records them; without it a change is refused)")
+    parser.add_argument("--fresh-state", action="store_true",
+                        help="start new rankings: the state directory's files are moved into a "
+                        "replaced-<time>/ folder inside it")
     parser.add_argument("--processes", type=int, default=1,
                         help="processes sharing the port via SO_REUSEPORT (Localize only; "
                         "refused with --state-dir)")
@@ -78,6 +91,7 @@ def _add_serve(subparsers) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from modloc.engine.runtime.batcher import BatcherConfig
     from modloc.engine.runtime.ranking_stores import RedisSettings
+    from modloc.engine.runtime.topk import StatePolicy
     from modloc.engine.service.app import serve
     from modloc.engine.service.config import ServerConfig
 
@@ -91,6 +105,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         artifacts=args.artifacts, video=args.video, segment=args.segment, backend=args.backend,
         backend_options=backend_options, pipeline=pipeline, batcher=batcher,
         address=args.address, state_dir=args.state_dir, redis=redis, snapshot_seconds=args.snapshot_seconds,
+        state_policy=StatePolicy(accept_loss=args.accept_state_loss,
+                                 accept_settings=args.accept_settings_change, fresh=args.fresh_state),
         snapshot_videos=args.snapshot_videos, **field_values(args, ServerConfig, LIMITS),
         grace_seconds=args.grace, processes=args.processes,
         token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
@@ -159,6 +175,11 @@ def _rpc_failure(error, args: argparse.Namespace) -> str:
     return f"{code.name}: {details}"
 
 
+def _acknowledged(acks) -> str:
+    duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
+    return f"{len(acks) - duplicates} videos ({duplicates} duplicates)"
+
+
 def _as_json(message) -> dict:
     """A message as JSON data, every field shown (zeros too: a script reading a counter
     must find it) and 64-bit integers as numbers: protobuf's JSON mapping writes them as
@@ -194,6 +215,8 @@ def _integers(data: dict, descriptor) -> dict:
 def _client_action(args: argparse.Namespace) -> int:
     import sys
 
+    import grpc
+
     from modloc.engine.service.client import LocalizationClient
     from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -209,10 +232,18 @@ def _client_action(args: argparse.Namespace) -> int:
                                             window=args.window):
                 print(json.dumps(_as_json(response)))
         elif args.action == "ingest":
-            acks = client.ingest(args.data, window=args.window, progress=None,
-                                 reconnect_timeout=args.reconnect_timeout)
-            duplicates = sum(ack.status == ack.DUPLICATE for ack in acks)
-            print(f"ingested {len(acks) - duplicates} videos ({duplicates} duplicates)")
+            acks = []
+            try:
+                client.ingest(args.data, window=args.window, progress=None,
+                              reconnect_timeout=args.reconnect_timeout, on_ack=acks.append)
+            except (grpc.RpcError, ValueError, OSError) as error:
+                # one line: what stopped it (the file and record, or the server's refusal)
+                # and how far it got, since every acknowledged video is in the rankings
+                what = _rpc_failure(error, args) if isinstance(error, grpc.RpcError) else str(error)
+                raise RuntimeError(f"{what}; {_acknowledged(acks)} acknowledged before it (in the "
+                                   "rankings; sending the same files again skips them as "
+                                   "duplicates)") from error
+            print(f"ingested {_acknowledged(acks)}")
         elif args.action == "top":
             entries = client.top_segments(args.class_id, args.k, args.offset)
             for entry in entries:
