@@ -51,7 +51,13 @@ from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
 from modloc.engine.runtime.pipeline import Scorer, backend_scorer
 from modloc.export.graph import export_module
-from modloc.export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
+from modloc.export.manifest import (
+    frames_record,
+    new_manifest,
+    onnx_record,
+    staging_directory,
+    write_manifest,
+)
 from modloc.export.onnx_export import (
     DEFAULT_OPSET,
     PARITY_SHAPES,
@@ -259,7 +265,9 @@ def stage_graph(checkpoint: Checkpoint, directory: Path, graph: str, leaf: LeafC
     manifest = new_manifest(
         checkpoint=checkpoint, kind=kind, graph=graph, leaf=None if leaf is None else leaf.to_json(),
         precision={"name": precision, "compute": PRECISION_COMPUTE[precision]},
-        inputs=inputs, outputs=outputs, use_mask=module.use_mask, onnx_model=onnx_model)
+        inputs=inputs, outputs=outputs, use_mask=module.use_mask,
+        frames=frames_record(checkpoint, module.pad_to, module.gate_frames, module.needs_frame_mean),
+        onnx_model=onnx_model)
     return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
 
 

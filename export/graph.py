@@ -8,6 +8,15 @@ raw bytes of the YouTube-8M format, and returns probabilities and logits::
     mask float32 (B, M)          ─┴─ c = where(mask, float(bytes) - p, 0)
         ─ folded NeXtVLAD leaves (and gates) ─ logits (B, C) ─ sigmoid ─ probabilities (B, C)
 
+Padding. A masked (video-mode) leaf ignores padded frames, and an ensemble's gates read
+``Σ_real c / max(n, R)`` (the reference's frame mean on centered codes, where a padding
+frame is ``c = 0``: :func:`modloc.training.models.reference_gate_input`), so a video-mode
+graph gives the same outputs however far a batch is padded (:attr:`ExportGraph.pad_to` is
+None). Two graphs must be fed a fixed number of frames: an unmasked (segment-mode) graph
+counts padded frames, as the reference's zero-padded last window does (5 frames), and an
+ensemble of a checkpoint made before the gate input was recorded (``gate_input
+"padded_mean"``) averages over every input frame (300 frames, as the reference pads).
+
 Folding (every map below is affine per dimension, so it merges into the next linear layer,
 computed in float64 and rounded once):
 
@@ -36,9 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modloc.engine.base.features import RGB_SIZE, input_affine
+from modloc.engine.base.features import MAX_FRAMES, RGB_SIZE, SEGMENT_FRAMES, input_affine
 from modloc.engine.runtime.artifacts import PADDING_CODE
-from modloc.training.models import MixtureNode, MODTree, NeXtVLAD, NeXtVLADModel, leaf_paths
+from modloc.training.models import (
+    MixtureNode,
+    MODTree,
+    NeXtVLAD,
+    NeXtVLADModel,
+    gate_frames,
+    leaf_paths,
+)
 
 GraphKind = Literal["distill", "ensemble", "single"]
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,8 +166,8 @@ class FoldedLeaf(nn.Module):
 class FoldedMixture(nn.Module):
     """A mixture node: ``softmax(FC(BN(frame mean)))`` over its children's logits, float32.
 
-    The gate reads the mean of the centered codes over all frames (padding included, as
-    the reference's gate does); the input affine and the BN fold into its FC.
+    The gate reads the frame mean of the centered codes (:class:`ExportGraph` computes it);
+    the input affine and the BN fold into its FC.
     """
 
     def __init__(self, node: MixtureNode, dtype: torch.dtype):
@@ -181,17 +197,32 @@ class ExportGraph(nn.Module):
         dtype: the compute type of the body's linear layers.
         use_mask: multiply the attention by the mask (video mode); the mask always decides
             which frames are padding.
+        gate_frames: a mixture's gates read ``Σ_real c / max(n, gate_frames)`` (the
+            reference's frame mean); None: the mean over every input frame (the
+            ``"padded_mean"`` form of older checkpoints) or no gates.
+
+    Attributes:
+        pad_to: the frames per example the graph must be fed (module doc), or None: any
+            number, the padding does not change the outputs.
     """
 
     input_names = ("features", "mask")
     output_names = ("probabilities", "logits")
 
-    def __init__(self, body: nn.Module, dtype: torch.dtype, use_mask: bool):
+    def __init__(self, body: nn.Module, dtype: torch.dtype, use_mask: bool,
+                 gate_frames: int | None = None):
         super().__init__()
         self.body = body
         self.dtype = dtype
         self.use_mask = use_mask
         self.needs_frame_mean = isinstance(body, FoldedMixture)
+        self.gate_frames = gate_frames if self.needs_frame_mean else None
+        if not use_mask:
+            self.pad_to: int | None = SEGMENT_FRAMES
+        elif self.needs_frame_mean and self.gate_frames is None:
+            self.pad_to = MAX_FRAMES
+        else:
+            self.pad_to = None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.streams(features[:, :, :RGB_SIZE], features[:, :, RGB_SIZE:], mask)
@@ -202,8 +233,13 @@ class ExportGraph(nn.Module):
         valid = mask[:, :, None] > 0
         rgb = torch.where(valid, rgb.float() - PADDING_CODE, 0.0)
         audio = torch.where(valid, audio.float() - PADDING_CODE, 0.0)
-        frame_mean = (torch.cat([rgb.mean(dim=1), audio.mean(dim=1)], dim=1)
-                      if self.needs_frame_mean else None)
+        frame_mean = None
+        if self.needs_frame_mean and self.gate_frames is None:
+            frame_mean = torch.cat([rgb.mean(dim=1), audio.mean(dim=1)], dim=1)
+        elif self.needs_frame_mean:
+            frames = valid[:, :, 0].float().sum(dim=1, keepdim=True)
+            frame_mean = (torch.cat([rgb.sum(dim=1), audio.sum(dim=1)], dim=1)
+                          / torch.clamp(frames, min=float(self.gate_frames)))
         attention_mask = valid[:, :, 0].to(self.dtype) if self.use_mask else None
         logits = self.body(rgb.to(self.dtype), audio.to(self.dtype), frame_mean, attention_mask)
         return sigmoid(logits), logits
@@ -258,8 +294,11 @@ def export_module(model: nn.Module, graph: GraphKind, leaf: int | None = None,
                         "models and MOD trees")
     if model.inputs.transform != "unwhiten":
         raise ValueError(f"input transform {model.inputs.transform!r} cannot be folded")
+    use_mask = config.mode == "video"
+    reference_gates = isinstance(model, MODTree) and model.config.gate_input == "reference"
     graph_class = SplitStreamsGraph if split_streams else ExportGraph
-    return graph_class(body, dtype, use_mask=config.mode == "video").eval()
+    return graph_class(body, dtype, use_mask=use_mask,
+                       gate_frames=gate_frames(use_mask) if reference_gates else None).eval()
 
 
 __all__ = ["COMPUTE_DTYPES", "ExportGraph", "centered_input_affine", "sigmoid", "FoldedLeaf", "FoldedMixture", "FoldedNeXtVLAD",

@@ -87,6 +87,23 @@ def preprocessing_record(checkpoint: Checkpoint, use_mask: bool) -> dict:
     }
 
 
+def frames_record(checkpoint: Checkpoint, pad_to: int | None, gate_frames: int | None,
+                  gated: bool) -> dict:
+    """The manifest's ``frames``: what the graph needs per example, apart from how the
+    checkpoint was trained (:mod:`modloc.engine.runtime.artifacts` documents the keys).
+
+    Args:
+        pad_to: :attr:`modloc.export.graph.ExportGraph.pad_to`.
+        gate_frames: its gates' ``R`` (None: no gates, or the ``"padded_mean"`` form).
+        gated: the graph has gates (an ensemble).
+    """
+    config = checkpoint.model_config
+    return {"pad_to": pad_to,
+            "gate_input": getattr(config, "gate_input", None) if gated else None,
+            "gate_frames": gate_frames,
+            "training_max_frames": checkpoint.preprocessing.get("max_frames")}
+
+
 def new_manifest(
     *,
     checkpoint: Checkpoint,
@@ -97,6 +114,7 @@ def new_manifest(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     use_mask: bool,
+    frames: dict,
     onnx_model: onnx.ModelProto,
 ) -> dict:
     """A manifest without its ``files``, ``onnx.sha256`` and ``parity`` (set when written).
@@ -119,6 +137,7 @@ def new_manifest(
         "inputs": [spec.to_json() for spec in inputs],
         "outputs": [spec.to_json() for spec in outputs],
         "preprocessing": preprocessing_record(checkpoint, use_mask),
+        "frames": frames,
         "precision": precision,
         "onnx": onnx_record(onnx_model),
         "pt2": {"file": PT2_FILE, "parity": None},
@@ -168,5 +187,5 @@ def onnx_record(model: onnx.ModelProto) -> dict:
     return {"file": ONNX_FILE, "opset": opset, "ir_version": model.ir_version, "sha256": None}
 
 
-__all__ = ["exporter_versions", "new_manifest", "onnx_record", "preprocessing_record",
+__all__ = ["exporter_versions", "frames_record", "new_manifest", "onnx_record", "preprocessing_record",
            "source_record", "staging_directory", "write_manifest"]

@@ -26,7 +26,23 @@ An artifact is one exported model in a directory::
   the name of a dynamic axis (``"batch"``, ``"frames"``);
 - ``preprocessing``: what the graph folds (``folded``: true, the input transform, the
   eigenvalues' sha256, the padding rule) and ``use_mask`` (video mode masks padded
-  frames in the attention; segment mode does not);
+  frames in the attention; segment mode does not); its ``max_frames`` is the training
+  crop, not a limit of the graph;
+- ``frames``: what the graph needs per example. ``pad_to``: null when the outputs do not
+  depend on padding (any number of frames ≥ 1 gives the same outputs: video-mode distill
+  graphs, and ensembles whose gates read the reference's mean), else the exact number of
+  frames every example must be padded to (5 for a segment-mode graph, whose padded frames
+  count as the reference's zero-padded last window; 300 for an ensemble exported from a
+  checkpoint with the older ``"padded_mean"`` gates). ``gate_input``: an ensemble's gate
+  form (``"reference"`` or ``"padded_mean"``; null without gates). ``gate_frames``: ``R``
+  of ``"reference"`` gates, which read ``(Σ real frames + (R − n) · p) / R``, the
+  reference's mean over a video padded to ``R`` = 300 frames (5 for a segment-mode
+  window), computed from the ``n`` real frames; a video longer than ``R`` frames gets the
+  mean of its real frames (divisor ``max(n, R)``), where the reference would crop it to
+  ``R`` (the engine crops videos to 300 frames before the video model, as the reference's
+  reader does). ``training_max_frames``: the frames per video the checkpoint was trained
+  on. Absent in artifacts exported before it existed: :attr:`Artifact.pad_to` then
+  applies the rule of that time (300 for a video-level ensemble, 5 for a segment model);
 - ``precision``: ``"fp32"`` | ``"fp16"`` | ``"bf16"`` | ``"int8"``, with how the variant
   was made and measured (``map_difference`` against fp32 on the validation split);
 - ``onnx``: ``opset``, ``ir_version``, ``sha256``;
@@ -62,6 +78,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from modloc.engine.base.features import MAX_FRAMES, SEGMENT_FRAMES
 
 FORMAT = "modloc-artifact"
 FORMAT_VERSION = 1
@@ -120,6 +138,8 @@ class Artifact:
         class_ids: ``(C,)`` vocabulary ids of the outputs, in output order.
         inputs, outputs: the graph's tensors, in order.
         use_mask: whether the graph masks padded frames in its attention (video mode).
+        pad_to: the frames every example must be padded to, or None when the outputs do
+            not depend on padding (the manifest's ``frames.pad_to``).
     """
 
     path: Path
@@ -131,6 +151,7 @@ class Artifact:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     use_mask: bool
+    pad_to: int | None
 
     @property
     def onnx_path(self) -> Path:
@@ -232,6 +253,7 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
             inputs=tuple(TensorSpec.from_json(spec) for spec in manifest["inputs"]),
             outputs=tuple(TensorSpec.from_json(spec) for spec in manifest["outputs"]),
             use_mask=bool(manifest["preprocessing"]["use_mask"]),
+            pad_to=_pad_to(manifest),
         )
         files = manifest["files"]
         onnx_sha256 = manifest["onnx"]["sha256"]
@@ -248,6 +270,18 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
     return artifact
 
 
+def _pad_to(manifest: dict) -> int | None:
+    """``frames.pad_to``; for a manifest written before ``frames`` existed, the rule of that
+    time: ensembles averaged every input frame in their gates (300, as the reference pads
+    a video), segment models score 5-frame windows."""
+    if "frames" in manifest:
+        pad_to = manifest["frames"]["pad_to"]
+        return None if pad_to is None else int(pad_to)
+    if manifest["model"]["kind"] == "segment":
+        return SEGMENT_FRAMES
+    return MAX_FRAMES if manifest["model"]["graph"] == "ensemble" else None
+
+
 def _field_problems(artifact: Artifact) -> list[str]:
     problems = []
     for name, value, allowed in (("model.kind", artifact.kind, KINDS),
@@ -261,6 +295,8 @@ def _field_problems(artifact: Artifact) -> list[str]:
         if spec.shape and spec.shape[-1] != len(artifact.class_ids):
             problems.append(f"output {spec.describe()} has {spec.shape[-1]} columns for "
                             f"{len(artifact.class_ids)} class ids")
+    if artifact.pad_to is not None and artifact.pad_to < 1:
+        problems.append(f"frames.pad_to is {artifact.pad_to}, expected null or >= 1")
     names = [spec.name for spec in artifact.inputs]
     if names not in (["features", "mask"], ["rgb", "audio", "mask"]):
         problems.append(f"inputs are {names}, expected [features, mask] or [rgb, audio, mask]")
