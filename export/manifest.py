@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 from modloc._version import __version__
 from modloc.engine.base.atomic import write_atomically
 from modloc.engine.runtime.artifacts import (
+    ARTIFACT_FILES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    ONNX_DATA_FILE,
     ONNX_FILE,
     PADDING_CODE,
-    PLAN_FILE,
     PT2_FILE,
     README_FILE,
     TensorSpec,
@@ -116,6 +115,7 @@ def new_manifest(
     use_mask: bool,
     frames: dict,
     onnx_model: onnx.ModelProto,
+    live: dict | None = None,
 ) -> dict:
     """A manifest without its ``files``, ``onnx.sha256`` and ``parity`` (set when written).
 
@@ -146,6 +146,7 @@ def new_manifest(
         "versions": exporter_versions(),
         "parity": None,
         "plan": None,
+        "live": live,
     }
 
 
@@ -155,8 +156,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
     ``manifest`` is updated in place (``files``, ``onnx.sha256``) and returned.
     """
     directory = Path(directory)
-    files = {name: file_record(directory / name)
-             for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE)
+    files = {name: file_record(directory / name) for name in ARTIFACT_FILES
              if (directory / name).is_file()}
     manifest["files"] = files
     manifest["onnx"]["sha256"] = files[ONNX_FILE]["sha256"]

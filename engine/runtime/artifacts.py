@@ -11,6 +11,10 @@ An artifact is one exported model in a directory::
                     exported before modloc wrote it lack it and still run on ONNX Runtime and
                     TensorRT, so the format version did not change
     model.plan      a TensorRT engine built from model.onnx (only after ``modloc build``)
+    live_encoder.onnx, live_head.onnx
+                    a video-level fp32 model split for live localization: frames + mask →
+                    sums, sums → probabilities (:mod:`modloc.engine.runtime.live`); each
+                    with a ``.data`` file beside it past protobuf's 2 GB limit
     manifest.json   what the files are (schema below); the engine trusts nothing else
     README          one human-readable line saying what the artifact is
 
@@ -58,7 +62,12 @@ An artifact is one exported model in a directory::
 - ``versions``: the exporter's (modloc, torch, onnx, onnxscript, onnxruntime);
 - ``parity``: the fp32 graph against PyTorch (max relative error per shape, tolerance);
 - ``plan``: null, or the TensorRT engine's build record (TensorRT version, device name
-  and compute capability, optimization profiles, the ONNX sha256 it was built from).
+  and compute capability, optimization profiles, the ONNX sha256 it was built from);
+- ``live``: null or absent (segment models, precisions other than fp32, artifacts exported
+  before it), or the live graphs: ``encoder`` and ``head`` (``{"file", "inputs",
+  "outputs"}``), ``sums`` (``{"size", "layout"}``: the pieces of the sums vector, the frame
+  count last), ``gate_frames`` (the ``R`` of the head's gates, null without gates) and
+  ``parity`` (encoder + head against model.onnx, whole and in chunks of frames).
 
 :func:`load_artifact` checks the manifest against the files (every sha256, the class ids
 against the output shape, a plan against the graph it came from) and refuses with an
@@ -90,6 +99,12 @@ PT2_FILE = "model.pt2"
 PT2_METADATA = "modloc.json"  # inside model.pt2: what the program is (see the module docstring)
 PLAN_FILE = "model.plan"
 README_FILE = "README"
+LIVE_ENCODER_FILE = "live_encoder.onnx"
+LIVE_HEAD_FILE = "live_head.onnx"
+LIVE_DATA_SUFFIX = ".data"  # a live graph's weights past protobuf's 2 GB limit
+# every file an artifact may hold besides its manifest
+ARTIFACT_FILES = (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE, LIVE_ENCODER_FILE,
+                  LIVE_ENCODER_FILE + LIVE_DATA_SUFFIX, LIVE_HEAD_FILE, LIVE_HEAD_FILE + LIVE_DATA_SUFFIX)
 
 KINDS = ("video", "segment")
 GRAPHS = ("distill", "ensemble", "single")
@@ -172,6 +187,11 @@ class Artifact:
         return self.manifest.get("plan")
 
     @property
+    def live(self) -> dict | None:
+        """The manifest's ``live`` record (the encoder and head graphs), or None."""
+        return self.manifest.get("live")
+
+    @property
     def split_streams(self) -> bool:
         """True when the graph takes ``rgb`` and ``audio`` as two inputs, not ``features``."""
         return any(spec.name == "rgb" for spec in self.inputs)
@@ -192,7 +212,8 @@ def describe_manifest(manifest: dict) -> str:
         what = f"MOD ensemble: the whole {'x'.join(map(str, model['tree']['branching']))} tree"
     else:
         what = "NeXtVLAD"
-    files = [name for name in (ONNX_FILE, PT2_FILE, PLAN_FILE) if name in manifest["files"]]
+    files = [name for name in (ONNX_FILE, PT2_FILE, PLAN_FILE, LIVE_ENCODER_FILE, LIVE_HEAD_FILE)
+             if name in manifest["files"]]
     return (f"modloc {model['kind']}-level model, {what}, {manifest['precision']['name']}, "
             f"{len(manifest['classes'])} classes; {' + '.join(files)} (ONNX opset "
             f"{manifest['onnx']['opset']}) from checkpoint {manifest['source']['checkpoint']}")
@@ -264,6 +285,10 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
     problems = _field_problems(artifact)
     problems += _file_problems(directory, files, onnx_sha256, pt2_file, manifest.get("plan"),
                                verify)
+    for part in ("encoder", "head"):
+        name = (artifact.live or {}).get(part, {}).get("file")
+        if artifact.live and name not in files:
+            problems.append(f"live.{part}.file {name!r} is not among the manifest's files")
     if problems:
         raise ArtifactError(f"{directory}: the manifest does not match the artifact: "
                             + "; ".join(problems))
@@ -306,7 +331,7 @@ def _field_problems(artifact: Artifact) -> list[str]:
 def _file_problems(directory: Path, files: dict, onnx_sha256: str, pt2_file: str | None,
                    plan: dict | None, verify: bool) -> list[str]:
     problems = []
-    for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE):
+    for name in ARTIFACT_FILES:
         if (directory / name).exists() and name not in files:
             problems.append(f"{name} is present but the manifest does not describe it")
     if ONNX_FILE not in files:
@@ -373,6 +398,7 @@ def frame_mask(num_frames: np.ndarray, frames: int) -> np.ndarray:
 
 
 __all__ = [
+    "ARTIFACT_FILES", "LIVE_DATA_SUFFIX", "LIVE_ENCODER_FILE", "LIVE_HEAD_FILE",
     "FORMAT", "FORMAT_VERSION", "GRAPHS", "KINDS", "MANIFEST_FILE", "ONNX_DATA_FILE",
     "ONNX_FILE", "PADDING_CODE", "PLAN_FILE", "PRECISIONS", "PT2_FILE", "PT2_METADATA", "README_FILE",
     "Artifact", "ArtifactError",

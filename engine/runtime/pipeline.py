@@ -321,16 +321,29 @@ class Pipeline:
 
     def _fuse(self, candidate_ids: np.ndarray, candidate_scores: np.ndarray,
               window_scores: np.ndarray, windows_per_video: np.ndarray) -> np.ndarray:
-        """``(W, n)`` fused values of every window with its video's candidates, NaN where
-        the segment model does not score a candidate; one vectorized pass for the batch."""
-        fusion = self.config.fusion
-        owner = np.repeat(np.arange(len(candidate_ids)), windows_per_video)
-        columns = self.segment_space.positions(candidate_ids)  # (V, n), -1 where unscored
-        window_columns = columns[owner]
-        segment = np.take_along_axis(window_scores, np.maximum(window_columns, 0), axis=1)
-        fused = fuse(candidate_scores[owner], segment, fusion.video_exponent, fusion.segment_exponent)
-        fused[window_columns < 0] = np.nan
-        return fused
+        return fuse_windows(candidate_ids, candidate_scores, window_scores, windows_per_video,
+                            self.segment_space, self.config.fusion)
 
 
-__all__ = ["backend_scorer", "check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]
+def fuse_windows(candidate_ids: np.ndarray, candidate_scores: np.ndarray, window_scores: np.ndarray,
+                 windows_per_video: np.ndarray, segment_space: ClassSpace,
+                 fusion: FusionConfig) -> np.ndarray:
+    """``(W, n)`` fused values of every window with its video's candidates, NaN where the
+    segment model does not score a candidate; one vectorized pass.
+
+    Args:
+        candidate_ids, candidate_scores: ``(V, n)`` each video's candidates, video scores.
+        window_scores: ``(W, C_seg)`` the segment model's scores, the videos' windows in order.
+        windows_per_video: ``(V,)`` how many of the rows are each video's.
+        segment_space: the segment model's classes.
+    """
+    owner = np.repeat(np.arange(len(candidate_ids)), windows_per_video)
+    columns = segment_space.positions(candidate_ids)  # (V, n), -1 where unscored
+    window_columns = columns[owner]
+    segment = np.take_along_axis(window_scores, np.maximum(window_columns, 0), axis=1)
+    fused = fuse(candidate_scores[owner], segment, fusion.video_exponent, fusion.segment_exponent)
+    fused[window_columns < 0] = np.nan
+    return fused
+
+
+__all__ = ["backend_scorer", "check_video", "fuse_windows", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]

@@ -46,7 +46,7 @@ from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.service import kserve, metrics, security
 from modloc.engine.service.config import MESSAGE_OVERHEAD, ServerConfig
 from modloc.engine.service.core import EngineCore, log_event
-from modloc.engine.service.handlers import LocalizationService
+from modloc.engine.service.live import LiveLocalizationService
 
 log = logging.getLogger("modloc.server")
 
@@ -70,7 +70,7 @@ class _Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.core: EngineCore | None = None
-        self.localization = LocalizationService()
+        self.localization = LiveLocalizationService()
         self.kserve: kserve.KServeServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

@@ -34,7 +34,9 @@ from pathlib import Path
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.vocab import default_vocabulary
+from modloc.engine.runtime.artifacts import ArtifactError
 from modloc.engine.runtime.batcher import Batcher
+from modloc.engine.runtime.live import LiveEngine, LiveVideoModel
 from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import VideoLocalization
 from modloc.engine.service.config import ServerConfig
@@ -113,6 +115,23 @@ class EngineCore:
         # set when the state directory could not be written; then called once (the health)
         self.state_failure: BaseException | None = None
         self.on_state_failure: Callable[[], None] | None = None
+        # live localization (LocalizeLive): the engine, or why there is none
+        self.live: LiveEngine | None = None
+        self.live_unavailable = "live localization is not started"
+
+    def open_live(self) -> None:
+        """Start the live engine over the video artifact's live graphs and the segment model
+        the pipeline runs; without live graphs, :attr:`live_unavailable` says why."""
+        video_backend = self.localizer.backends[0]
+        try:
+            video = LiveVideoModel(video_backend.artifact, **{
+                key: value for key, value in self.config.backend_options.items()
+                if key in ("threads", "session_config")})
+        except ArtifactError as error:
+            self.live_unavailable = f"LocalizeLive: {error}"
+            return
+        self.live = LiveEngine(video, self.localizer.pipeline.segment_model,
+                               self.config.pipeline.fusion, self.config.live)
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
@@ -122,6 +141,7 @@ class EngineCore:
                                              backend_options=config.backend_options,
                                              state_dir=config.state_dir)
         core = cls(config, localizer)
+        core.open_live()
         log_event("core_loaded", backend=config.backend, state_dir=config.state_dir,
                   ingested_before=core.ranked_videos)
         return core
@@ -240,6 +260,14 @@ class EngineCore:
             if self._since_snapshot:
                 await asyncio.to_thread(self._snapshot, "timer")
 
+    async def ingest_localized(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
+        """Add videos localized elsewhere (a finished live stream) to the rankings and commit
+        durably, with :meth:`ingest`'s semantics (a video added before is a duplicate)."""
+        if self.rankings is None:
+            raise NoRankings("this server keeps no rankings (start it with a state directory)")
+        self._check_state()
+        return await asyncio.to_thread(self._add_and_commit, results)
+
     # --- reading ----------------------------------------------------------------------
 
     @property
@@ -301,6 +329,8 @@ class EngineCore:
         if self._snapshot_task is not None:
             self._snapshot_task.cancel()
         await asyncio.to_thread(self.batcher.close, True)
+        if self.live is not None:
+            await asyncio.to_thread(self.live.close)
         if self.rankings is not None and self.state_failure is None:
             # after a failure the files are the state to keep
             await asyncio.to_thread(self._snapshot, "shutdown")
