@@ -78,6 +78,8 @@ def export_size(scratch: Path, size: str, data: Path, threads: int) -> Path:
 
     args = argparse.Namespace(branching=(1,), seed=0, **SIZES[size])
     root = scratch / size
+    if (root / "segment" / "distill-fp32").is_dir():
+        return root
     settings = ExportSettings(graphs=("distill",), leaf=0, map_tolerance=1.0, threads=threads,
                               validation=str(data / "validate" / "*.tfrecord"))
     for kind in ("video", "segment"):
@@ -128,7 +130,7 @@ async def _load(address: str, streams: int, seconds: float, videos: list[np.ndar
     from modloc.engine.service.client import AsyncLocalizationClient, LiveTimer
 
     clients = [AsyncLocalizationClient(address, timeout=seconds + 120) for _ in range(8)]
-    latencies: list[float] = []
+    latencies: list[tuple[float, float, float]] = []  # (sent, client latency, server seconds)
     counts = {"completed": 0, "received": 0, "errors": 0, "frames": 0}
     started = time.monotonic()
 
@@ -152,7 +154,9 @@ async def _load(address: str, streams: int, seconds: float, videos: list[np.ndar
             async for event in clients[index % len(clients)].localize_live(
                     f"stream-{index}", paced(), top_n=3, timer=timer):
                 if event.HasField("window"):
-                    latencies.append(timer.latency(event.window))
+                    latency = timer.latency(event.window)
+                    latencies.append((time.monotonic() - latency - started, latency,
+                                      event.window.server_seconds))
                     counts["received"] += 1
         except Exception:
             counts["errors"] += 1
@@ -171,6 +175,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def _worst_second(samples: np.ndarray) -> str:
+    """When the slowest windows were sent: the second of the run with the highest p99."""
+    if not len(samples):
+        return "-"
+    seconds = samples[:, 0].astype(int)
+    worst = max(np.unique(seconds), key=lambda s: np.percentile(samples[seconds == s, 1], 99))
+    return f"{worst} s"
+
+
 def run_level(server: ServerProcess, streams: int, seconds: float, videos) -> dict:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
@@ -181,16 +194,21 @@ def run_level(server: ServerProcess, streams: int, seconds: float, videos) -> di
     while generator.is_alive() and out.empty():
         peak = max(peak, rss_kib(server.process.pid))
         time.sleep(0.5)
-    latencies, counts, offered = out.get()
+    samples, counts, offered = out.get()
     generator.join()
+    samples = np.array(samples, np.float64).reshape(-1, 3)
+    latencies, server_seconds = samples[:, 1], samples[:, 2]
     row = {"streams": streams, "windows": counts["completed"], "received": counts["received"],
            "errors": counts["errors"], "offered_fps": offered,
-           "p50": float(np.percentile(latencies, 50)) if latencies else float("nan"),
-           "p99": float(np.percentile(latencies, 99)) if latencies else float("nan"),
+           "p50": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
+           "p99": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
+           "server_p99": float(np.percentile(server_seconds, 99)) if len(latencies) else float("nan"),
+           "worst_second": _worst_second(samples),
            "rss_mib": peak / 1024, "rss_growth_mib": (peak - before) / 1024}
     row["sustained"] = (row["p99"] <= P99_GOAL and not row["errors"]
                         and row["received"] == row["windows"])
-    print(f"  {streams} streams: p50 {row['p50'] * 1000:.0f} ms, p99 {row['p99'] * 1000:.0f} ms, "
+    print(f"  {streams} streams: p50 {row['p50'] * 1000:.0f} ms, p99 {row['p99'] * 1000:.0f} ms "
+          f"(server {row['server_p99'] * 1000:.0f} ms; worst at {row['worst_second']}), "
           f"{row['received']}/{row['windows']} events, {row['errors']} errors, offered "
           f"{offered:.0f} frames/s, server RSS {row['rss_mib']:.0f} MiB "
           f"({'sustained' if row['sustained'] else 'NOT sustained'})", flush=True)
@@ -280,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--estimate-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=RESULTS_FILE)
+    parser.add_argument("--scratch", type=Path,
+                        help="keep the data and exported models here (reused when present)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-live-") as scratch_dir:
-        scratch = Path(scratch_dir)
+        scratch = args.scratch or Path(scratch_dir)
         data = scratch / "data"
-        generate(config_from("tiny", validate_videos=16, test_videos=64, min_frames=60, max_frames=300,
-                             seed=0), data, splits=("validate", "test"))
+        if not (data / "synth.json").is_file():
+            generate(config_from("tiny", validate_videos=16, test_videos=64, min_frames=60,
+                                 max_frames=300, seed=0), data, splits=("validate", "test"))
         for size in args.sizes:
             section = bench_size(size, scratch, data, args)
             print(section)

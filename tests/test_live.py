@@ -398,8 +398,10 @@ def test_limits_at_their_edges(client, server):
     assert 1.4 < time.monotonic() - started < 10
 
 
-def test_a_server_without_live_graphs_says_so(tiny_artifacts, tmp_path):
+def test_a_server_without_live_graphs_says_so_and_tokens_guard_live_streams(tiny_artifacts, tmp_path):
     root = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
+    token = "live-token-0123456789abcdef"
+    (tmp_path / "tokens").write_text(token + "\n")
     video = root / "video" / "distill-fp32"
     manifest = json.loads((video / MANIFEST_FILE).read_text())
     manifest["live"] = None
@@ -407,9 +409,13 @@ def test_a_server_without_live_graphs_says_so(tiny_artifacts, tmp_path):
         manifest["files"].pop(name)
         (video / name).unlink()
     (video / MANIFEST_FILE).write_text(json.dumps(manifest))
-    process = ServerProcess.start(root)
+    process = ServerProcess.start(root, "--token-file", str(tmp_path / "tokens"))
     try:
-        with LocalizationClient(process.address, timeout=30) as client:
+        with LocalizationClient(process.address, timeout=30) as anonymous:
+            with pytest.raises(grpc.RpcError) as error:
+                run_live(anonymous, "s", [frames(5)])
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with LocalizationClient(process.address, token=token, timeout=30) as client:
             with pytest.raises(grpc.RpcError) as error:
                 run_live(client, "s", [frames(5)])
             assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -479,12 +479,14 @@ class LiveEngine:
             if work.last:  # the final candidates read every frame (the last window forced it)
                 steps.append((stream, None, None if stream.refreshed_at == stream.processed
                               else refresh(stream), True))
-        probabilities = None
+        probabilities = candidate_ids = candidate_scores = None
         if snapshots:
             started = time.perf_counter()
             probabilities = self.video.head(np.stack(snapshots))
             stats.seconds["head"] += time.perf_counter() - started
             stats.refreshes += len(snapshots)
+            candidate_ids, candidate_scores = top_candidates(probabilities, self.video_class_ids,
+                                                             self.fusion.top_n)
 
         # pass 2: candidates, window events and ends, in each stream's order
         started = time.perf_counter()
@@ -492,7 +494,8 @@ class LiveEngine:
         for stream, item, refreshed, end in steps:
             out = events.setdefault(stream, [])
             if refreshed is not None:
-                out.append(self._refresh(stream, probabilities[refreshed], snapshots[refreshed]))
+                out.append(self._refresh(stream, probabilities[refreshed], candidate_ids[refreshed],
+                                         candidate_scores[refreshed], int(snapshots[refreshed][-1])))
             if item is not None:
                 work, (_, valid, start) = items[item]
                 partial = valid < SEGMENT_FRAMES
@@ -505,13 +508,14 @@ class LiveEngine:
         stats.batches += 1
         return events
 
-    def _refresh(self, stream: LiveStream, probabilities: np.ndarray, sums: np.ndarray
-                 ) -> CandidateUpdate:
-        ids, scores = top_candidates(probabilities[None, :], self.video_class_ids, self.fusion.top_n)
-        stream.candidate_ids, stream.candidate_scores = ids[0], scores[0].astype(np.float64)
+    def _refresh(self, stream: LiveStream, probabilities: np.ndarray, ids: np.ndarray,
+                 scores: np.ndarray, frames: int) -> CandidateUpdate:
+        """New candidates for ``stream``: ``ids``, ``scores`` of ``(C,)`` ``probabilities``
+        from the sums of its latest ``frames`` frames."""
+        stream.candidate_ids, stream.candidate_scores = ids, scores.astype(np.float64)
         stream.video_scores = probabilities
         stream.version += 1
-        return CandidateUpdate(version=stream.version, frames=int(sums[-1]), through=stream.processed,
+        return CandidateUpdate(version=stream.version, frames=frames, through=stream.processed,
                                class_ids=stream.candidate_ids, scores=stream.candidate_scores,
                                scored=self.segment_space.positions(stream.candidate_ids) >= 0)
 
