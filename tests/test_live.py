@@ -28,6 +28,7 @@ from modloc.engine.runtime.artifacts import (
 from modloc.engine.runtime.backends import open_backend
 from modloc.engine.runtime.fusion import FusionConfig
 from modloc.engine.runtime.live import (
+    CandidateUpdate,
     LiveConfig,
     LiveEngine,
     LiveQueueFull,
@@ -191,15 +192,19 @@ def test_engine_queue_limit_at_its_edge_and_bounded_stream_memory(tiny_artifacts
         engine.close()
     # a long stream keeps at most the horizon: its arrays stay under the bound
     engine = LiveEngine(live, ScoringModel(held, held.classes), FusionConfig())
-    ended = threading.Event()
-    long = engine.open("b", StreamOptions(),
-                       lambda batch: ended.set() if isinstance(batch[-1], StreamEnd) else None,
-                       lambda error: None)
+    long_events: list = []
+    long = engine.open("b", StreamOptions(), long_events.extend, lambda error: None)
     for seed in range(20):
         long.push(frames(40, seed=seed))
     long.push(frames(1), last=True)
-    assert ended.wait(30)
+    wait_for(lambda: long_events and isinstance(long_events[-1], StreamEnd), 30)
     engine.close()
+    # the candidates come from the latest 241-300 frames; the final covers the last 60 windows
+    updates = [e for e in long_events if isinstance(e, CandidateUpdate)]
+    assert all(u.frames == min(u.through, 300) or 241 <= u.frames <= 300 for u in updates)
+    assert updates[-1].through == 801 and 241 <= updates[-1].frames <= 300
+    final = long_events[-1].localization
+    assert final.window_starts.tolist() == list(range(505, 805, 5)) and final.partial[-1]
     kept = sum(block.nbytes for block in long.blocks) + sum(s.nbytes for _, _, s in long.windows)
     bound = stream_bound_bytes(engine.config, live.sums_size, 3)
     assert long.processed == 801 and len(long.windows) == 60 and 0 < kept <= bound
