@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard native/*) $(wildcard proto/*/*.proto)
+$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard native/*) $(wildcard proto/*/*.proto) $(wildcard proto/*/*/*.proto)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)

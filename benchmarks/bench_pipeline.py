@@ -21,6 +21,16 @@ whole pipeline at 300 frames.
     python benchmarks/bench_pipeline.py                        # ~6 min on 2 cores
     python benchmarks/bench_pipeline.py --backends onnxruntime --window-batches 1024
     python benchmarks/bench_pipeline.py --backends --compile   # a GPU machine: the GPU section only
+    python benchmarks/bench_pipeline.py --video-padding        # ~10 min: the section below only
+
+``--video-padding`` times the video model alone (stage 1, :meth:`Pipeline.candidates`) on
+batches padded to 300 frames, as ensemble video graphs were served before their gates
+stopped depending on padding (issue 19), against batches padded to their longest video
+(rounded up to 30 frames), as they are now; the scores are the same either way (tested in
+test_export.py). Two models: the demo's MOD ensemble on the demo's test split through ONNX
+Runtime (``--demo``, after ``make demo``), and the paper-size ensemble (4 x 3 NeXtVLADs,
+8G 128K X2 2048H r=16, 3862 classes, random weights) in PyTorch eager on synthetic videos
+of 60-300 frames (its ~1B-parameter ONNX export does not fit this machine's time budget).
 """
 
 from __future__ import annotations
@@ -142,6 +152,96 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def video_model_seconds(model: ScoringModel, videos: list[Video], batch: int,
+                        repeats: int) -> tuple[float, float]:
+    """Median seconds per video-model call over ``repeats`` passes, and the mean frames a
+    batch was padded to."""
+    frames: list[int] = []
+
+    def recorded(features, num_frames):
+        frames.append(features.shape[1])
+        return model.score(features, num_frames)
+
+    timed = ScoringModel(recorded, model.class_ids, model.fixed_frames, model.name)
+    pipeline = Pipeline(timed, ScoringModel(model.score, model.class_ids), PipelineConfig(
+        video_batch_size=batch))
+    pipeline.candidates(videos)  # warm-up
+    per_batch = []
+    for _ in range(repeats):
+        seconds, batches = pipeline.times.seconds["video_model"], pipeline.times.video_batches
+        pipeline.candidates(videos)
+        per_batch.append((pipeline.times.seconds["video_model"] - seconds)
+                         / (pipeline.times.video_batches - batches))
+    return statistics.median(per_batch), float(np.mean(frames))
+
+
+def padding_rows(name: str, model: ScoringModel, videos: list[Video], batch: int,
+                 repeats: int) -> dict:
+    """Padded to 300 frames (before) and to the longest video (after), one row."""
+    assert model.fixed_frames is None, f"{name} still asks for fixed frames"
+    before, before_frames = video_model_seconds(
+        ScoringModel(model.score, model.class_ids, 300, model.name), videos, batch, repeats)
+    after, after_frames = video_model_seconds(model, videos, batch, repeats)
+    row = {"model": name, "videos": len(videos), "batch": batch, "before": before, "after": after,
+           "before_frames": before_frames, "after_frames": after_frames}
+    print(f"  {name}: {before:.3f} s per batch at {before_frames:.0f} frames -> {after:.3f} s at "
+          f"{after_frames:.0f} frames ({before / after:.2f}x)", flush=True)
+    return row
+
+
+def paper_ensemble_scorer(seed: int) -> ScoringModel:
+    """The paper's MOD (4 x 3 NeXtVLADs, r=16, 3862 classes), random weights and BatchNorm
+    statistics, in PyTorch eager."""
+    from modloc.training.models import MODTree, MODTreeConfig, NeXtVLADConfig
+
+    torch.manual_seed(seed)
+    tree = MODTree(MODTreeConfig((4, 3), NeXtVLADConfig(gating_reduction=16))).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for module in tree.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_(0.0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+
+    def score(features: np.ndarray, num_frames: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.sigmoid(tree(torch.from_numpy(features), torch.from_numpy(num_frames)).root).numpy()
+    return ScoringModel(score, tuple(range(3862)), name="paper MOD 4x3")
+
+
+def video_padding_section(args, videos: list[Video]) -> str:
+    rows = []
+    demo = Path(args.demo)
+    artifact = demo / "export" / "video" / "ensemble-fp32"
+    if artifact.is_dir():
+        print(f"timing the demo's video ensemble ({artifact}) ...", flush=True)
+        backend = open_backend(artifact, "onnxruntime", threads=args.threads,
+                               session_config={"session.intra_op.allow_spinning": "0"})
+        demo_videos = list(read_videos(str(demo / "data" / "test" / "*.tfrecord")))
+        rows.append(padding_rows("demo MOD 2x2 ensemble-fp32, ONNX Runtime, demo test split",
+                                 ScoringModel.from_backend(backend), demo_videos, args.video_batch,
+                                 args.repeats))
+        backend.close()
+    else:
+        print(f"no demo artifacts at {artifact}: run make demo first for the demo's row", flush=True)
+    print("building the paper-size ensemble ...", flush=True)
+    rows.append(padding_rows("paper MOD 4x3 (3862 classes), PyTorch eager, synthetic",
+                             paper_ensemble_scorer(args.seed), videos[: args.paper_videos],
+                             args.paper_batch, args.repeats))
+    lines = ["| model | videos | videos per batch | frames per batch before -> after (mean) | "
+             "s per batch before (300) | s per batch after (longest) | speedup |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['videos']} | {row['batch']} | "
+                     f"{row['before_frames']:.0f} -> {row['after_frames']:.0f} | {row['before']:.3f} | "
+                     f"{row['after']:.3f} | {row['before'] / row['after']:.2f}x |")
+    return (f"## Video model: batches padded to 300 frames (before) vs to their longest video (after)\n\n"
+            f"{provenance()}\n- Python {platform.python_version()}, torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}; {args.threads} threads\n"
+            f"- a 2-core CPU machine shared with other work; median of {args.repeats} passes "
+            f"(one warm-up); the video model alone (stage 1), same scores either way\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def gpu_video_set(videos: list[Video], count: int, frames: int = 300) -> list[Video]:
     """``count`` distinct videos of exactly ``frames`` frames (the goal's setting): the
     synthetic videos (60-300 frames) in turn, each repeated along time to ``frames``, under
@@ -165,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-window-batch", type=int, default=16384)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median kept)")
+    parser.add_argument("--video-padding", action="store_true",
+                        help="only time the video model padded to 300 frames vs to the longest")
+    parser.add_argument("--demo", default="runs/demo", help="the demo's output (--video-padding)")
+    parser.add_argument("--paper-videos", type=int, default=32,
+                        help="videos for the paper-size ensemble (--video-padding)")
+    parser.add_argument("--paper-batch", type=int, default=16,
+                        help="videos per batch for the paper-size ensemble (--video-padding)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -179,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_dir)
         generate(config_from("tiny", validate_videos=16, test_videos=args.videos, min_frames=60,
                              max_frames=300, seed=args.seed), scratch / "data", splits=("validate", "test"))
+        if args.video_padding:
+            section = video_padding_section(
+                args, list(read_videos(str(scratch / "data" / "test" / "*.tfrecord"))))
+            print(section)
+            write_section(args.out, section, HEADER)
+            print(f"wrote {args.out}")
+            return 0
         print("building and exporting the models ...", flush=True)
         root = export_models(scratch, args, ("fp32", "bf16") if cuda else ("fp32",))
         videos = list(read_videos(str(scratch / "data" / "test" / "*.tfrecord")))

@@ -10,7 +10,9 @@ Each step is a function of its own (the CLI verb only strings them together):
    ``model.pt2`` and translated to ONNX (:func:`modloc.export.onnx_export.export_onnx`) →
    manifest → loaded back through the engine's own checks → parity with PyTorch
    (:func:`modloc.export.onnx_export.check_parity`) of the ONNX graph on ONNX Runtime and of the
-   reloaded program on the torch backend (fp32 must pass both, the others are measured).
+   reloaded program on the torch backend (fp32 must pass both, the others are measured). A
+   video model's fp32 graph is also written as the live encoder and head
+   (:mod:`modloc.export.live`), gated on parity with ``model.onnx``.
 4. :func:`stage_int8`: the INT8 QDQ graph quantized from the staged fp32 one, calibrated
    on TFRecord batches, then measured the same way (ONNX only: no model.pt2).
 5. :func:`measure_precisions`: fp32 and every variant on the validation split in one pass:
@@ -57,10 +59,18 @@ from modloc.engine.runtime.artifacts import (
 )
 from modloc.engine.runtime.backends import Backend
 from modloc.engine.runtime.backends.torch_backend import TorchBackend
+from modloc.engine.runtime.live import LiveVideoModel
 from modloc.engine.runtime.pipeline import Scorer, backend_scorer
 from modloc.export.gate import Agreement, GateThresholds, failed_measures, quality_gate, remedy
 from modloc.export.graph import export_module
-from modloc.export.manifest import new_manifest, onnx_record, staging_directory, write_manifest
+from modloc.export.live import check_live_parity, export_live_graphs
+from modloc.export.manifest import (
+    frames_record,
+    new_manifest,
+    onnx_record,
+    staging_directory,
+    write_manifest,
+)
 from modloc.export.onnx_export import (
     DEFAULT_OPSET,
     PARITY_SHAPES,
@@ -117,6 +127,7 @@ class ExportSettings:
         parity_shapes: the ``(B, M)`` batches of the parity check.
         threads: ONNX Runtime intra-op threads for the checks (None: one per core).
         progress: say each step on stderr before it runs.
+        live: also write a video model's fp32 graph as the live encoder and head.
     """
 
     graphs: tuple[str, ...] | None = None
@@ -135,6 +146,7 @@ class ExportSettings:
     parity_shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES
     threads: int | None = None
     progress: bool = True
+    live: bool = True
 
     def __post_init__(self):
         unknown = set(self.precisions) - set(PRECISION_COMPUTE)
@@ -265,11 +277,16 @@ def stage_graph(checkpoint: Checkpoint, directory: Path, graph: str, leaf: LeafC
     torch.export.save(program, directory / PT2_FILE,
                       extra_files={PT2_METADATA: json.dumps(description)})
     onnx_model = export_onnx(module, program, directory / ONNX_FILE, settings.opset, metadata)
+    live = None
+    if settings.live and kind == "video" and precision == "fp32":
+        live = export_live_graphs(module, directory, len(checkpoint.class_ids), settings.opset, metadata)
     inputs, outputs = io_specs(module, len(checkpoint.class_ids))
     manifest = new_manifest(
         checkpoint=checkpoint, kind=kind, graph=graph, leaf=None if leaf is None else leaf.to_json(),
         precision={"name": precision, "compute": PRECISION_COMPUTE[precision]},
-        inputs=inputs, outputs=outputs, use_mask=module.use_mask, onnx_model=onnx_model)
+        inputs=inputs, outputs=outputs, use_mask=module.use_mask,
+        frames=frames_record(checkpoint, module.pad_to, module.gate_frames, module.needs_frame_mean),
+        onnx_model=onnx_model, live=live)
     return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
 
 
@@ -287,7 +304,7 @@ def stage_int8(checkpoint: Checkpoint, directory: Path, fp32: _Staged, graph: st
     manifest.update(precision={"name": "int8", "compute": PRECISION_COMPUTE["int8"],
                                "quantization": quantization},
                     onnx=onnx_record(onnx.load(directory / ONNX_FILE, load_external_data=False)),
-                    pt2={"file": None, "reason": INT8_PT2_REASON}, parity=None)
+                    pt2={"file": None, "reason": INT8_PT2_REASON}, parity=None, live=None)
     return _check_staged(checkpoint, directory, manifest, graph, leaf, settings)
 
 
@@ -312,6 +329,12 @@ def _check_staged(checkpoint: Checkpoint, directory: Path, manifest: dict, graph
                                                          settings.parity_shapes, tolerance)
             except ParityError as error:
                 raise ParityError(f"{PT2_FILE}, loaded back on the torch backend: {error}") from None
+    if manifest.get("live"):
+        live = LiveVideoModel(artifact, settings.threads)
+        try:
+            manifest["live"]["parity"] = check_live_parity(live, runner)
+        finally:
+            live.close()
     write_manifest(directory, manifest)
     return _Staged(manifest["precision"]["name"], directory, manifest, artifact, runner)
 

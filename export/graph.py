@@ -8,6 +8,15 @@ raw bytes of the YouTube-8M format, and returns probabilities and logits::
     mask float32 (B, M)          ─┴─ c = where(mask, float(bytes) - p, 0)
         ─ folded NeXtVLAD leaves (and gates) ─ logits (B, C) ─ sigmoid ─ probabilities (B, C)
 
+Padding. A masked (video-mode) leaf ignores padded frames, and an ensemble's gates read
+``Σ_real c / max(n, R)`` (the reference's frame mean on centered codes, where a padding
+frame is ``c = 0``: :func:`modloc.training.models.reference_gate_input`), so a video-mode
+graph gives the same outputs however far a batch is padded (:attr:`ExportGraph.pad_to` is
+None). Two graphs must be fed a fixed number of frames: an unmasked (segment-mode) graph
+counts padded frames, as the reference's zero-padded last window does (5 frames), and an
+ensemble of a checkpoint made before the gate input was recorded (``gate_input
+"padded_mean"``) averages over every input frame (300 frames, as the reference pads).
+
 Folding (every map below is affine per dimension, so it merges into the next linear layer,
 computed in float64 and rounded once):
 
@@ -36,9 +45,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modloc.engine.base.features import RGB_SIZE, input_affine
+from modloc.engine.base.features import (
+    FEATURE_SIZE,
+    MAX_FRAMES,
+    RGB_SIZE,
+    SEGMENT_FRAMES,
+    input_affine,
+)
 from modloc.engine.runtime.artifacts import PADDING_CODE
-from modloc.training.models import MixtureNode, MODTree, NeXtVLAD, NeXtVLADModel, leaf_paths
+from modloc.training.models import (
+    MixtureNode,
+    MODTree,
+    NeXtVLAD,
+    NeXtVLADModel,
+    gate_frames,
+    leaf_paths,
+)
 
 GraphKind = Literal["distill", "ensemble", "single"]
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,6 +119,11 @@ class FoldedNeXtVLAD(nn.Module):
         self.register_buffer("centers", vlad.centers.detach().float().clone())
 
     def forward(self, codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.normalized(self.residuals(codes, mask))
+
+    def residuals(self, codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B, F, K)`` float32 ``Σ_i Σ_g att · α · (x̃ − c)``: a sum over the frames (the
+        part of the pooling that adds up over any split of them)."""
         batch, frames, _ = codes.shape
         x = self.expand(codes)
         attention = sigmoid(self.attention(x))
@@ -107,10 +134,15 @@ class FoldedNeXtVLAD(nn.Module):
         assignment = torch.softmax(logits, dim=2) * attention.float().reshape(batch, rows, 1)
         grouped = x.float().reshape(batch, rows, self.group_size)
         vlad = torch.bmm(grouped.transpose(1, 2), assignment)
-        vlad = vlad - assignment.sum(dim=1, keepdim=True) * self.centers
+        return vlad - assignment.sum(dim=1, keepdim=True) * self.centers
+
+    def normalized(self, residuals: torch.Tensor) -> torch.Tensor:
+        """``(B, F, K)`` (or flattened ``(B, F·K)``) residuals → ``(B, F·K)``, L2-normalized
+        per cluster."""
+        vlad = residuals.reshape(-1, self.group_size, self.clusters)
         # TF l2_normalize: the norm floored at 1e-6, as modloc.training.models.nextvlad does
         vlad = F.normalize(vlad, p=2.0, dim=1, eps=1e-6)
-        return vlad.reshape(batch, self.group_size * self.clusters)
+        return vlad.reshape(-1, self.group_size * self.clusters)
 
 
 class FoldedLeaf(nn.Module):
@@ -141,7 +173,10 @@ class FoldedLeaf(nn.Module):
 
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, frame_mean: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        vlad = torch.cat([self.video_vlad(rgb, mask), self.audio_vlad(audio, mask)], dim=1)
+        return self.head(torch.cat([self.video_vlad(rgb, mask), self.audio_vlad(audio, mask)], dim=1))
+
+    def head(self, vlad: torch.Tensor) -> torch.Tensor:
+        """``(B, video F·K + audio F·K)`` normalized VLADs → ``(B, C)`` float32 logits."""
         hidden = self.hidden(vlad.to(self.dtype))
         gates = sigmoid(self.excite(torch.relu(self.squeeze(hidden))))
         return self.classifier(hidden * gates).float()
@@ -150,8 +185,8 @@ class FoldedLeaf(nn.Module):
 class FoldedMixture(nn.Module):
     """A mixture node: ``softmax(FC(BN(frame mean)))`` over its children's logits, float32.
 
-    The gate reads the mean of the centered codes over all frames (padding included, as
-    the reference's gate does); the input affine and the BN fold into its FC.
+    The gate reads the frame mean of the centered codes (:class:`ExportGraph` computes it);
+    the input affine and the BN fold into its FC.
     """
 
     def __init__(self, node: MixtureNode, dtype: torch.dtype):
@@ -168,9 +203,12 @@ class FoldedMixture(nn.Module):
 
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, frame_mean: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
+        return self.mix(frame_mean, [branch(rgb, audio, frame_mean, mask) for branch in self.branches])
+
+    def mix(self, frame_mean: torch.Tensor, child_logits: list[torch.Tensor]) -> torch.Tensor:
+        """The children's ``(B, C)`` logits mixed by the gate on ``(B, 1152)`` ``frame_mean``."""
         weights = torch.softmax(self.gate(frame_mean), dim=1)
-        logits = torch.stack([branch(rgb, audio, frame_mean, mask) for branch in self.branches], dim=1)
-        return (weights[:, :, None] * logits).sum(dim=1)
+        return (weights[:, :, None] * torch.stack(child_logits, dim=1)).sum(dim=1)
 
 
 class ExportGraph(nn.Module):
@@ -181,17 +219,47 @@ class ExportGraph(nn.Module):
         dtype: the compute type of the body's linear layers.
         use_mask: multiply the attention by the mask (video mode); the mask always decides
             which frames are padding.
+        gate_frames: a mixture's gates read ``Σ_real c / max(n, gate_frames)`` (the
+            reference's frame mean); None: the mean over every input frame (the
+            ``"padded_mean"`` form of older checkpoints) or no gates.
+
+    Attributes:
+        pad_to: the frames per example the graph must be fed (module doc), or None: any
+            number, the padding does not change the outputs.
     """
 
     input_names = ("features", "mask")
     output_names = ("probabilities", "logits")
+    description = "modloc export: uint8 YouTube-8M frames + mask -> class probabilities"
 
-    def __init__(self, body: nn.Module, dtype: torch.dtype, use_mask: bool):
+    def __init__(self, body: nn.Module, dtype: torch.dtype, use_mask: bool,
+                 gate_frames: int | None = None):
         super().__init__()
         self.body = body
         self.dtype = dtype
         self.use_mask = use_mask
         self.needs_frame_mean = isinstance(body, FoldedMixture)
+        self.gate_frames = gate_frames if self.needs_frame_mean else None
+        if not use_mask:
+            self.pad_to: int | None = SEGMENT_FRAMES
+        elif self.needs_frame_mean and self.gate_frames is None:
+            self.pad_to = MAX_FRAMES
+        else:
+            self.pad_to = None
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Every input's dynamic axes by name (for ``torch.export`` and the ONNX axes)."""
+        return {name: {0: "batch", 1: "frames"} for name in self.input_names}
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Inputs to capture the graph with (sizes 2 and 3: ``torch.export`` specializes
+        dimensions of size 0 and 1)."""
+        examples = {"features": torch.zeros(2, 3, FEATURE_SIZE, dtype=torch.uint8),
+                    "rgb": torch.zeros(2, 3, RGB_SIZE, dtype=torch.uint8),
+                    "audio": torch.zeros(2, 3, FEATURE_SIZE - RGB_SIZE, dtype=torch.uint8),
+                    "mask": torch.ones(2, 3)}
+        return tuple(examples[name] for name in self.input_names)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.streams(features[:, :, :RGB_SIZE], features[:, :, RGB_SIZE:], mask)
@@ -199,14 +267,29 @@ class ExportGraph(nn.Module):
     def streams(self, rgb: torch.Tensor, audio: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph on separate uint8 streams ``(B, M, 1024)`` and ``(B, M, 128)``."""
-        valid = mask[:, :, None] > 0
-        rgb = torch.where(valid, rgb.float() - PADDING_CODE, 0.0)
-        audio = torch.where(valid, audio.float() - PADDING_CODE, 0.0)
-        frame_mean = (torch.cat([rgb.mean(dim=1), audio.mean(dim=1)], dim=1)
-                      if self.needs_frame_mean else None)
-        attention_mask = valid[:, :, 0].to(self.dtype) if self.use_mask else None
+        rgb, audio, attention_mask = centered_codes(rgb, audio, mask, self.use_mask)
+        frame_mean = None
+        if self.needs_frame_mean and self.gate_frames is None:
+            frame_mean = torch.cat([rgb.mean(dim=1), audio.mean(dim=1)], dim=1)
+        elif self.needs_frame_mean:
+            frames = (mask > 0).float().sum(dim=1, keepdim=True)
+            frame_mean = (torch.cat([rgb.sum(dim=1), audio.sum(dim=1)], dim=1)
+                          / torch.clamp(frames, min=float(self.gate_frames)))
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.dtype)
         logits = self.body(rgb.to(self.dtype), audio.to(self.dtype), frame_mean, attention_mask)
         return sigmoid(logits), logits
+
+
+def centered_codes(rgb: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor, use_mask: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 ``(B, M, 1024)``, ``(B, M, 128)`` and ``(B, M)`` mask → float32 centered codes
+    (``q − PADDING_CODE``; 0 at padded frames, whatever their bytes) and the attention mask
+    (``(B, M)`` float32 in video mode, else None)."""
+    valid = mask[:, :, None] > 0
+    rgb = torch.where(valid, rgb.float() - PADDING_CODE, 0.0)
+    audio = torch.where(valid, audio.float() - PADDING_CODE, 0.0)
+    return rgb, audio, valid[:, :, 0].float() if use_mask else None
 
 
 class SplitStreamsGraph(ExportGraph):
@@ -258,9 +341,12 @@ def export_module(model: nn.Module, graph: GraphKind, leaf: int | None = None,
                         "models and MOD trees")
     if model.inputs.transform != "unwhiten":
         raise ValueError(f"input transform {model.inputs.transform!r} cannot be folded")
+    use_mask = config.mode == "video"
+    reference_gates = isinstance(model, MODTree) and model.config.gate_input == "reference"
     graph_class = SplitStreamsGraph if split_streams else ExportGraph
-    return graph_class(body, dtype, use_mask=config.mode == "video").eval()
+    return graph_class(body, dtype, use_mask=use_mask,
+                       gate_frames=gate_frames(use_mask) if reference_gates else None).eval()
 
 
-__all__ = ["COMPUTE_DTYPES", "ExportGraph", "centered_input_affine", "sigmoid", "FoldedLeaf", "FoldedMixture", "FoldedNeXtVLAD",
+__all__ = ["COMPUTE_DTYPES", "ExportGraph", "centered_codes", "centered_input_affine", "sigmoid", "FoldedLeaf", "FoldedMixture", "FoldedNeXtVLAD",
            "GraphKind", "SplitStreamsGraph", "export_module"]

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 from modloc._version import __version__
 from modloc.engine.base.atomic import write_atomically
 from modloc.engine.runtime.artifacts import (
+    ARTIFACT_FILES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    ONNX_DATA_FILE,
     ONNX_FILE,
     PADDING_CODE,
-    PLAN_FILE,
     PT2_FILE,
     README_FILE,
     TensorSpec,
@@ -87,6 +86,23 @@ def preprocessing_record(checkpoint: Checkpoint, use_mask: bool) -> dict:
     }
 
 
+def frames_record(checkpoint: Checkpoint, pad_to: int | None, gate_frames: int | None,
+                  gated: bool) -> dict:
+    """The manifest's ``frames``: what the graph needs per example, apart from how the
+    checkpoint was trained (:mod:`modloc.engine.runtime.artifacts` documents the keys).
+
+    Args:
+        pad_to: :attr:`modloc.export.graph.ExportGraph.pad_to`.
+        gate_frames: its gates' ``R`` (None: no gates, or the ``"padded_mean"`` form).
+        gated: the graph has gates (an ensemble).
+    """
+    config = checkpoint.model_config
+    return {"pad_to": pad_to,
+            "gate_input": getattr(config, "gate_input", None) if gated else None,
+            "gate_frames": gate_frames,
+            "training_max_frames": checkpoint.preprocessing.get("max_frames")}
+
+
 def new_manifest(
     *,
     checkpoint: Checkpoint,
@@ -97,7 +113,9 @@ def new_manifest(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     use_mask: bool,
+    frames: dict,
     onnx_model: onnx.ModelProto,
+    live: dict | None = None,
 ) -> dict:
     """A manifest without its ``files``, ``onnx.sha256`` and ``parity`` (set when written).
 
@@ -119,6 +137,7 @@ def new_manifest(
         "inputs": [spec.to_json() for spec in inputs],
         "outputs": [spec.to_json() for spec in outputs],
         "preprocessing": preprocessing_record(checkpoint, use_mask),
+        "frames": frames,
         "precision": precision,
         "onnx": onnx_record(onnx_model),
         "pt2": {"file": PT2_FILE, "parity": None},
@@ -127,6 +146,7 @@ def new_manifest(
         "versions": exporter_versions(),
         "parity": None,
         "plan": None,
+        "live": live,
     }
 
 
@@ -136,8 +156,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
     ``manifest`` is updated in place (``files``, ``onnx.sha256``) and returned.
     """
     directory = Path(directory)
-    files = {name: file_record(directory / name)
-             for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE)
+    files = {name: file_record(directory / name) for name in ARTIFACT_FILES
              if (directory / name).is_file()}
     manifest["files"] = files
     manifest["onnx"]["sha256"] = files[ONNX_FILE]["sha256"]
@@ -168,5 +187,5 @@ def onnx_record(model: onnx.ModelProto) -> dict:
     return {"file": ONNX_FILE, "opset": opset, "ir_version": model.ir_version, "sha256": None}
 
 
-__all__ = ["exporter_versions", "new_manifest", "onnx_record", "preprocessing_record",
+__all__ = ["exporter_versions", "frames_record", "new_manifest", "onnx_record", "preprocessing_record",
            "source_record", "staging_directory", "write_manifest"]

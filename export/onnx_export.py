@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from modloc.engine.base.features import AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE
 from modloc.engine.runtime.artifacts import ONNX_DATA_FILE, TensorSpec
@@ -59,40 +60,42 @@ def io_specs(graph: ExportGraph, num_classes: int) -> tuple[list[TensorSpec], li
     return inputs, outputs
 
 
-def _dynamic_shapes(graph: ExportGraph) -> tuple[dict[int, torch.export.Dim], ...]:
-    """Axis 0 of every input is ``batch``, axis 1 ``frames``, each any size ≥ 1."""
-    batch = torch.export.Dim("batch", min=1)
-    frames = torch.export.Dim("frames", min=1)
-    return tuple({0: batch, 1: frames} for _ in graph.input_names)
+def _dynamic_shapes(graph: nn.Module) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Each input's dynamic axes (``graph.dynamic_axes``: input → {axis: name}), one
+    ``torch.export.Dim`` (any size ≥ 1) per name, shared by the inputs that name it."""
+    dims: dict[str, torch.export.Dim] = {}
+    return tuple({axis: dims.setdefault(name, torch.export.Dim(name, min=1))
+                  for axis, name in graph.dynamic_axes[input_name].items()}
+                 for input_name in graph.input_names)
 
 
-def export_program(graph: ExportGraph) -> torch.export.ExportedProgram:
-    """``graph`` captured by ``torch.export`` (non-strict), batch and frames dynamic (≥ 1).
+def export_program(graph: nn.Module) -> torch.export.ExportedProgram:
+    """``graph`` captured by ``torch.export`` (non-strict) from its ``example_inputs()``,
+    its ``dynamic_axes`` dynamic (an :class:`ExportGraph`: batch and frames, ≥ 1; the live
+    graphs of :mod:`modloc.export.live` too).
 
-    The program's inputs carry the graph's input names; its outputs are
-    ``(probabilities, logits)`` by position.
+    The program's inputs carry the graph's input names; its outputs are the graph's
+    ``output_names`` by position.
     """
-    # sizes 2 and 3: torch.export specializes dimensions of size 0 and 1
-    examples = {"features": torch.zeros(2, 3, FEATURE_SIZE, dtype=torch.uint8),
-                "rgb": torch.zeros(2, 3, RGB_SIZE, dtype=torch.uint8),
-                "audio": torch.zeros(2, 3, AUDIO_SIZE, dtype=torch.uint8),
-                "mask": torch.ones(2, 3)}
-    args = tuple(examples[name] for name in graph.input_names)
     with torch.no_grad():
-        return torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph), strict=False)
+        return torch.export.export(graph, graph.example_inputs(),
+                                   dynamic_shapes=_dynamic_shapes(graph), strict=False)
 
 
-def export_onnx(graph: ExportGraph, program: torch.export.ExportedProgram, path: str | os.PathLike,
-                opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Translate ``program`` to ONNX at ``path`` (plus ``model.onnx.data`` beside it for
+def export_onnx(graph: nn.Module, program: torch.export.ExportedProgram, path: str | os.PathLike,
+                opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None,
+                data_file: str = ONNX_DATA_FILE) -> onnx.ModelProto:
+    """Translate ``program`` to ONNX at ``path`` (plus ``data_file`` beside it for
     > 1 GiB of weights).
 
     Args:
-        graph: the module ``program`` was captured from (its input and output names).
+        graph: the module ``program`` was captured from (its input and output names, its
+            ``description``).
         program: :func:`export_program` of ``graph``.
         path: the ONNX file to write.
         opset: 18, or 17 for TensorRT 8.6.
         metadata: ``metadata_props`` of the model (the graph describes itself too).
+        data_file: the name of the external weights file, when there is one.
 
     Returns:
         The model as written, without its external weights.
@@ -111,13 +114,13 @@ def export_onnx(graph: ExportGraph, program: torch.export.ExportedProgram, path:
     if opset == TENSORRT_8_OPSET:
         model = downgrade_to_opset_17(model)
     model.producer_name = "modloc"
-    model.doc_string = "modloc export: uint8 YouTube-8M frames + mask -> class probabilities"
+    model.doc_string = graph.description
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
     external = sum(t.ByteSize() for t in model.graph.initializer) > _EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=ONNX_DATA_FILE, size_threshold=0)
+                    location=data_file, size_threshold=0)
     # by path, so that a model with external data is checked whole
     onnx.checker.check_model(str(path), full_check=True)
     return onnx.load(path, load_external_data=False)

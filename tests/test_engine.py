@@ -155,6 +155,28 @@ def test_fallback_fills_only_from_each_videos_top_1000_classes():
     assert rows[998] == rows[999] == ["v:0", "v:5"] and rows[1200] == []
 
 
+def test_fallback_counts_windows_from_the_audio_frames_uncapped():
+    """The reference expands a video into range(0, L - L % 5, 5) with L its audio frames,
+    not capped at the 300 frames the models read: a 310-frame video offers :300 and :305,
+    and one whose audio stream is longer than its RGB stream offers its audio's windows."""
+    from modloc.engine.base.io.examples import Video
+
+    classes = (7, 8)
+    video_model = ScoringModel(lambda f, n: np.tile(np.float32([0.9, 0.8]), (len(f), 1)), classes)
+    segment_model = ScoringModel(lambda f, n: np.zeros((len(f), 2), np.float32), classes)
+    localizer = Localizer(Pipeline(video_model, segment_model, PipelineConfig(fusion=FusionConfig(k=100))),
+                          Rankings(classes, k=100, fallback=True))
+    [result] = localizer.localize([Video("long", np.zeros((310, 1152), np.uint8))], orders=[0])
+    assert result.num_frames == 300 and result.audio_frames == 310
+    rows = localizer.rankings.rows()
+    assert rows[7] == [f"long:{start}" for start in range(0, 310, 5)]
+    assert "long:300" in rows[8] and "long:305" in rows[8]
+    # 12 audio frames stored beside 8 RGB frames (the video has min(8, 12) = 8 frames)
+    localizer.localize([Video("audio", np.zeros((8, 1152), np.uint8), rgb_frames=8, audio_frames=12)],
+                       orders=[1])
+    assert localizer.rankings.rows()[7][-2:] == ["audio:0", "audio:5"]
+
+
 def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_dataset, classes):
     videos = list(read_videos(split(tiny_dataset, "test")))
     config = PipelineConfig(fusion=FusionConfig(top_n=2, k=400))
@@ -163,7 +185,7 @@ def test_fallback_fills_short_rankings_from_video_scores(tiny_artifacts, tiny_da
         plain.localize(videos)
         filled.localize(videos)
         before, after = plain.rankings.rows(), filled.rankings.rows()
-    full_segments = sum(len(v.features[:300]) // 5 for v in videos)
+    full_segments = sum(v.audio_frames // 5 for v in videos)  # uncapped, as the reference
     for class_id in classes:
         assert after[class_id][: len(before[class_id])] == before[class_id]  # fused first, untouched
         assert len(after[class_id]) == min(400, full_segments)

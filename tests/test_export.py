@@ -120,6 +120,13 @@ def test_artifacts_pass_the_parity_gate_and_describe_themselves(stage, tiny_chec
     assert artifact.class_ids == checkpoint.class_ids
     assert manifest["model"]["tree"] == {"branching": [2, 2], "leaves": 4}
     assert artifact.use_mask == (kind == "video")
+    # what the graph needs per example, apart from the training crop
+    assert manifest["frames"] == {
+        "pad_to": None if kind == "video" else 5,
+        "gate_input": "reference" if graph == "ensemble" else None,
+        "gate_frames": {"video": 300, "segment": 5}[kind] if graph == "ensemble" else None,
+        "training_max_frames": checkpoint.preprocessing["max_frames"]}
+    assert artifact.pad_to == manifest["frames"]["pad_to"]
     assert [spec.describe() for spec in artifact.inputs] == [
         "features uint8[batch, frames, 1152]", "mask float32[batch, frames]"]
     assert [spec.describe() for spec in artifact.outputs] == [
@@ -213,6 +220,75 @@ def test_the_graph_takes_raw_bytes_with_preprocessing_and_batchnorm_folded(
     np.testing.assert_array_equal(backend.run(garbage, mask=mask), backend.run(features, mask=mask))
     outputs = backend.run_outputs(features, mask=mask)
     np.testing.assert_allclose(outputs["probabilities"], 1 / (1 + np.exp(-outputs["logits"])), rtol=1e-5)
+
+
+def test_a_video_ensemble_scores_a_video_alike_however_far_it_is_padded(
+        stage, tiny_checkpoints, tiny_dataset):
+    """PyTorch, the ONNX graph and the served pipeline agree on batches padded to each video's
+    length, to 60 frames, to the batch's longest and to 300."""
+    from modloc.engine.runtime.pipeline import Pipeline, PipelineConfig, ScoringModel
+
+    root, _ = stage
+    tree = load_checkpoint(tiny_checkpoints["video"]).model
+    videos, features, num_frames = next(video_batches(split(tiny_dataset, "validate"), 6))
+    longest = int(num_frames.max())
+    rng = np.random.default_rng(0)
+
+    def padded_to(frames: int) -> np.ndarray:
+        batch = rng.integers(0, 256, (len(features), frames, features.shape[2]), dtype=np.uint8)
+        kept = min(frames, features.shape[1])
+        batch[:, :kept] = features[:, :kept]
+        return batch
+
+    with OnnxRuntimeBackend(load_artifact(root / "video" / "ensemble-fp32")) as backend:
+        expected = torch_probabilities(tree, padded_to(300), num_frames)
+        assert longest < 60  # the tiny videos are 8-40 frames: 60 fits them all
+        for frames in (longest, 60, 300):
+            np.testing.assert_allclose(backend.run(padded_to(frames), num_frames=num_frames), expected,
+                                       rtol=1e-4)
+            np.testing.assert_allclose(torch_probabilities(tree, padded_to(frames), num_frames), expected,
+                                       rtol=1e-5)
+        for row, count in enumerate(num_frames.tolist()):
+            np.testing.assert_allclose(backend.run(features[row:row + 1, :count], num_frames=[count])[0],
+                                       expected[row], rtol=1e-4)
+        # served: padded to the longest video of each batch (rounded up to 30 frames)
+        video_model = ScoringModel.from_backend(backend)
+        assert video_model.fixed_frames is None
+        calls = []
+        recorded = ScoringModel(lambda f, n: (calls.append(f.shape[1]), video_model.score(f, n))[1],
+                                video_model.class_ids)
+        segment = ScoringModel(lambda f, n: np.zeros((len(f), 3), np.float32), (1, 2, 3))
+        results = Pipeline(recorded, segment, PipelineConfig(video_batch_size=2)).localize(videos)
+    assert calls and all(frames < 300 for frames in calls)
+    np.testing.assert_allclose(np.stack([r.video_scores for r in results]), expected, rtol=1e-4)
+
+
+def test_an_older_checkpoints_ensemble_is_fed_300_frames(stage, tiny_checkpoints, tmp_path):
+    """A checkpoint made before the gate input was recorded keeps its gates (a mean over
+    every input frame): its ensemble says it needs 300 frames, and the engine pads to them;
+    artifacts exported before ``frames`` existed get the rule of that time."""
+    from modloc.engine.runtime.pipeline import ScoringModel
+    from modloc.training.checkpoint import CONFIG_FILE
+
+    old = Path(shutil.copytree(tiny_checkpoints["video"], tmp_path / "old"))
+    config = json.loads((old / CONFIG_FILE).read_text())
+    del config["model"]["config"]["gate_input"]
+    (old / CONFIG_FILE).write_text(json.dumps(config))
+    [summary] = export_checkpoint(old, tmp_path / "out", ExportSettings(graphs=("ensemble",)))
+    artifact = load_artifact(summary["path"])
+    assert artifact.manifest["frames"]["gate_input"] == "padded_mean"
+    assert artifact.pad_to == 300 and artifact.manifest["frames"]["gate_frames"] is None
+    tree = load_checkpoint(old).model
+    features, num_frames = parity_batches([(3, 300)], seed=4)[0]
+    with open_backend(artifact) as backend:
+        assert ScoringModel.from_backend(backend).fixed_frames == 300
+        np.testing.assert_allclose(backend.run(features, num_frames=num_frames),
+                                   torch_probabilities(tree, features, num_frames), rtol=1e-4)
+    root, _ = stage
+    for name, pad_to in (("ensemble-fp32", 300), ("distill-fp32", None)):
+        legacy = Path(shutil.copytree(root / "video" / name, tmp_path / "legacy" / name))
+        _edit(legacy, lambda manifest: manifest.pop("frames"))
+        assert load_artifact(legacy).pad_to == pad_to
 
 
 def test_export_module_matches_the_model_in_pytorch(tiny_checkpoints):

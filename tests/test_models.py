@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -39,6 +40,7 @@ from modloc.training.models import (
     create_model,
     leaf_paths,
     list_models,
+    tree_gate_input,
 )
 
 TINY = NeXtVLADConfig(num_classes=7, cluster_size=4, groups=2, expansion=2, hidden_size=16,
@@ -309,6 +311,94 @@ def test_tree_mixes_children_logits_with_softmax_gates():
         torch.testing.assert_close(gate.sum(-1), torch.ones(3))
         children = torch.stack([out.logits[c] for c in out.children(path)], dim=1)
         torch.testing.assert_close(out.logits[path], (gate[..., None] * children).sum(1))
+
+
+def in_frames(features: torch.Tensor, frames: int, seed: int = 1) -> torch.Tensor:
+    """``features`` cut or padded to ``frames`` frames, with random bytes past the end: a
+    padded frame's bytes must not matter."""
+    rng = np.random.default_rng(seed)
+    batch = torch.from_numpy(rng.integers(0, 256, (len(features), frames, 1152), dtype=np.uint8))
+    kept = min(frames, features.shape[1])
+    batch[:, :kept] = features[:, :kept]
+    return batch
+
+
+def test_gates_read_the_references_300_frame_mean_whatever_the_padding():
+    model = tree((2, 2)).eval()
+    randomize_batch_norms(model)
+    lengths = (37, 60, 12)
+    features, num_frames = make_batch(num_frames=lengths, frames=60, seed=4)
+    with torch.no_grad():
+        # padded to 60 (the batch's longest), to 90 and to 300 frames, and each video alone
+        padded = {frames: model(in_frames(features, frames), num_frames) for frames in (60, 90, 300)}
+        alone = [model(features[row:row + 1, :n], num_frames[row:row + 1])
+                 for row, n in enumerate(lengths)]
+        x, valid = model.inputs(features, num_frames)
+        gate_input = tree_gate_input(model.config, x, valid, model.inputs.padding, masked=True)
+    reference = padded[300]
+    for output in [*padded.values()]:
+        for path in reference.logits:
+            torch.testing.assert_close(output.logits[path], reference.logits[path], rtol=1e-5, atol=1e-6)
+        for path in reference.gates:
+            torch.testing.assert_close(output.gates[path], reference.gates[path], rtol=1e-5, atol=1e-6)
+    for row, output in enumerate(alone):
+        torch.testing.assert_close(output.root[0], reference.root[row], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(output.gates[()][0], reference.gates[()][row], rtol=1e-5, atol=1e-6)
+    # (Σ over the real frames + (300 - n) · p) / 300, p the padding frame's model input
+    p = model.inputs.padding.double()
+    real = (x.double() * valid.double()[..., None]).sum(dim=1)
+    expected = (real + (300 - num_frames.double())[:, None] * p) / 300
+    torch.testing.assert_close(gate_input.double(), expected, rtol=1e-5, atol=1e-6)
+
+    # the older form: a mean over every frame of the batch, equal to the reference's only at 300
+    old = MODTree(dataclasses.replace(model.config, gate_input="padded_mean")).eval()
+    old.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(old(in_frames(features, 300), num_frames).root, reference.root,
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(old(features, num_frames).root, reference.root, rtol=1e-3, atol=1e-4)
+
+
+def test_a_video_longer_than_300_frames_gates_on_the_mean_of_its_frames():
+    model = tree((2,)).eval()
+    features, num_frames = make_batch(num_frames=(320, 5), frames=320, seed=2)
+    x, valid = model.inputs(features, num_frames)
+    gate_input = tree_gate_input(model.config, x, valid, model.inputs.padding, masked=True)
+    torch.testing.assert_close(gate_input[0], x[0].mean(dim=0), rtol=1e-5, atol=1e-6)
+    # a 5-frame window in segment mode: R = 5, the plain mean of the window
+    window = tree_gate_input(model.config, x[1:, :5], valid[1:, :5], model.inputs.padding, masked=False)
+    torch.testing.assert_close(window[0], x[1, :5].mean(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_without_a_gate_input_keep_the_older_gates(tmp_path):
+    """A config.json written before ``gate_input`` existed loads as ``"padded_mean"`` and gives
+    that model's outputs: a gate mean over every frame of the batch as padded."""
+    from modloc.training.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+
+    model = tree((2, 2)).eval()
+    randomize_batch_norms(model)
+    directory = save_checkpoint(tmp_path / "old", model, class_ids=range(7))
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    assert config["model"]["config"]["gate_input"] == "reference"
+    del config["model"]["config"]["gate_input"]
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = load_checkpoint(directory).model
+    assert loaded.config.gate_input == "padded_mean"
+    features, num_frames = make_batch(num_frames=(6, 3, 1), frames=6)
+    with torch.no_grad():
+        output = loaded(features, num_frames)
+        # the older forward, spelled out: every gate reads x.mean(dim=1) over all 6 frames
+        x, mask = loaded.inputs(features, num_frames)
+        frame_mean = x.mean(dim=1)
+        leaves = {path: loaded.node(path)(features, num_frames) for path in leaf_paths((2, 2))}
+        towers = {}
+        for t in range(2):
+            gate = loaded.node((t,)).gate(frame_mean)
+            towers[t] = (gate[:, :, None] * torch.stack([leaves[(t, 0)], leaves[(t, 1)]], 1)).sum(1)
+        root_gate = loaded.root.gate(frame_mean)
+        expected = (root_gate[:, :, None] * torch.stack([towers[0], towers[1]], 1)).sum(1)
+    torch.testing.assert_close(output.root, expected)
+    assert not torch.allclose(output.root, model(features, num_frames).root, rtol=1e-3, atol=1e-4)
 
 
 def test_leaf_is_a_standalone_copy_of_the_tree_leaf():

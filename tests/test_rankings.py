@@ -22,7 +22,8 @@ def localization(video_id: str, fused: list[list[float]], partial_last: bool = F
         video_id=video_id, num_frames=5 * windows - (2 if partial_last else 0),
         video_class_ids=np.asarray(CLASSES, np.int64), video_scores=np.full(3, 0.5, np.float32),
         candidate_ids=np.asarray(CLASSES, np.int64), candidate_scores=np.full(3, 0.5, np.float32),
-        window_starts=np.arange(windows, dtype=np.int64) * 5, partial=partial, fused=fused)
+        window_starts=np.arange(windows, dtype=np.int64) * 5, partial=partial, fused=fused,
+        audio_frames=5 * windows - (2 if partial_last else 0))
 
 
 def test_a_localized_video_enters_by_its_full_windows_best_first():

@@ -16,6 +16,11 @@ either the previous checkpoint or the complete new one. :func:`load_checkpoint` 
 format, the weights' sha256, the preprocessing and every tensor's name and shape, and says
 which one differs.
 
+Gate input. A tree's config records its gates' input (``gate_input``, see
+:mod:`modloc.training.models.mod_tree`); a config written before it existed loads as
+``"padded_mean"``, the form it was trained with, so an older checkpoint gives its old
+outputs (and its ensemble still needs batches padded to 300 frames).
+
 Class spaces. A checkpoint's classes can be narrowed when it is loaded (``class_ids``, a
 subset of its own, e.g. fine-tuning a 3862-class pre-trained model on the segment
 classes): every tensor with a per-class leading axis (classifier weights and biases, and
@@ -131,8 +136,10 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     if kind not in _CONFIG_TYPES:
         raise CheckpointError(f"unknown model config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
     if kind == "MODTreeConfig":
+        # a config written before the gate input was recorded is the old form
         return MODTreeConfig(branching=tuple(fields["branching"]),
-                             leaf=NeXtVLADConfig(**fields["leaf"]))
+                             leaf=NeXtVLADConfig(**fields["leaf"]),
+                             gate_input=fields.get("gate_input", "padded_mean"))
     return _CONFIG_TYPES[kind](**fields)
 
 

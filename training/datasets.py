@@ -300,9 +300,11 @@ class VideoLevelDataset(FrameDataset):
     """One example per video: frames ``[0, min(num_frames, max_frames))``, multi-hot labels.
 
     ``pad_to="max_frames"`` pads every row to ``max_frames`` as the reference does (its
-    padded frames enter the cluster BatchNorm statistics and the gate's frame mean, so a
-    faithful replica needs them); ``"longest"`` pads to the longest video of the batch,
-    saving compute where that fidelity does not matter. Batches carry no label weights.
+    padded frames enter the cluster BatchNorm statistics in training, and the gates' frame
+    mean of a tree with the older ``"padded_mean"`` gates, so a faithful replica needs
+    them); ``"longest"`` pads to the longest video of the batch, saving compute where that
+    fidelity does not matter (a tree's ``"reference"`` gates read the same input either
+    way). Batches carry no label weights.
     """
 
     def __init__(

@@ -35,7 +35,7 @@ from modloc.engine.runtime.pipeline import PipelineConfig, ScoringModel
 from modloc.training.checkpoint import Checkpoint, load_checkpoint, num_classes_of
 from modloc.training.data import TorchBatch, make_loader
 from modloc.training.datasets import VideoLevelDataset
-from modloc.training.models import DBoFModel, TreeOutput
+from modloc.training.models import DBoFModel, MODTree, TreeOutput
 
 LossFunction = Callable[[object, TorchBatch], torch.Tensor]
 
@@ -213,14 +213,21 @@ def evaluate_segments(
         return predict(segment.model, torch.from_numpy(features), torch.from_numpy(num_frames),
                        use_mask=False)
 
-    # video batches padded to 300 frames as the reference's reader pads them: a tree's
-    # gates average over padded frames too
     config = PipelineConfig(fusion=fusion or FusionConfig(), video_batch_size=batch_size,
                             window_batch_size=window_batch_size)
-    return localize_split(ScoringModel(video_scorer, video.class_ids, MAX_FRAMES, "pytorch video"),
+    return localize_split(ScoringModel(video_scorer, video.class_ids, video_pad_to(video.model),
+                                       "pytorch video"),
                           ScoringModel(segment_scorer, segment.class_ids, name="pytorch segment"),
                           test, truth, class_ids, config, submissions, progress,
                           allow_low_overlap=allow_low_overlap)
+
+
+def video_pad_to(model: nn.Module) -> int | None:
+    """The frames a video-level batch must be padded to for ``model``: 300 (the reference's
+    padding) for a tree with the older ``"padded_mean"`` gates, whose input averages every
+    frame of the batch; None (any padding, the scores do not change) otherwise."""
+    gated = isinstance(model, MODTree) and model.config.gate_input == "padded_mean"
+    return MAX_FRAMES if gated else None
 
 
 def evaluate(

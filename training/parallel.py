@@ -67,6 +67,7 @@ from modloc.training.models.mod_tree import (
     TreeOutput,
     internal_paths,
     node_name,
+    tree_gate_input,
 )
 from modloc.training.models.nextvlad_model import NeXtVLADModel
 
@@ -237,8 +238,9 @@ class PlacedTree(nn.Module):
         use_mask = self.config.leaf.mode == "video" if use_mask is None else use_mask
         inputs = {}
         for device, transform in self._transforms.items():
-            x, mask = transform(features.to(device, non_blocking=True), num_frames)
-            inputs[device] = (x, x.mean(dim=1), mask if use_mask else None)
+            x, valid = transform(features.to(device, non_blocking=True), num_frames)
+            inputs[device] = (x, tree_gate_input(self.config, x, valid, transform.padding, use_mask),
+                              valid if use_mask else None)
 
         logits: dict[Path, torch.Tensor] = {}
         gates: dict[Path, torch.Tensor] = {}
@@ -477,13 +479,13 @@ class DistributedMOD(nn.Module):
         ``use_mask`` defaults to ``config.leaf.mode == "video"``.
         """
         use_mask = self.config.leaf.mode == "video" if use_mask is None else use_mask
-        x, mask = self.inputs(features, num_frames)
-        frame_mean = x.mean(dim=1)
+        x, valid = self.inputs(features, num_frames)
+        frame_mean = tree_gate_input(self.config, x, valid, self.inputs.padding, use_mask)
         logits: dict[Path, torch.Tensor] = {}
         gates: dict[Path, torch.Tensor] = {}
         for t in self.towers:
             sub_logits, sub_gates = self.root.branches[str(t)](
-                x, frame_mean, mask if use_mask else None)
+                x, frame_mean, valid if use_mask else None)
             logits.update({(t, *path): z for path, z in sub_logits.items()})
             gates.update({(t, *path): g for path, g in sub_gates.items()})
         tower_logits = all_gather_towers([logits[(t,)] for t in self.towers], self.blocks,

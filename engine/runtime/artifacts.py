@@ -11,6 +11,10 @@ An artifact is one exported model in a directory::
                     exported before modloc wrote it lack it and still run on ONNX Runtime and
                     TensorRT, so the format version did not change
     model.plan      a TensorRT engine built from model.onnx (only after ``modloc build``)
+    live_encoder.onnx, live_head.onnx
+                    a video-level fp32 model split for live localization: frames + mask →
+                    sums, sums → probabilities (:mod:`modloc.engine.runtime.live`); each
+                    with a ``.data`` file beside it past protobuf's 2 GB limit
     manifest.json   what the files are (schema below); the engine trusts nothing else
     README          one human-readable line saying what the artifact is
 
@@ -26,7 +30,23 @@ An artifact is one exported model in a directory::
   the name of a dynamic axis (``"batch"``, ``"frames"``);
 - ``preprocessing``: what the graph folds (``folded``: true, the input transform, the
   eigenvalues' sha256, the padding rule) and ``use_mask`` (video mode masks padded
-  frames in the attention; segment mode does not);
+  frames in the attention; segment mode does not); its ``max_frames`` is the training
+  crop, not a limit of the graph;
+- ``frames``: what the graph needs per example. ``pad_to``: null when the outputs do not
+  depend on padding (any number of frames ≥ 1 gives the same outputs: video-mode distill
+  graphs, and ensembles whose gates read the reference's mean), else the exact number of
+  frames every example must be padded to (5 for a segment-mode graph, whose padded frames
+  count as the reference's zero-padded last window; 300 for an ensemble exported from a
+  checkpoint with the older ``"padded_mean"`` gates). ``gate_input``: an ensemble's gate
+  form (``"reference"`` or ``"padded_mean"``; null without gates). ``gate_frames``: ``R``
+  of ``"reference"`` gates, which read ``(Σ real frames + (R − n) · p) / R``, the
+  reference's mean over a video padded to ``R`` = 300 frames (5 for a segment-mode
+  window), computed from the ``n`` real frames; a video longer than ``R`` frames gets the
+  mean of its real frames (divisor ``max(n, R)``), where the reference would crop it to
+  ``R`` (the engine crops videos to 300 frames before the video model, as the reference's
+  reader does). ``training_max_frames``: the frames per video the checkpoint was trained
+  on. Absent in artifacts exported before it existed: :attr:`Artifact.pad_to` then
+  applies the rule of that time (300 for a video-level ensemble, 5 for a segment model);
 - ``precision``: ``"fp32"`` | ``"fp16"`` | ``"bf16"`` | ``"int8"``, with how the variant
   was made and its segment MAP@K on the validation split (``map_at_k``: every class a
   candidate, its ceiling, the ``difference`` from fp32's);
@@ -47,7 +67,12 @@ An artifact is one exported model in a directory::
 - ``versions``: the exporter's (modloc, torch, onnx, onnxscript, onnxruntime);
 - ``parity``: the fp32 graph against PyTorch (max relative error per shape, tolerance);
 - ``plan``: null, or the TensorRT engine's build record (TensorRT version, device name
-  and compute capability, optimization profiles, the ONNX sha256 it was built from).
+  and compute capability, optimization profiles, the ONNX sha256 it was built from);
+- ``live``: null or absent (segment models, precisions other than fp32, artifacts exported
+  before it), or the live graphs: ``encoder`` and ``head`` (``{"file", "inputs",
+  "outputs"}``), ``sums`` (``{"size", "layout"}``: the pieces of the sums vector, the frame
+  count last), ``gate_frames`` (the ``R`` of the head's gates, null without gates) and
+  ``parity`` (encoder + head against model.onnx, whole and in chunks of frames).
 
 :func:`load_artifact` checks the manifest against the files (every sha256, the class ids
 against the output shape, a plan against the graph it came from) and refuses with an
@@ -68,6 +93,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modloc.engine.base.features import MAX_FRAMES, SEGMENT_FRAMES
+
 FORMAT = "modloc-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -77,6 +104,12 @@ PT2_FILE = "model.pt2"
 PT2_METADATA = "modloc.json"  # inside model.pt2: what the program is (see the module docstring)
 PLAN_FILE = "model.plan"
 README_FILE = "README"
+LIVE_ENCODER_FILE = "live_encoder.onnx"
+LIVE_HEAD_FILE = "live_head.onnx"
+LIVE_DATA_SUFFIX = ".data"  # a live graph's weights past protobuf's 2 GB limit
+# every file an artifact may hold besides its manifest
+ARTIFACT_FILES = (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE, LIVE_ENCODER_FILE,
+                  LIVE_ENCODER_FILE + LIVE_DATA_SUFFIX, LIVE_HEAD_FILE, LIVE_HEAD_FILE + LIVE_DATA_SUFFIX)
 
 KINDS = ("video", "segment")
 GRAPHS = ("distill", "ensemble", "single")
@@ -125,6 +158,8 @@ class Artifact:
         class_ids: ``(C,)`` vocabulary ids of the outputs, in output order.
         inputs, outputs: the graph's tensors, in order.
         use_mask: whether the graph masks padded frames in its attention (video mode).
+        pad_to: the frames every example must be padded to, or None when the outputs do
+            not depend on padding (the manifest's ``frames.pad_to``).
     """
 
     path: Path
@@ -136,6 +171,7 @@ class Artifact:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     use_mask: bool
+    pad_to: int | None
 
     @property
     def onnx_path(self) -> Path:
@@ -154,6 +190,11 @@ class Artifact:
     @property
     def plan(self) -> dict | None:
         return self.manifest.get("plan")
+
+    @property
+    def live(self) -> dict | None:
+        """The manifest's ``live`` record (the encoder and head graphs), or None."""
+        return self.manifest.get("live")
 
     @property
     def split_streams(self) -> bool:
@@ -176,7 +217,8 @@ def describe_manifest(manifest: dict) -> str:
         what = f"MOD ensemble: the whole {'x'.join(map(str, model['tree']['branching']))} tree"
     else:
         what = "NeXtVLAD"
-    files = [name for name in (ONNX_FILE, PT2_FILE, PLAN_FILE) if name in manifest["files"]]
+    files = [name for name in (ONNX_FILE, PT2_FILE, PLAN_FILE, LIVE_ENCODER_FILE, LIVE_HEAD_FILE)
+             if name in manifest["files"]]
     return (f"modloc {model['kind']}-level model, {what}, {manifest['precision']['name']}, "
             f"{len(manifest['classes'])} classes; {' + '.join(files)} (ONNX opset "
             f"{manifest['onnx']['opset']}) from checkpoint {manifest['source']['checkpoint']}")
@@ -237,6 +279,7 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
             inputs=tuple(TensorSpec.from_json(spec) for spec in manifest["inputs"]),
             outputs=tuple(TensorSpec.from_json(spec) for spec in manifest["outputs"]),
             use_mask=bool(manifest["preprocessing"]["use_mask"]),
+            pad_to=_pad_to(manifest),
         )
         files = manifest["files"]
         onnx_sha256 = manifest["onnx"]["sha256"]
@@ -247,10 +290,26 @@ def load_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact
     problems = _field_problems(artifact)
     problems += _file_problems(directory, files, onnx_sha256, pt2_file, manifest.get("plan"),
                                verify)
+    for part in ("encoder", "head"):
+        name = (artifact.live or {}).get(part, {}).get("file")
+        if artifact.live and name not in files:
+            problems.append(f"live.{part}.file {name!r} is not among the manifest's files")
     if problems:
         raise ArtifactError(f"{directory}: the manifest does not match the artifact: "
                             + "; ".join(problems))
     return artifact
+
+
+def _pad_to(manifest: dict) -> int | None:
+    """``frames.pad_to``; for a manifest written before ``frames`` existed, the rule of that
+    time: ensembles averaged every input frame in their gates (300, as the reference pads
+    a video), segment models score 5-frame windows."""
+    if "frames" in manifest:
+        pad_to = manifest["frames"]["pad_to"]
+        return None if pad_to is None else int(pad_to)
+    if manifest["model"]["kind"] == "segment":
+        return SEGMENT_FRAMES
+    return MAX_FRAMES if manifest["model"]["graph"] == "ensemble" else None
 
 
 def _field_problems(artifact: Artifact) -> list[str]:
@@ -266,6 +325,8 @@ def _field_problems(artifact: Artifact) -> list[str]:
         if spec.shape and spec.shape[-1] != len(artifact.class_ids):
             problems.append(f"output {spec.describe()} has {spec.shape[-1]} columns for "
                             f"{len(artifact.class_ids)} class ids")
+    if artifact.pad_to is not None and artifact.pad_to < 1:
+        problems.append(f"frames.pad_to is {artifact.pad_to}, expected null or >= 1")
     names = [spec.name for spec in artifact.inputs]
     if names not in (["features", "mask"], ["rgb", "audio", "mask"]):
         problems.append(f"inputs are {names}, expected [features, mask] or [rgb, audio, mask]")
@@ -275,7 +336,7 @@ def _field_problems(artifact: Artifact) -> list[str]:
 def _file_problems(directory: Path, files: dict, onnx_sha256: str, pt2_file: str | None,
                    plan: dict | None, verify: bool) -> list[str]:
     problems = []
-    for name in (ONNX_FILE, ONNX_DATA_FILE, PT2_FILE, PLAN_FILE):
+    for name in ARTIFACT_FILES:
         if (directory / name).exists() and name not in files:
             problems.append(f"{name} is present but the manifest does not describe it")
     if ONNX_FILE not in files:
@@ -342,6 +403,7 @@ def frame_mask(num_frames: np.ndarray, frames: int) -> np.ndarray:
 
 
 __all__ = [
+    "ARTIFACT_FILES", "LIVE_DATA_SUFFIX", "LIVE_ENCODER_FILE", "LIVE_HEAD_FILE",
     "FORMAT", "FORMAT_VERSION", "GRAPHS", "KINDS", "MANIFEST_FILE", "ONNX_DATA_FILE",
     "ONNX_FILE", "PADDING_CODE", "PLAN_FILE", "PRECISIONS", "PT2_FILE", "PT2_METADATA", "README_FILE",
     "Artifact", "ArtifactError",

@@ -22,9 +22,11 @@ their rankings compare directly.
 
 Padding. A video-level batch is padded to its longest video (rounded up to a multiple of
 ``frame_bucket``, so compiled engines see few shapes): a NeXtVLAD leaf masks padded frames,
-so its scores do not depend on the padding. A MOD tree's gates average over every input
-frame, padding included, as the reference's reader pads every video to 300 frames; a model
-that says so (``fixed_frames=300``) gets batches padded to exactly that.
+and a MOD tree's gates read the reference's 300-frame mean computed from the real frames,
+so their scores do not depend on the padding. A model that does depend on it says so
+(``fixed_frames``, from the artifact's ``frames.pad_to``: an ensemble exported from a
+checkpoint with the older ``"padded_mean"`` gates, which average every input frame) and
+gets batches padded to exactly that.
 
 Batch invariance. A video's scores must not depend on the videos that share its batch, or
 a served Submission would differ from ``modloc infer``'s (adjacent ties swapped) depending
@@ -83,8 +85,8 @@ class ScoringModel:
     Attributes:
         score: the scorer.
         class_ids: ``(C,)`` vocabulary ids of its columns.
-        fixed_frames: pad every video-level batch to exactly this many frames (a MOD
-            tree's gates average over padded frames too); None: pad to the longest video.
+        fixed_frames: pad every video-level batch to exactly this many frames (a model
+            whose scores depend on the padding); None: pad to the longest video.
         name: what it is, for logs and stats.
     """
 
@@ -97,10 +99,10 @@ class ScoringModel:
     def from_backend(cls, backend) -> ScoringModel:
         """A loaded :class:`modloc.engine.runtime.backends.Backend` as a scoring model."""
         artifact = backend.artifact
-        gated = artifact.kind == "video" and artifact.graph == "ensemble"
         return cls(score=backend_scorer(backend),
                    class_ids=tuple(int(c) for c in backend.class_ids),
-                   fixed_frames=MAX_FRAMES if gated else None,
+                   # a segment model's windows are 5 frames whatever it says
+                   fixed_frames=artifact.pad_to if artifact.kind == "video" else None,
                    name=f"{backend.name}:{artifact.path.name}")
 
 
@@ -143,6 +145,9 @@ class VideoLocalization:
             that the segment model does not score.
         video_scores: ``(C,)`` float32 the video model's scores of every class it scores,
             ``video_class_ids`` (shared by every result).
+        audio_frames: the video's audio frames as stored, uncapped: the reference counts a
+            video's windows from them when it expands video scores into segments
+            (REFERENCE §7 steps 3 and 5).
     """
 
     video_id: str
@@ -154,6 +159,7 @@ class VideoLocalization:
     fused: np.ndarray
     video_scores: np.ndarray
     video_class_ids: np.ndarray
+    audio_frames: int
 
     def ranking_pairs(self, include_partial: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What enters the per-class rankings: ``(m,)`` window starts, class ids, values.
@@ -256,7 +262,8 @@ class Pipeline:
                 window_starts=packed.starts[packed.offsets[row]: packed.offsets[row + 1]],
                 partial=packed.partial[packed.offsets[row]: packed.offsets[row + 1]],
                 fused=fused[packed.offsets[row]: packed.offsets[row + 1]],
-                video_scores=video_scores[row], video_class_ids=self.video_class_ids)
+                video_scores=video_scores[row], video_class_ids=self.video_class_ids,
+                audio_frames=video.audio_frames)
             for row, video in enumerate(videos)]
         self._lap("fusion", started)
         self.times.videos += len(videos)
@@ -328,16 +335,29 @@ class Pipeline:
 
     def _fuse(self, candidate_ids: np.ndarray, candidate_scores: np.ndarray,
               window_scores: np.ndarray, windows_per_video: np.ndarray) -> np.ndarray:
-        """``(W, n)`` fused values of every window with its video's candidates, NaN where
-        the segment model does not score a candidate; one vectorized pass for the batch."""
-        fusion = self.config.fusion
-        owner = np.repeat(np.arange(len(candidate_ids)), windows_per_video)
-        columns = self.segment_space.positions(candidate_ids)  # (V, n), -1 where unscored
-        window_columns = columns[owner]
-        segment = np.take_along_axis(window_scores, np.maximum(window_columns, 0), axis=1)
-        fused = fuse(candidate_scores[owner], segment, fusion.video_exponent, fusion.segment_exponent)
-        fused[window_columns < 0] = np.nan
-        return fused
+        return fuse_windows(candidate_ids, candidate_scores, window_scores, windows_per_video,
+                            self.segment_space, self.config.fusion)
 
 
-__all__ = ["backend_scorer", "check_video", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]
+def fuse_windows(candidate_ids: np.ndarray, candidate_scores: np.ndarray, window_scores: np.ndarray,
+                 windows_per_video: np.ndarray, segment_space: ClassSpace,
+                 fusion: FusionConfig) -> np.ndarray:
+    """``(W, n)`` fused values of every window with its video's candidates, NaN where the
+    segment model does not score a candidate; one vectorized pass.
+
+    Args:
+        candidate_ids, candidate_scores: ``(V, n)`` each video's candidates, video scores.
+        window_scores: ``(W, C_seg)`` the segment model's scores, the videos' windows in order.
+        windows_per_video: ``(V,)`` how many of the rows are each video's.
+        segment_space: the segment model's classes.
+    """
+    owner = np.repeat(np.arange(len(candidate_ids)), windows_per_video)
+    columns = segment_space.positions(candidate_ids)  # (V, n), -1 where unscored
+    window_columns = columns[owner]
+    segment = np.take_along_axis(window_scores, np.maximum(window_columns, 0), axis=1)
+    fused = fuse(candidate_scores[owner], segment, fusion.video_exponent, fusion.segment_exponent)
+    fused[window_columns < 0] = np.nan
+    return fused
+
+
+__all__ = ["backend_scorer", "check_video", "fuse_windows", "Pipeline", "PipelineConfig", "ScoringModel", "Scorer", "StageTimes", "VideoLocalization"]

@@ -26,7 +26,9 @@ shards' states (:meth:`Rankings.merge_state`) then gives exactly the single-proc
 **Fallback fill** (off by default): a class with fewer than ``k`` ranked segments is filled
 from its videos in video-score order (each video's top 1000 classes, as the reference's
 ``…_test_k1000.csv``), each expanded into its full windows, skipping segments already
-ranked, up to ``k``.
+ranked, up to ``k``. A video's full windows are counted from its audio frames, uncapped,
+as the reference's expansion does (and :mod:`modloc.engine.runtime.expansion`): a video
+of 310 frames offers ``:300`` and ``:305`` too.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ class Rankings:
         if self._fallback is not None:
             for result, video in zip(results, videos, strict=True):
                 top = np.argsort(-result.video_scores, kind="stable")[:FALLBACK_CLASSES_PER_VIDEO]
-                full_windows = np.full(len(top), result.num_frames // SEGMENT_FRAMES)
+                full_windows = np.full(len(top), result.audio_frames // SEGMENT_FRAMES)
                 self._fallback.add(result.video_id, full_windows, result.video_class_ids[top],
                                    result.video_scores[top].astype(np.float64), order=video.order)
         return added

@@ -59,7 +59,7 @@ from modloc.engine.service import kserve, metrics, security
 from modloc.engine.service.config import MESSAGE_OVERHEAD, ServerConfig
 from modloc.engine.service.core import EngineCore, log_event
 from modloc.engine.service.decoding import DecodeInterceptor
-from modloc.engine.service.handlers import LocalizationService
+from modloc.engine.service.live import LiveLocalizationService
 
 log = logging.getLogger("modloc.server")
 
@@ -90,7 +90,7 @@ class _Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.core: EngineCore | None = None
-        self.localization = LocalizationService()
+        self.localization = LiveLocalizationService()
         self.kserve: kserve.KServeServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

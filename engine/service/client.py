@@ -14,6 +14,12 @@ keep at most ``window`` videos sent and unanswered, reading the input lazily: th
 counts every received video against its server-wide in-flight limit and refuses the ones
 past it (RESOURCE_EXHAUSTED), so a window under that limit lets any number of videos through.
 
+``localize_live`` sends one live stream (:func:`replay` paces a recorded video at a chosen
+speed) and yields its events as they come: candidate updates, one event per completed
+window, and the final localization; :class:`LiveTimer` turns the send times it records into
+each window's latency. A broken live stream is not retried: the server applied nothing of
+it (re-send the whole stream).
+
 When an ``ingest`` stream breaks (server restarted, connection lost) the client waits up to
 ``reconnect_timeout`` seconds for the server to accept connections again (else raises the
 error that broke the stream), then sends the unacknowledged tail again, in order, then the
@@ -43,7 +49,7 @@ import numpy as np
 
 from modloc.engine._proto.modloc.v1 import localization_pb2 as pb
 from modloc.engine._proto.modloc.v1 import localization_pb2_grpc as pb_grpc
-from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE
+from modloc.engine.base.features import FEATURE_SIZE, RGB_SIZE, SEGMENT_FRAMES
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.progress import Progress
 from modloc.engine.service.config import DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD
@@ -161,6 +167,101 @@ def _channel_setup(address: str, token: str | None, tls_ca: str | os.PathLike | 
 
 def _backoff(failures: int) -> float:
     return min(BACKOFF_SECONDS * 2 ** (failures - 1), MAX_BACKOFF_SECONDS)
+
+
+def replay(features: np.ndarray, chunk_frames: int = 1, speed: float | None = None
+           ) -> Iterator[np.ndarray]:
+    """A recorded video's ``(M, 1152)`` frames in chunks of ``chunk_frames``, each handed out
+    once its last frame would exist in a live stream played at ``speed`` times real time
+    (frame ``i`` is captured during second ``i``; None or 0: as fast as they are taken)."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    if speed is not None and speed < 0:
+        raise ValueError(f"speed must be >= 0, got {speed}")
+    features = np.ascontiguousarray(features, np.uint8).reshape(-1, FEATURE_SIZE)
+    started = time.monotonic()
+    for begin in range(0, len(features), chunk_frames):
+        end = min(begin + chunk_frames, len(features))
+        if speed:
+            delay = started + end / speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield features[begin:end]
+
+
+class LiveTimer:
+    """When each frame of a live stream was sent, for the latency of its window events.
+
+    :meth:`sent` is called by the request side after each message; :meth:`latency` gives a
+    window event's seconds from the message that carried the window's last frame.
+    """
+
+    def __init__(self):
+        self.frames: list[int] = []  # frames sent so far, after each message
+        self.times: list[float] = []
+
+    def sent(self, frames: int) -> None:
+        self.frames.append(frames)
+        self.times.append(time.monotonic())
+
+    def latency(self, window: pb.LiveWindow, received: float | None = None) -> float:
+        """Seconds from sending the window's last frame to ``received`` (default: now)."""
+        last_frame = window.start_seconds + SEGMENT_FRAMES if not window.partial else self.frames[-1]
+        message = int(np.searchsorted(self.frames, last_frame))
+        return (time.monotonic() if received is None else received) - self.times[message]
+
+
+class _LiveMessages:
+    """Chunks of a live stream → LiveFrames, one chunk behind: the last message must carry
+    ``last``, known only when the chunks end."""
+
+    def __init__(self, stream_id: str, options: pb.LiveOptions, timer: LiveTimer | None):
+        self.stream_id, self.options, self.timer = stream_id, options, timer
+        self.pending: np.ndarray | None = None
+        self.frames = 0
+        self.first = True
+
+    def add(self, chunk) -> pb.LiveFrames | None:
+        """The message of the chunk before ``chunk`` (None for the first chunk)."""
+        message = None if self.pending is None else self._message(last=False)
+        self.pending = np.ascontiguousarray(chunk, np.uint8).reshape(-1, FEATURE_SIZE)
+        return message
+
+    def finish(self) -> pb.LiveFrames:
+        """The last message (empty when the chunks held no frames)."""
+        if self.pending is None:
+            self.pending = np.zeros((0, FEATURE_SIZE), np.uint8)
+        return self._message(last=True)
+
+    def _message(self, last: bool) -> pb.LiveFrames:
+        frames = self.pending
+        message = pb.LiveFrames(stream_id=self.stream_id if self.first else "",
+                                rgb=frames[:, :RGB_SIZE].tobytes(), audio=frames[:, RGB_SIZE:].tobytes(),
+                                last=last)
+        if self.first:
+            message.options.CopyFrom(self.options)
+        self.first = False
+        self.frames += len(frames)
+        return message
+
+    def sent(self) -> None:
+        if self.timer is not None:
+            self.timer.sent(self.frames)
+
+
+def live_requests(stream_id: str, chunks: Iterable[np.ndarray], options: pb.LiveOptions,
+                  timer: LiveTimer | None = None) -> Iterator[pb.LiveFrames]:
+    """``chunks`` of ``(m, 1152)`` uint8 frames as LiveFrames: the first carries the id and
+    the options, the last ``last`` (an empty message when the chunks end without frames);
+    ``timer`` records when each was handed to gRPC."""
+    messages = _LiveMessages(stream_id, options, timer)
+    for chunk in chunks:
+        message = messages.add(chunk)
+        if message is not None:
+            yield message
+            messages.sent()
+    yield messages.finish()
+    messages.sent()
 
 
 class LocalizationClient:
@@ -294,6 +395,23 @@ class LocalizationClient:
             for chunk in chunks:
                 yield pb.IngestRequest(video=chunk)
 
+    def localize_live(self, stream_id: str, chunks: Iterable[np.ndarray], threshold: float = 0.0,
+                      top_n: int = 0, refresh_frames: int = 0, ingest: bool = False,
+                      max_segments: int = 0, timer: LiveTimer | None = None
+                      ) -> Iterator[pb.LiveEvent]:
+        """One live stream: ``chunks`` of ``(m, 1152)`` uint8 frames (e.g. :func:`replay`) in,
+        its LiveEvents out as they come (candidate updates, one event per completed window
+        in window order, the final localization last; with ``ingest`` the final event carries
+        the IngestAck, sent once durable). ``timer`` records the send times."""
+        options = pb.LiveOptions(threshold=threshold, top_n=top_n, refresh_frames=refresh_frames,
+                                 ingest=ingest, max_segments=max_segments)
+        call = self.stub.LocalizeLive(live_requests(stream_id, chunks, options, timer),
+                                      timeout=self.timeout, metadata=self.metadata)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
     def top_segments(self, class_id: int, k: int, offset: int = 0) -> list[pb.RankedSegment]:
         return list(self.stub.TopSegments(pb.TopSegmentsRequest(class_id=class_id, k=k, offset=offset),
                                           timeout=self.timeout, metadata=self.metadata))
@@ -425,6 +543,22 @@ class AsyncLocalizationClient:
             for chunk in chunks:
                 yield pb.IngestRequest(video=chunk)
 
+    async def localize_live(self, stream_id: str, chunks, threshold: float = 0.0, top_n: int = 0,
+                            refresh_frames: int = 0, ingest: bool = False, max_segments: int = 0,
+                            timer: LiveTimer | None = None) -> AsyncIterator[pb.LiveEvent]:
+        """As :meth:`LocalizationClient.localize_live`; ``chunks`` may be an async iterable
+        (to pace a stream without blocking the loop)."""
+        options = pb.LiveOptions(threshold=threshold, top_n=top_n, refresh_frames=refresh_frames,
+                                 ingest=ingest, max_segments=max_segments)
+        requests = (_async_live_requests(stream_id, chunks, options, timer)
+                    if hasattr(chunks, "__aiter__") else live_requests(stream_id, chunks, options, timer))
+        call = self.stub.LocalizeLive(requests, timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
     async def top_segments(self, class_id: int, k: int, offset: int = 0) -> list[pb.RankedSegment]:
         call = self.stub.TopSegments(pb.TopSegmentsRequest(class_id=class_id, k=k, offset=offset),
                                      timeout=self.timeout, metadata=self.metadata)
@@ -454,5 +588,18 @@ class AsyncLocalizationClient:
         await self.close()
 
 
-__all__ = ["RETRYABLE", "AsyncLocalizationClient", "LocalizationClient", "as_videos", "retryable",
-           "video_chunks"]
+async def _async_live_requests(stream_id: str, chunks, options: pb.LiveOptions,
+                               timer: LiveTimer | None) -> AsyncIterator[pb.LiveFrames]:
+    """:func:`live_requests` over an async iterable of chunks."""
+    messages = _LiveMessages(stream_id, options, timer)
+    async for chunk in chunks:
+        message = messages.add(chunk)
+        if message is not None:
+            yield message
+            messages.sent()
+    yield messages.finish()
+    messages.sent()
+
+
+__all__ = ["RETRYABLE", "AsyncLocalizationClient", "LiveTimer", "LocalizationClient", "as_videos",
+           "live_requests", "replay", "retryable", "video_chunks"]

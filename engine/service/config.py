@@ -13,6 +13,7 @@ from pathlib import Path
 from modloc.engine.base.features import FEATURE_SIZE
 from modloc.engine.runtime.backends import BACKENDS
 from modloc.engine.runtime.batcher import BatcherConfig
+from modloc.engine.runtime.live import LiveConfig
 from modloc.engine.runtime.pipeline import PipelineConfig
 from modloc.engine.runtime.ranking_stores import RedisSettings
 from modloc.engine.runtime.topk import StatePolicy
@@ -71,6 +72,10 @@ class ServerConfig:
         tls_cert, tls_key: server certificate and key (PEM); tls_client_ca: require client
             certificates signed by this CA (mutual TLS).
         metrics_port: Prometheus exposition port (None: no metrics endpoint).
+        live: the live engine's batching, cadence and horizon (LocalizeLive).
+        max_live_streams: LocalizeLive streams open at once, server-wide.
+        max_live_frames: frames one live stream may send.
+        live_idle_seconds: a live stream that sends nothing for this long is ended.
     """
 
     artifacts: Path
@@ -105,6 +110,10 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     metrics_port: int | None = None
+    live: LiveConfig = LiveConfig()
+    max_live_streams: int = 1024
+    max_live_frames: int = 86_400
+    live_idle_seconds: float = 60.0
 
     def __post_init__(self):
         object.__setattr__(self, "artifacts", Path(self.artifacts))
@@ -159,6 +168,7 @@ class ServerConfig:
                                 ("max_connection_streams", 1, 1 << 20), ("max_connections", 1, 1 << 20),
                                 ("max_id_bytes", 1, 4096),
                                 ("max_top_k", 1, 1 << 24), ("processes", 1, 256),
+                                ("max_live_streams", 1, 1 << 20), ("max_live_frames", 1, 1 << 31),
                                 ("snapshot_videos", 0, 1 << 40)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
@@ -168,6 +178,8 @@ class ServerConfig:
             problems.append(f"max_kserve_bytes: {self.max_kserve_bytes!r} is not an integer in "
                             f"{self.max_message_bytes}..{1 << 40} (at least max_message_bytes, so "
                             "that one request of the largest size can be admitted)")
+        if not (isinstance(self.live_idle_seconds, (int, float)) and 0 < self.live_idle_seconds < float("inf")):
+            problems.append(f"live_idle_seconds: {self.live_idle_seconds!r} is not a finite number > 0")
         for name in ("snapshot_seconds", "grace_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

@@ -41,7 +41,9 @@ from pathlib import Path
 
 from modloc.engine.base.io.examples import Video
 from modloc.engine.base.vocab import default_vocabulary
+from modloc.engine.runtime.artifacts import ArtifactError
 from modloc.engine.runtime.batcher import Batcher
+from modloc.engine.runtime.live import LiveEngine, LiveVideoModel
 from modloc.engine.runtime.localizer import Localizer
 from modloc.engine.runtime.pipeline import VideoLocalization
 from modloc.engine.runtime.ranking_stores import StoreUnavailable
@@ -127,6 +129,23 @@ class EngineCore:
         self.rankings_available = True
         self.on_rankings_health: Callable[[bool], None] | None = None
         self._probe_task: asyncio.Task | None = None
+        # live localization (LocalizeLive): the engine, or why there is none
+        self.live: LiveEngine | None = None
+        self.live_unavailable = "live localization is not started"
+
+    def open_live(self) -> None:
+        """Start the live engine over the video artifact's live graphs and the segment model
+        the pipeline runs; without live graphs, :attr:`live_unavailable` says why."""
+        video_backend = self.localizer.backends[0]
+        try:
+            video = LiveVideoModel(video_backend.artifact, **{
+                key: value for key, value in self.config.backend_options.items()
+                if key in ("threads", "session_config")})
+        except ArtifactError as error:
+            self.live_unavailable = f"LocalizeLive: {error}"
+            return
+        self.live = LiveEngine(video, self.localizer.pipeline.segment_model,
+                               self.config.pipeline.fusion, self.config.live)
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineCore:
@@ -137,6 +156,7 @@ class EngineCore:
                                              state_dir=config.state_dir, redis=config.redis,
                                              state_policy=config.state_policy)
         core = cls(config, localizer)
+        core.open_live()
         log_event("core_loaded", backend=config.backend, state_dir=config.state_dir,
                   ingested_before=core.ranked_videos)
         return core
@@ -176,16 +196,21 @@ class EngineCore:
         """Localize ``videos``, add them to the rankings and commit durably; one outcome per
         video, in order. The group is added only once ``after`` (the same stream's previous
         group) is done, so that ingestion order follows the stream's order."""
-        if self.rankings is None:
-            raise NoRankings("this server keeps no rankings (start it with a state directory or --rankings)")
-        self._check_state()
-        if not self.rankings_available:  # refused before the models spend time on it
-            raise StoreUnavailable(f"the rankings ({self.rankings.store!r}) cannot be reached now; "
-                                   "retry later (this server's ingestion health says when)")
+        self._check_ingestion()  # before the models spend time on it
         results = await self.localize(videos, deadline)
         if after is not None:
             await after
         return await asyncio.to_thread(self._add_and_commit, results)
+
+    def _check_ingestion(self) -> None:
+        """Raise what would refuse an add now: no rankings, a failed state directory, or
+        rankings in Redis that cannot be reached."""
+        if self.rankings is None:
+            raise NoRankings("this server keeps no rankings (start it with a state directory or --rankings)")
+        self._check_state()
+        if not self.rankings_available:
+            raise StoreUnavailable(f"the rankings ({self.rankings.store!r}) cannot be reached now; "
+                                   "retry later (this server's ingestion health says when)")
 
     def _check_state(self) -> None:
         if self.state_failure is not None:
@@ -282,6 +307,12 @@ class EngineCore:
             if self._since_snapshot:
                 await asyncio.to_thread(self._snapshot, "timer")
 
+    async def ingest_localized(self, results: Sequence[VideoLocalization]) -> list[IngestOutcome]:
+        """Add videos localized elsewhere (a finished live stream) to the rankings and commit
+        durably, with :meth:`ingest`'s semantics (a video added before is a duplicate)."""
+        self._check_ingestion()
+        return await asyncio.to_thread(self._add_and_commit, results)
+
     # --- reading ----------------------------------------------------------------------
 
     @property
@@ -344,6 +375,8 @@ class EngineCore:
             if task is not None:
                 task.cancel()
         await asyncio.to_thread(self.batcher.close, True)
+        if self.live is not None:
+            await asyncio.to_thread(self.live.close)
         if self.rankings is not None and self.rankings.snapshots and self.state_failure is None:
             # after a failure the files are the state to keep
             await asyncio.to_thread(self._snapshot, "shutdown")

@@ -14,6 +14,7 @@ from modloc.cli.runtime import add_pipeline_options, pipeline_settings
 LIMITS = ("max_message_bytes", "max_frames", "max_streams", "max_inflight_videos",
           "max_stream_videos", "max_kserve_requests", "max_kserve_bytes", "max_connection_streams",
           "max_connections", "max_id_bytes", "max_top_k")
+LIVE_LIMITS = ("max_live_streams", "max_live_frames", "live_idle_seconds")
 
 
 def add_commands(subparsers) -> None:
@@ -24,6 +25,7 @@ def add_commands(subparsers) -> None:
 
 def _add_serve(subparsers) -> None:
     from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.runtime.live import LiveConfig
     from modloc.engine.runtime.ranking_stores import RedisSettings
     from modloc.engine.service.config import ServerConfig
 
@@ -73,6 +75,18 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--snapshot-seconds", type=float, default=defaults["snapshot_seconds"].default)
     parser.add_argument("--snapshot-videos", type=int, default=defaults["snapshot_videos"].default)
     add_field_options(parser, ServerConfig, LIMITS)
+    add_field_options(parser, ServerConfig, LIVE_LIMITS)
+    live = LiveConfig()
+    parser.add_argument("--live-refresh-frames", type=positive_int, default=live.refresh_frames,
+                        help="LocalizeLive: refresh a stream's candidates every this many frames "
+                             "(default %(default)s)")
+    parser.add_argument("--live-block-frames", type=positive_int, default=live.block_frames,
+                        help="LocalizeLive: a stream past 300 frames keeps its sums in blocks of "
+                             "this many frames (default %(default)s)")
+    parser.add_argument("--live-max-queued-windows", type=positive_int,
+                        default=live.max_queued_windows,
+                        help="LocalizeLive: windows waiting for the engine, server-wide "
+                             "(default %(default)s)")
     parser.add_argument("--batch-wait", type=float, default=BatcherConfig().max_wait,
                         help="seconds the oldest queued video waits for company (default %(default)s)")
     parser.add_argument("--max-queued-videos", type=int, default=BatcherConfig().max_queued_videos)
@@ -90,6 +104,7 @@ def _add_serve(subparsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from modloc.engine.runtime.batcher import BatcherConfig
+    from modloc.engine.runtime.live import LiveConfig
     from modloc.engine.runtime.ranking_stores import RedisSettings
     from modloc.engine.runtime.topk import StatePolicy
     from modloc.engine.service.app import serve
@@ -108,6 +123,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         state_policy=StatePolicy(accept_loss=args.accept_state_loss,
                                  accept_settings=args.accept_settings_change, fresh=args.fresh_state),
         snapshot_videos=args.snapshot_videos, **field_values(args, ServerConfig, LIMITS),
+        **field_values(args, ServerConfig, LIVE_LIMITS),
+        live=LiveConfig(refresh_frames=args.live_refresh_frames, block_frames=args.live_block_frames,
+                        max_queued_windows=args.live_max_queued_windows),
         grace_seconds=args.grace, processes=args.processes,
         token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
@@ -120,7 +138,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_client(subparsers) -> None:
     parser = subparsers.add_parser(
         "client",
-        help="talk to a modloc server: localize, ingest, top, submission, stats",
+        help="talk to a modloc server: localize, ingest, live, top, submission, stats",
         description="Send TFRecord videos to a running 'modloc serve', or read its rankings.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -150,6 +168,23 @@ def _add_client(subparsers) -> None:
     submission = actions.add_parser("submission", parents=[common], help="download the Kaggle CSV")
     submission.add_argument("--out", required=True)
     actions.add_parser("stats", parents=[common], help="the server's counters")
+    live = actions.add_parser(
+        "live", parents=[common], help="replay a video through LocalizeLive; events as they come",
+        description="Replay one video of a TFRecord as a live stream (1 frame per second at "
+                    "--speed 1) and print the server's events as they arrive: candidate "
+                    "updates, one line per completed window, the final localization.")
+    live.add_argument("--data", required=True, nargs="+", help="frame-level TFRecords holding the video")
+    live.add_argument("--video-id", required=True, help="the video to replay (the stream's id)")
+    live.add_argument("--speed", type=float, default=1.0,
+                      help="times real time (default 1: a frame a second; 0: as fast as possible)")
+    live.add_argument("--chunk-frames", type=positive_int, default=1, help="frames per message")
+    live.add_argument("--threshold", type=float, default=0.0)
+    live.add_argument("--top-n", type=int, default=3, help="scores per window event (0: all)")
+    live.add_argument("--refresh-frames", type=int, default=0,
+                      help="candidate refresh cadence in frames (0: the server's)")
+    live.add_argument("--ingest", action="store_true",
+                      help="ingest the finished stream into the server's rankings")
+    live.add_argument("--json", action="store_true", help="one JSON object per event")
     parser.set_defaults(handler=_run_client)
 
 
@@ -160,6 +195,50 @@ def _run_client(args: argparse.Namespace) -> int:
         return _client_action(args)
     except grpc.RpcError as error:
         raise RuntimeError(_rpc_failure(error, args)) from error
+
+
+def _replay_live(client, args: argparse.Namespace) -> None:
+    """``client live``: one video replayed at ``--speed``, its events printed as they come."""
+    import numpy as np
+    from google.protobuf.json_format import MessageToDict
+
+    from modloc.engine.base.io.readers import read_videos
+    from modloc.engine.service.client import LiveTimer, replay
+
+    video = next((v for v in read_videos(args.data) if v.id == args.video_id), None)
+    if video is None:
+        raise ValueError(f"no video {args.video_id!r} in {' '.join(args.data)}")
+    timer = LiveTimer()
+    latencies = []
+    events = client.localize_live(video.id, replay(video.features, args.chunk_frames, args.speed),
+                                  threshold=args.threshold, top_n=args.top_n,
+                                  refresh_frames=args.refresh_frames, ingest=args.ingest, timer=timer)
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "window":
+            latencies.append(timer.latency(event.window))
+        if args.json:
+            print(json.dumps({kind: MessageToDict(getattr(event, kind),
+                                                  always_print_fields_with_no_presence=True)}), flush=True)
+        elif kind == "candidates":
+            update = event.candidates
+            best = ", ".join(f"{c.class_id} {c.name!r} {c.video_score:.3f}" for c in update.candidates[:3])
+            print(f"candidates v{update.version} (from {update.frames} frames): {best}, ...", flush=True)
+        elif kind == "window":
+            window = event.window
+            scores = ", ".join(f"{s.class_id} {s.score:.3f}" for s in window.scores) or "-"
+            print(f"window {window.start_seconds:>5}s{' (partial)' if window.partial else ''} "
+                  f"v{window.candidates_version}: {scores}  [{latencies[-1] * 1000:.0f} ms]", flush=True)
+        else:
+            final = event.final
+            line = (f"final: {final.localization.num_frames} frames, "
+                    f"{len(final.localization.candidates)} candidates")
+            if final.HasField("ingest"):
+                line += f"; ingest {final.ingest.Status.Name(final.ingest.status)}"
+            if latencies:
+                line += (f"; {len(latencies)} windows, latency p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
+                         f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms")
+            print(line, flush=True)
 
 
 def _rpc_failure(error, args: argparse.Namespace) -> str:
@@ -254,6 +333,8 @@ def _client_action(args: argparse.Namespace) -> int:
         elif args.action == "submission":
             data = client.submission(args.out)
             print(f"wrote {args.out} ({len(data)} bytes)")
+        elif args.action == "live":
+            _replay_live(client, args)
         else:
             print_json(_as_json(client.stats()))
     return 0

@@ -28,7 +28,11 @@ failed run still shows how far it got):
   test split streamed through ``Localize`` and ``Ingest`` with the Python client, the
   submission fetched from the service (``<out>/served_submission.csv``) and scored: its
   MAP@K must equal the ``infer`` stage's (1e-4); the server is stopped with SIGTERM and
-  must drain and exit 0.
+  must drain and exit 0;
+- ``live``: the test video of the timeline replayed through ``LocalizeLive`` at
+  :data:`LIVE_SPEED` times real time, one frame a message: the events it got, each window's
+  latency (from sending its last frame to receiving its event) and whether the final
+  localization equals ``Localize``'s answer for the whole video (1e-5, else the demo fails).
 
 The training and export stages need the ``training`` and ``export`` packages (torch, onnx);
 they are imported inside them.
@@ -52,10 +56,13 @@ from modloc.engine.base.submission import write_submission
 from modloc.engine.base.synth import SPLITS, config_from, generate
 
 MAP_AGREEMENT = 1e-4  # two runs of the same artifacts may batch videos differently
+LIVE_SPEED = 50.0  # the live stage's replay, times real time
+LIVE_AGREEMENT = 1e-5  # the live stream's final scores against Localize's, relative
 
 INSPECT_KEYS = ("files", "records", "videos", "frames", "labels", "rated_segments",
                 "positive_segments", "corrupt_records")
-STAGES = ("data", "inspect", "systems", "pretrain", "finetune", "evaluate", "export", "infer", "serve")
+STAGES = ("data", "inspect", "systems", "pretrain", "finetune", "evaluate", "export", "infer", "serve",
+          "live")
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", workers: int = 2,
              k: int = MAX_SEGMENTS_PER_CLASS) -> dict:
@@ -162,7 +169,69 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", preset: str = "demo", wor
     started = stage_start("serve")
     report["serve"] = _serve_stage(out, report, split_globs, k)
     stage_done("serve", started)
+
+    started = time.perf_counter()
+    report["live"] = _live_stage(out, report, split_globs)
+    stage_done("live", started)
     return report
+
+
+def _live_stage(out: Path, report: dict, split_globs: dict) -> dict:
+    """One test video through LocalizeLive; its final localization must equal Localize's."""
+    import numpy as np
+
+    from modloc.engine.service.client import LiveTimer, LocalizationClient, replay
+    from modloc.engine.service.process import ServerProcess
+
+    variants = report["infer"]["variants"]
+    video_id = report["infer"]["timeline"]["video"]
+    video = next(v for v in read_videos(split_globs["test"]) if v.id == video_id)
+    server = ServerProcess.start(out / "export", "--video", variants["video"], "--segment",
+                                 variants["segment"])
+    try:
+        with LocalizationClient(server.address, timeout=300) as client:
+            [whole] = list(client.localize([video]))
+            timer = LiveTimer()
+            counts = {"window": 0, "candidates": 0, "final": 0}
+            latencies, final = [], None
+            for event in client.localize_live(video.id, replay(video.features, 1, LIVE_SPEED),
+                                              timer=timer):
+                kind = event.WhichOneof("event")
+                counts[kind] += 1
+                if kind == "window":
+                    latencies.append(timer.latency(event.window))
+                elif kind == "final":
+                    final = event.final.localization
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise RuntimeError(f"modloc serve exited with status {status} after SIGTERM:\n{server.log()}")
+    difference = _localization_difference(final, whole)
+    if difference > LIVE_AGREEMENT:
+        raise ValueError(f"the live stream's final localization of {video_id!r} differs from "
+                         f"Localize's by a relative {difference:.3g} (> {LIVE_AGREEMENT:g})")
+    return {"video": video_id, "frames": len(video.features), "speed": LIVE_SPEED,
+            "window_events": counts["window"], "candidate_updates": counts["candidates"],
+            "latency_ms": {"p50": round(float(np.percentile(latencies, 50)) * 1000, 2),
+                           "p99": round(float(np.percentile(latencies, 99)) * 1000, 2)},
+            "final_equals_localize": True, "max_relative_difference": difference}
+
+
+def _localization_difference(live, whole) -> float:
+    """The largest relative difference between two LocalizeResponses' scores; inf when their
+    frames, candidates or segments differ."""
+    if live.num_frames != whole.num_frames or \
+            [c.class_id for c in live.candidates] != [c.class_id for c in whole.candidates]:
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(live.candidates, whole.candidates, strict=True):
+        mine = {s.start_seconds: s.score for s in a.segments}
+        theirs = {s.start_seconds: s.score for s in b.segments}
+        if mine.keys() != theirs.keys():
+            return float("inf")
+        pairs = [(a.video_score, b.video_score), *((mine[s], theirs[s]) for s in mine)]
+        worst = max([worst, *(abs(x - y) / max(abs(y), 1e-30) for x, y in pairs)])
+    return worst
 
 
 def _serve_stage(out: Path, report: dict, split_globs: dict, k: int) -> dict:

@@ -8,15 +8,20 @@ model input and mask. Presets: :func:`create_model`, :func:`list_models`.
 from modloc.training.models.dbof import DBoFConfig, DBoFModel, MoEClassifier
 from modloc.training.models.inputs import FeatureInput
 from modloc.training.models.mod_tree import (
+    GATE_INPUTS,
+    GateInput,
     MixtureGate,
     MixtureNode,
     MODTree,
     MODTreeConfig,
     TreeOutput,
+    gate_frames,
     internal_paths,
     leaf_paths,
     node_name,
+    reference_gate_input,
     tower_paths,
+    tree_gate_input,
 )
 from modloc.training.models.nextvlad import NeXtVLAD
 from modloc.training.models.nextvlad_model import ContextGating, NeXtVLADConfig, NeXtVLADModel
@@ -30,6 +35,7 @@ from modloc.training.models.registry import (
 )
 
 __all__ = [
+    "GATE_INPUTS", "GateInput", "gate_frames", "reference_gate_input", "tree_gate_input",
     "ContextGating", "DBoFConfig", "DBoFModel", "FeatureInput", "MODTree", "MODTreeConfig",
     "MixtureGate", "MixtureNode", "MoEClassifier", "ModelInfo", "NeXtVLAD", "NeXtVLADConfig",
     "NeXtVLADModel", "TreeOutput", "build_model", "count_parameters", "create_model",

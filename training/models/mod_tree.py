@@ -4,8 +4,19 @@
 ``(4, 3)`` the paper's MOD (4 towers of 3 branches, 12 NeXtVLADs), ``(2, 2, 3)`` a 3-layer
 tree. Every internal node mixes its children's *logits* with an input-dependent gate::
 
-    gate = softmax(FC(BN(mean over all frames of the model input)))   # padding included
+    gate = softmax(FC(BN(x̄)))
     z_node = Σ_m gate_m · z_child_m
+
+``x̄``, the gate input, is the reference's frame mean: its reader pads every video to
+``R = 300`` frames (a segment-mode window is ``R = 5`` frames), and its gate averages the
+model input over all of them, padding included (REFERENCE §4). :func:`reference_gate_input`
+computes exactly that from the real frames alone, ``(Σ_real x + (R − n) · p) / R`` with
+``p`` the model input of a padding frame and ``n`` the real frames, so it does not depend
+on how far a batch was padded. A video longer than ``R`` frames (which the reference crops
+to ``R``) gets the mean of its ``n`` real frames: the divisor is ``max(n, R)``.
+Checkpoints made before the gate input was recorded used ``x.mean(dim=1)`` over the padded
+batch (:attr:`MODTreeConfig.gate_input` ``"padded_mean"``), which equals the reference only
+for batches padded to exactly ``R`` frames; they keep that form (:mod:`modloc.training.checkpoint`).
 
 The root's logits are the prediction. The forward returns every node's logits so the loss
 can supervise each node and distil each parent into its children
@@ -21,17 +32,45 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.base.features import FEATURE_SIZE, MAX_FRAMES, SEGMENT_FRAMES
 from modloc.training.models.grouped import grouped_leaf_logits
 from modloc.training.models.inputs import FeatureInput
 from modloc.training.models.nextvlad import init_linear_, tf_batch_norm
 from modloc.training.models.nextvlad_model import NeXtVLADConfig, NeXtVLADModel
 
 Path = tuple[int, ...]
+GateInput = Literal["reference", "padded_mean"]
+GATE_INPUTS: tuple[GateInput, ...] = ("reference", "padded_mean")
+
+
+def gate_frames(masked: bool) -> int:
+    """``R``, the frames the reference's gate averages over: a video-level input (masked,
+    video mode) is padded to 300 frames, a segment-mode input (unmasked) is one 5-frame
+    window."""
+    return MAX_FRAMES if masked else SEGMENT_FRAMES
+
+
+def reference_gate_input(x: torch.Tensor, valid: torch.Tensor, padding: torch.Tensor,
+                         frames: int) -> torch.Tensor:
+    """The reference's gate input from the real frames alone: ``(B, N)``.
+
+    Args:
+        x: ``(B, M, N)`` model input (what padded frames hold does not matter).
+        valid: ``(B, M)`` 1.0 at real frames, 0.0 at padding.
+        padding: ``(N,)`` the model input of a padding frame, ``p``.
+        frames: ``R`` (:func:`gate_frames`).
+
+    Returns ``p + Σ_real (x − p) / max(n, R)``, which is ``(Σ_real x + (R − n) · p) / R``
+    for ``n ≤ R`` real frames. The sums ``Σ_real (x − p)`` and ``n`` add up over any split
+    of the frames (the live encoder keeps them per stream).
+    """
+    count = valid.sum(dim=1, keepdim=True).clamp(min=frames)
+    return padding + ((x - padding) * valid[..., None]).sum(dim=1) / count
 
 
 @dataclass(frozen=True)
@@ -44,11 +83,14 @@ class MODTreeConfig:
 
     branching: tuple[int, ...] = (4, 3)
     leaf: NeXtVLADConfig = field(default_factory=NeXtVLADConfig)
+    gate_input: GateInput = "reference"
 
     def __post_init__(self):
         object.__setattr__(self, "branching", tuple(self.branching))
         if not self.branching or min(self.branching) < 1:
             raise ValueError(f"branching must be non-empty positive ints, got {self.branching}")
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
 
 
 def node_name(path: Path) -> str:
@@ -173,14 +215,18 @@ class MODTree(nn.Module):
         self, features: torch.Tensor, num_frames: torch.Tensor, use_mask: bool | None = None
     ) -> TreeOutput:
         """``use_mask`` defaults to ``config.leaf.mode == "video"``."""
-        x, mask = self.inputs(features, num_frames)
+        x, valid = self.inputs(features, num_frames)
         use_mask = self.config.leaf.mode == "video" if use_mask is None else use_mask
-        return self.forward_input(x, mask if use_mask else None)
+        return self.forward_input(x, valid, use_mask)
 
-    def forward_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> TreeOutput:
-        """``(B, M, 1152)`` float model input, ``(B, M)`` mask or None → :class:`TreeOutput`."""
-        # the reference's gate input: a plain mean over every frame, padding included
-        logits, gates = self.root(x, x.mean(dim=1), mask)
+    def forward_input(self, x: torch.Tensor, valid: torch.Tensor, use_mask: bool) -> TreeOutput:
+        """``(B, M, 1152)`` float model input, ``(B, M)`` valid-frame mask → :class:`TreeOutput`.
+
+        ``use_mask``: the leaves mask padded frames in their attention (video mode); the
+        gates read the real frames either way.
+        """
+        gate_input = tree_gate_input(self.config, x, valid, self.inputs.padding, use_mask)
+        logits, gates = self.root(x, gate_input, valid if use_mask else None)
         return TreeOutput(logits=logits, gates=gates, branching=self.config.branching)
 
     @property
@@ -205,6 +251,20 @@ class MODTree(nn.Module):
         In eval mode its forward equals ``self(...).logits[leaf_paths(branching)[index]]``.
         """
         return copy.deepcopy(self.node(leaf_paths(self.config.branching)[index]))
+
+
+def tree_gate_input(config: MODTreeConfig, x: torch.Tensor, valid: torch.Tensor,
+                    padding: torch.Tensor, masked: bool) -> torch.Tensor:
+    """``(B, 1152)`` input of every gate of a tree with ``config`` (module doc).
+
+    ``x``: ``(B, M, 1152)`` model input; ``valid``: ``(B, M)``; ``padding``: ``(1152,)`` the
+    padding frame's input; ``masked``: video mode (``R`` = 300) or not (``R`` = 5).
+    """
+    if config.gate_input == "padded_mean":
+        # the old form: a mean over every frame of the batch as padded, so it depends on the
+        # padding (equal to the reference's only for batches of exactly R frames)
+        return x.mean(dim=1)
+    return reference_gate_input(x, valid, padding, gate_frames(masked))
 
 
 def use_grouped_leaves(model: nn.Module, enabled: bool = True) -> int:
