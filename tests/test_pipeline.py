@@ -334,23 +334,21 @@ def test_stage_times_count_every_model_call_and_only_the_calls_time():
     assert sum(pipeline.times.seconds.values()) <= elapsed
 
 
-def test_an_ensemble_video_graph_always_gets_300_frames():
-    """The gated ensemble's video graph has a fixed frame axis (its gate was exported on
-    300 frames); every other artifact takes the batch's own padded length."""
+def test_a_video_graph_is_padded_as_its_manifest_says():
+    """A video graph gets the frames its manifest's ``frames.pad_to`` asks for (300 for an
+    ensemble exported before the gate input was recorded, None: the batch's own padded
+    length); a segment graph's windows are 5 frames whatever it says."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from modloc.engine.runtime.pipeline import MAX_FRAMES
-
-    def backend(kind, graph):
-        artifact = SimpleNamespace(kind=kind, graph=graph, path=Path(f"/a/{kind}-{graph}"))
+    def backend(kind, pad_to):
+        artifact = SimpleNamespace(kind=kind, pad_to=pad_to, path=Path(f"/a/{kind}"))
         return SimpleNamespace(artifact=artifact, class_ids=(3, 5), name="onnxruntime",
                                run=lambda *args, **kwargs: None)
 
-    assert MAX_FRAMES == 300
-    assert ScoringModel.from_backend(backend("video", "ensemble")).fixed_frames == 300
-    for kind, graph in (("video", "distill"), ("segment", "ensemble"), ("segment", "distill")):
-        assert ScoringModel.from_backend(backend(kind, graph)).fixed_frames is None
+    assert ScoringModel.from_backend(backend("video", 300)).fixed_frames == 300
+    assert ScoringModel.from_backend(backend("video", None)).fixed_frames is None
+    assert ScoringModel.from_backend(backend("segment", 5)).fixed_frames is None
 
 
 def test_segments_above_the_default_threshold_of_zero():
@@ -361,7 +359,7 @@ def test_segments_above_the_default_threshold_of_zero():
         candidate_scores=np.array([0.9, 0.5]), window_starts=np.array([0, 5, 10]),
         partial=np.array([False, False, True]),
         fused=np.array([[0.0, np.nan], [0.4, np.nan], [0.8, np.nan]]),  # 3: no segment score
-        video_scores=np.zeros(2, np.float32), video_class_ids=np.array([3, 7]))
+        video_scores=np.zeros(2, np.float32), video_class_ids=np.array([3, 7]), audio_frames=12)
     assert result.segments(7) == [(5, 0.4)]  # 0.0 is not above 0; the partial window is out
     assert result.segments(7, include_partial=True) == [(10, 0.8), (5, 0.4)]
     assert result.segments(7, threshold=-1.0) == [(5, 0.4), (0, 0.0)]

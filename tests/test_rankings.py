@@ -79,7 +79,7 @@ def video(video_id: str, frames: int, video_scores: list[float], fused: list[lis
         video_scores=np.asarray(video_scores, np.float32),
         candidate_ids=np.asarray(CLASSES, np.int64), candidate_scores=np.asarray(video_scores),
         window_starts=np.arange(len(fused), dtype=np.int64) * 5,
-        partial=np.arange(len(fused)) * 5 + 5 > frames, fused=fused)
+        partial=np.arange(len(fused)) * 5 + 5 > frames, fused=fused, audio_frames=frames)
 
 
 def test_the_fallback_fill_by_hand():
