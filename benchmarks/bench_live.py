@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime
 from _common import RESULTS, provenance, write_section
@@ -67,6 +68,7 @@ window's event received.
 SIZES = {"demo": dict(cluster_size=8, groups=2, expansion=1, hidden=64, gating_reduction=4),
          "paper": dict(cluster_size=128, groups=8, expansion=2, hidden=2048, gating_reduction=16)}
 STAGGER_SECONDS = 5.0
+STREAMS_PER_CONNECTION = 50  # under the server's --max-connection-streams (100)
 P99_GOAL = 1.0
 
 
@@ -80,7 +82,7 @@ def export_size(scratch: Path, size: str, data: Path, threads: int) -> Path:
     root = scratch / size
     if (root / "segment" / "distill-fp32").is_dir():
         return root
-    settings = ExportSettings(graphs=("distill",), leaf=0, map_tolerance=1.0, threads=threads,
+    settings = ExportSettings(graphs=("distill",), leaf=0, threads=threads,
                               validation=str(data / "validate" / "*.tfrecord"))
     for kind in ("video", "segment"):
         export_checkpoint(random_checkpoint(root / "checkpoints", kind, args), root / kind, settings)
@@ -121,17 +123,21 @@ def estimate(root: Path, batch: int, threads: int) -> dict:
 
 
 def _generate(address: str, streams: int, seconds: float, videos: list[np.ndarray], out) -> None:
-    """Run ``streams`` real-time streams against ``address``; put (latencies, completed,
-    received, errors, offered frames/s) on ``out``."""
+    """Run ``streams`` real-time streams against ``address``; put (latencies, counts (windows
+    completed, events received, failed streams and why), offered frames/s) on ``out``."""
     out.put(asyncio.run(_load(address, streams, seconds, videos)))
 
 
 async def _load(address: str, streams: int, seconds: float, videos: list[np.ndarray]):
     from modloc.engine.service.client import AsyncLocalizationClient, LiveTimer
 
-    clients = [AsyncLocalizationClient(address, timeout=seconds + 120) for _ in range(8)]
+    # a connection per STREAMS_PER_CONNECTION streams: the server admits --max-connection-streams
+    # (100) calls per connection at once, and a live stream past them would wait its turn
+    clients = [AsyncLocalizationClient(address, timeout=seconds + 120)
+               for _ in range(max(1, -(-streams // STREAMS_PER_CONNECTION)))]
     latencies: list[tuple[float, float, float]] = []  # (sent, client latency, server seconds)
     counts = {"completed": 0, "received": 0, "errors": 0, "frames": 0}
+    causes: dict[str, int] = {}  # why streams failed: the status code, or the exception's type
     started = time.monotonic()
 
     async def one(index: int) -> None:
@@ -158,14 +164,19 @@ async def _load(address: str, streams: int, seconds: float, videos: list[np.ndar
                     latencies.append((time.monotonic() - latency - started, latency,
                                       event.window.server_seconds))
                     counts["received"] += 1
-        except Exception:
+        except Exception as error:
             counts["errors"] += 1
+            cause = error.code().name if isinstance(error, grpc.RpcError) else type(error).__name__
+            causes[cause] = causes.get(cause, 0) + 1
+            if causes[cause] == 1:  # the first of each kind, in the log
+                print(f"  stream {index}: {cause}: {error.details() if isinstance(error, grpc.RpcError) else error}",
+                      flush=True)
 
     await asyncio.gather(*(one(index) for index in range(streams)))
     elapsed = time.monotonic() - started
     for client in clients:
         await client.close()
-    return latencies, counts, counts["frames"] / elapsed
+    return latencies, {**counts, "causes": causes}, counts["frames"] / elapsed
 
 
 def rss_kib(pid: int) -> int:
@@ -200,6 +211,7 @@ def run_level(server: ServerProcess, streams: int, seconds: float, videos) -> di
     latencies, server_seconds = samples[:, 1], samples[:, 2]
     row = {"streams": streams, "windows": counts["completed"], "received": counts["received"],
            "errors": counts["errors"], "offered_fps": offered,
+           "causes": ", ".join(f"{name} {count}" for name, count in sorted(counts["causes"].items())),
            "p50": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
            "p99": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
            "server_p99": float(np.percentile(server_seconds, 99)) if len(latencies) else float("nan"),
@@ -209,7 +221,8 @@ def run_level(server: ServerProcess, streams: int, seconds: float, videos) -> di
                         and row["received"] == row["windows"])
     print(f"  {streams} streams: p50 {row['p50'] * 1000:.0f} ms, p99 {row['p99'] * 1000:.0f} ms "
           f"(server {row['server_p99'] * 1000:.0f} ms; worst at {row['worst_second']}), "
-          f"{row['received']}/{row['windows']} events, {row['errors']} errors, offered "
+          f"{row['received']}/{row['windows']} events, {row['errors']} errors"
+          f"{' (' + row['causes'] + ')' if row['causes'] else ''}, offered "
           f"{offered:.0f} frames/s, server RSS {row['rss_mib']:.0f} MiB "
           f"({'sustained' if row['sustained'] else 'NOT sustained'})", flush=True)
     return row
@@ -275,7 +288,8 @@ def bench_size(size: str, scratch: Path, data: Path, args) -> str:
         "server RSS MiB | RSS growth MiB | sustained |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        lines.append(f"| {row['streams']} | {row['windows']} | {row['received']} | {row['errors']} | "
+        errors = f"{row['errors']} ({row['causes']})" if row["causes"] else f"{row['errors']}"
+        lines.append(f"| {row['streams']} | {row['windows']} | {row['received']} | {errors} | "
                      f"{row['offered_fps']:,.0f} | {row['p50'] * 1000:,.0f} | {row['p99'] * 1000:,.0f} | "
                      f"{row['rss_mib']:,.0f} | {row['rss_growth_mib']:,.0f} | "
                      f"{'yes' if row['sustained'] else 'no'} |")

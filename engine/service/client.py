@@ -157,7 +157,11 @@ def _take_slot(slots: threading.Semaphore, stop: threading.Event) -> bool:
 def _channel_setup(address: str, token: str | None, tls_ca: str | os.PathLike | None,
                    max_message_bytes: int):
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes),
+               # a connection of its own: gRPC would otherwise share one among every channel
+               # of the process to the same address, and a server allows a connection only
+               # --max-connection-streams calls at once (many live streams need many clients)
+               ("grpc.use_local_subchannel_pool", 1)]
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     credentials = None
     if tls_ca is not None:
