@@ -96,6 +96,23 @@ def check_video_id(video_id: str, max_bytes: int, index: int, for_rankings: bool
             raise Refusal(invalid, str(error)) from None
 
 
+def frame_count(rgb: bytes, audio: bytes, where: str, prefix: str = "") -> int:
+    """Frames of a message's ``rgb`` and ``audio`` codes; a Refusal naming ``where`` and the
+    fields (``prefix`` + ``rgb``/``audio``) unless both hold whole, equally many frames."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if len(rgb) % RGB_SIZE:
+        raise Refusal(invalid, f"{where}: {prefix}rgb holds {len(rgb)} bytes, not a multiple of "
+                      f"{RGB_SIZE} (one frame's RGB codes)")
+    if len(audio) % AUDIO_SIZE:
+        raise Refusal(invalid, f"{where}: {prefix}audio holds {len(audio)} bytes, not a multiple "
+                      f"of {AUDIO_SIZE} (one frame's audio codes)")
+    frames = len(rgb) // RGB_SIZE
+    if len(audio) // AUDIO_SIZE != frames:
+        raise Refusal(invalid, f"{where}: {prefix}rgb holds {frames} frames but {prefix}audio "
+                      f"{len(audio) // AUDIO_SIZE}")
+    return frames
+
+
 class VideoAssembler:
     """One stream's pieces → complete :class:`Video` objects, every piece checked first.
 
@@ -150,16 +167,7 @@ class VideoAssembler:
                 raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
                               f"{where}: video.expected_frames={chunk.expected_frames} is more "
                               f"than the limit of {self.max_frames} frames")
-        if len(chunk.rgb) % RGB_SIZE:
-            raise Refusal(invalid, f"{where}: video.rgb holds {len(chunk.rgb)} bytes, not a "
-                          f"multiple of {RGB_SIZE} (one frame's RGB codes)")
-        if len(chunk.audio) % AUDIO_SIZE:
-            raise Refusal(invalid, f"{where}: video.audio holds {len(chunk.audio)} bytes, not a "
-                          f"multiple of {AUDIO_SIZE} (one frame's audio codes)")
-        frames = len(chunk.rgb) // RGB_SIZE
-        if len(chunk.audio) // AUDIO_SIZE != frames:
-            raise Refusal(invalid, f"{where}: video.rgb holds {frames} frames but video.audio "
-                          f"{len(chunk.audio) // AUDIO_SIZE}")
+        frames = frame_count(chunk.rgb, chunk.audio, where, "video.")
         total = (self._frames if chunk.continued else 0) + frames
         if total > self.max_frames:
             raise Refusal(grpc.StatusCode.OUT_OF_RANGE,

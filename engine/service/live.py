@@ -53,6 +53,7 @@ from modloc.engine.service.handlers import (
     LocalizationService,
     Refusal,
     check_video_id,
+    frame_count,
     interleave,
     localize_response,
 )
@@ -158,16 +159,7 @@ class LiveStreamCall:
                               "first message's")
             if request.HasField("options"):
                 raise Refusal(invalid, f"{where}: options are read from the first message only")
-        if len(request.rgb) % RGB_SIZE:
-            raise Refusal(invalid, f"{where}: rgb holds {len(request.rgb)} bytes, not a multiple of "
-                          f"{RGB_SIZE} (one frame's RGB codes)")
-        if len(request.audio) % AUDIO_SIZE:
-            raise Refusal(invalid, f"{where}: audio holds {len(request.audio)} bytes, not a multiple "
-                          f"of {AUDIO_SIZE} (one frame's audio codes)")
-        frames = len(request.rgb) // RGB_SIZE
-        if len(request.audio) // AUDIO_SIZE != frames:
-            raise Refusal(invalid, f"{where}: rgb holds {frames} frames but audio "
-                          f"{len(request.audio) // AUDIO_SIZE}")
+        frames = frame_count(request.rgb, request.audio, where)
         total = self.stream.frames + frames
         if total > self.config.max_live_frames:
             raise Refusal(grpc.StatusCode.OUT_OF_RANGE,
