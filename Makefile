@@ -27,7 +27,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/modloc demo --out runs/demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 # Mutation testing of the critical modules (benchmarks/mutation.py; about 2 hours on 2 cores;

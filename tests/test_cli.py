@@ -163,6 +163,11 @@ def test_demo_writes_report(capsys, tmp_path):
     assert serve["exit_status"] == 0
     assert serve["localized"] == serve["ingested"] == infer["videos"] == report["data"]["splits"]["test"]["videos"]
     assert Path(infer["submission"]).is_file() and Path(serve["submission"]).is_file()
+    # live: a test video through LocalizeLive, one event per window, the same final answer
+    live = report["live"]
+    assert live["final_equals_localize"] and live["window_events"] == -(-live["frames"] // 5)
+    assert "live" in report["stages"]
+    assert f"LocalizeLive: {live['video']} ({live['frames']} frames" in capsys.readouterr().out
 
 
 # --- failures a user meets: one line each ---------------------------------------------

@@ -57,4 +57,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         served = report["serve"]
         print(f"  modloc serve: {served['map']:.4f} ({served['ingest_videos_per_second']:,.0f} videos/s "
               f"ingested over gRPC) -> {served['submission']}")
+    if "live" in report:
+        live = report["live"]
+        print(f"  LocalizeLive: {live['video']} ({live['frames']} frames at {live['speed']:g}x): "
+              f"{live['window_events']} window events, latency p50 {live['latency_ms']['p50']:.0f} ms "
+              f"p99 {live['latency_ms']['p99']:.0f} ms; final answer = Localize's "
+              f"(max relative difference {live['max_relative_difference']:.1e})")
     return 0
