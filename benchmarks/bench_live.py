@@ -47,7 +47,7 @@ import numpy as np
 import onnxruntime
 from _common import RESULTS, provenance, write_section
 
-from modloc.engine.base.features import FEATURE_SIZE
+from modloc.engine.base.features import FEATURE_SIZE, SEGMENT_FRAMES
 from modloc.engine.base.io.readers import read_videos
 from modloc.engine.base.synth import config_from, generate
 from modloc.engine.runtime.artifacts import load_artifact
@@ -103,6 +103,12 @@ def rate(run, items: int, repeats: int = 5) -> float:
     return items / statistics.median(seconds)
 
 
+def refreshes_per_second(refresh_frames: int) -> float:
+    """Head calls per second of a real-time stream: a refresh waits for the first window
+    that ends ``refresh_frames`` or more frames after the last one, and windows end every 5."""
+    return 1 / (SEGMENT_FRAMES * -(-refresh_frames // SEGMENT_FRAMES))
+
+
 def estimate(root: Path, batch: int, threads: int, refresh_frames: int) -> dict:
     session = {"session.intra_op.allow_spinning": "0"}
     live = LiveVideoModel(load_artifact(root / "video" / "distill-fp32"), threads, session)
@@ -117,7 +123,7 @@ def estimate(root: Path, batch: int, threads: int, refresh_frames: int) -> dict:
              "head sums/s": rate(lambda: live.head(sums), batch)}
     # a real-time stream: 0.2 windows/s, and a refresh every ``refresh_frames`` seconds
     per_stream = 0.2 / rates["segment windows/s"] + 0.2 / rates["encoder windows/s"] + \
-        (1 / max(refresh_frames, 5)) / rates["head sums/s"]
+        refreshes_per_second(refresh_frames) / rates["head sums/s"]
     segment.close()
     return {**rates, "streams": 1.0 / per_stream, "sums_size": live.sums_size,
             "stream_bytes": stream_bound_bytes(LiveConfig(), live.sums_size, 1000)}
@@ -295,7 +301,7 @@ def bench_size(size: str, scratch: Path, data: Path, args) -> str:
         f"encoder {estimated['encoder windows/s']:,.0f} windows/s, head "
         f"{estimated['head sums/s']:,.0f} sums/s → **{estimated['streams']:,.0f} real-time streams** "
         "at 100% of the machine (per stream per second: 0.2 windows through the segment model "
-        f"and the encoder, {1 / max(args.refresh_frames, 5):.3g} heads).",
+        f"and the encoder, {refreshes_per_second(args.refresh_frames):.3g} heads).",
         "", f"**Light load** ({args.light} streams, {args.seconds:g} s): window latency p50 "
         f"{light['p50'] * 1000:.0f} ms, p99 {light['p99'] * 1000:.0f} ms "
         f"({light['received']}/{light['windows']} events).",

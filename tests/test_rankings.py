@@ -146,3 +146,12 @@ def test_infer_refuses_a_file_id_that_a_csv_writer_would_quote(tmp_path):
     write_records(path, [encode_video(Video("fine", features)), encode_video(Video('a"b', features))])
     with pytest.raises(ValueError, match=rf"{path}: record 1: video id 'a\"b' cannot be ranked"):
         list(ordered_chunks([(0, str(path))], 8))
+
+
+def test_settings_and_a_state_policy_need_a_directory():
+    from modloc.engine.runtime.topk import StatePolicy
+
+    for options in ({"settings": {"top_n": 20}}, {"policy": StatePolicy(accept_loss=True)}):
+        with pytest.raises(ValueError, match="apply to rankings in a directory only"):
+            Rankings(CLASSES, k=3, **options)
+    Rankings(CLASSES, k=3, policy=StatePolicy())  # the default policy asks for nothing

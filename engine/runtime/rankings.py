@@ -97,6 +97,8 @@ class Rankings:
             raise ValueError("the fallback fill keeps no durable state: use it in memory only")
         if directory is not None and redis is not None:
             raise ValueError("the rankings live in a directory or in Redis, not both")
+        if directory is None and (settings is not None or policy not in (None, StatePolicy())):
+            raise ValueError("settings and a state policy apply to rankings in a directory only")
         if redis is not None:
             from modloc.engine.runtime.redis_rankings import RedisStore
 
